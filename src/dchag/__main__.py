@@ -1,0 +1,5 @@
+import sys
+
+from dchag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Measurement: parameter/FLOP summaries, memory, time, benchmark sweeps."""

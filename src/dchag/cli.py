@@ -1,0 +1,61 @@
+"""`dchag` command line: train | info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dchag.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. model.embed_dim=256")
+
+
+def cmd_train(args) -> int:
+    from dchag.train.entry import run_training
+
+    cfg = load_config(args.config, args.set)
+    return run_training(cfg, args.out, progress=not args.no_progress)
+
+
+def cmd_info(args) -> int:
+    from dchag.bench.model_info import format_info, model_info
+
+    cfg = load_config(args.config, args.set)
+    info = model_info(cfg, args.batch_size)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dchag", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (single process, or under torchrun)")
+    _add_config_args(p)
+    p.add_argument("--out", default="runs/latest", help="output folder: metrics.jsonl, config.yaml, checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="parameter and FLOP summary of a config (computed on the meta device)")
+    _add_config_args(p)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"dchag: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""Typed configuration: dataclasses, loaded from YAML, overridden from the command line, validated once.
+
+Every error raised here is a one-line `ConfigError` that names the offending key and value, so a user
+can fix a config file without reading the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says which key and what would be right."""
+
+
+AGGREGATOR_KINDS = ("cross_attention", "linear")
+HIERARCHY_PRESETS = ("flat", "dchag-L", "dchag-C", "tree")
+DATA_KINDS = ("synthetic-weather", "synthetic-hyperspectral")
+TASKS = ("forecast", "mae")
+PARALLEL_MODES = ("dchag", "replicated", "naive")
+
+
+@dataclass
+class LevelConfig:
+    """One level of the channel hierarchy: split its input tokens into groups, reduce each group."""
+
+    kind: str = "cross_attention"  # "cross_attention" (learned-query attention) or "linear" (weighted sum)
+    groups: int | None = None  # number of contiguous groups; or give group_size instead
+    group_size: int | None = None  # channels (tokens) per group; the last groups may be one smaller
+    tokens: int = 1  # output tokens per group
+
+
+@dataclass
+class HierarchyConfig:
+    """How the C channel tokens of a patch become one token.
+
+    `preset` names a standard shape; `levels` (if given) spells the levels out and overrides it.
+    - flat:    one cross-attention over all channels (the ClimaX/ORBIT baseline)
+    - dchag-L: `groups` linear poolings, then one cross-attention over their outputs (D-CHAG-L)
+    - dchag-C: `groups` cross-attentions, then one cross-attention (D-CHAG-C)
+    - tree:    2*`groups` cross-attentions, then `groups`, then one (a three-level tree)
+    """
+
+    preset: str | None = "dchag-C"
+    groups: int = 4
+    levels: list[LevelConfig] = field(default_factory=list)
+    heads: int | None = None  # attention heads of the aggregators; default: model.num_heads
+    qk_norm: bool = False
+
+    def resolved_levels(self) -> list[LevelConfig]:
+        if self.levels:
+            return [dataclasses.replace(level) for level in self.levels]
+        g = self.groups
+        if self.preset == "flat":
+            return [LevelConfig("cross_attention", groups=1)]
+        if self.preset == "dchag-L":
+            return [LevelConfig("linear", groups=g), LevelConfig("cross_attention", groups=1)]
+        if self.preset == "dchag-C":
+            return [LevelConfig("cross_attention", groups=g), LevelConfig("cross_attention", groups=1)]
+        if self.preset == "tree":
+            return [
+                LevelConfig("cross_attention", groups=2 * g),
+                LevelConfig("cross_attention", groups=g),
+                LevelConfig("cross_attention", groups=1),
+            ]
+        raise ConfigError(f"model.hierarchy.preset={self.preset!r} is unknown; use one of {HIERARCHY_PRESETS} or give levels")
+
+
+@dataclass
+class ModelConfig:
+    img_size: list[int] = field(default_factory=lambda: [32, 64])  # [H, W]
+    patch_size: int = 4
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    drop_rate: float = 0.0
+    vocabulary: list[str] | None = None  # channel names the embeddings cover; default: the data's channels
+    hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
+    fused_front_end: bool = True  # compute aggregation without materializing [B, C, L, D] where exact
+    decoder_dim: int = 128  # MAE decoder width
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic-weather"
+    channels: Union[int, list[str]] = 16  # a count (names come from the source) or explicit names
+    out_channels: list[str] | None = None  # forecast targets; default: the source's standard targets
+    num_samples: int = 512
+    seed: int = 0
+    max_lead_hours: int = 72  # forecast lead time drawn from lead_step_hours .. max_lead_hours
+    lead_step_hours: int = 6
+    noise: float = 0.01  # relative observation noise
+
+
+@dataclass
+class TrainConfig:
+    task: str = "forecast"
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    bf16: bool = False
+    mask_ratio: float = 0.75  # MAE
+    mae_loss_on: str = "all"  # "all" pixels (the paper) or "masked" patches only
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    dp_shard: int = 1
+    dp_replicate: int = 1
+    mode: str = "dchag"  # "dchag", "replicated" (TP-only baseline), "naive" (gather raw tokens)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    bf16_params: bool = False  # FSDP2 MixedPrecisionPolicy(param_dtype=bf16)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    # ---- derived, filled by validate(): never set these in a file -------------------------------
+    @property
+    def channels(self) -> list[str]:
+        from dchag.data import channel_names
+
+        return channel_names(self.data)
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return list(self.model.vocabulary) if self.model.vocabulary else self.channels
+
+    @property
+    def out_channels(self) -> list[str]:
+        from dchag.data import default_out_channels
+
+        if self.data.out_channels:
+            return list(self.data.out_channels)
+        return default_out_channels(self.data, self.channels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}={value!r} has the wrong type (expected {_type_name(tp)})")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r} (known keys here: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.embed_dim=256` -> (["model", "embed_dim"], 256); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; users mean a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply `key=value` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def split_sizes(total: int, groups: int) -> list[int]:
+    """Contiguous near-equal split: the first `total % groups` groups get one more element."""
+    base, extra = divmod(total, groups)
+    return [base + (1 if g < extra else 0) for g in range(groups)]
+
+
+def resolve_level_groups(levels: list[LevelConfig], num_channels: int, where: str = "model.hierarchy.levels") -> list[tuple[int, int]]:
+    """For each level, (number of input tokens, number of groups); raises on impossible shapes."""
+    shapes = []
+    tokens_in = num_channels
+    for i, level in enumerate(levels):
+        key = f"{where}[{i}]"
+        _check(level.kind in AGGREGATOR_KINDS, f"{key}.kind={level.kind!r} is unknown; use one of {AGGREGATOR_KINDS}")
+        _check(level.tokens >= 1, f"{key}.tokens={level.tokens} must be >= 1")
+        if level.groups is not None and level.group_size is not None:
+            raise ConfigError(f"{key}: give groups or group_size, not both")
+        if level.group_size is not None:
+            _check(level.group_size >= 1, f"{key}.group_size={level.group_size} must be >= 1")
+            groups = math.ceil(tokens_in / level.group_size)
+        else:
+            groups = level.groups if level.groups is not None else 1
+        _check(groups >= 1, f"{key}.groups={groups} must be >= 1")
+        _check(
+            groups <= tokens_in,
+            f"{key}.groups={groups} is larger than the {tokens_in} tokens this level receives "
+            f"({'channels' if i == 0 else 'outputs of the level before'}); use at most {tokens_in} groups",
+        )
+        shapes.append((tokens_in, groups))
+        tokens_in = groups * level.tokens
+    _check(
+        tokens_in == 1,
+        f"model.hierarchy: the last level must reduce to 1 token per patch, it gives {tokens_in}; "
+        "end with a level of groups=1, tokens=1",
+    )
+    return shapes
+
+
+def validate(cfg: Config) -> None:
+    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    _check(len(m.img_size) == 2, f"model.img_size={m.img_size} must be [height, width]")
+    _check(m.patch_size >= 1, f"model.patch_size={m.patch_size} must be >= 1")
+    for name, size in zip(("height", "width"), m.img_size):
+        _check(
+            size > 0 and size % m.patch_size == 0,
+            f"model.img_size {name} {size} is not divisible by model.patch_size={m.patch_size}",
+        )
+    _check(m.embed_dim >= 1 and m.depth >= 0, f"model.embed_dim={m.embed_dim} and model.depth={m.depth} must be positive")
+    _check(
+        m.num_heads >= 1 and m.embed_dim % m.num_heads == 0,
+        f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}",
+    )
+    agg_heads = m.hierarchy.heads or m.num_heads
+    _check(
+        agg_heads >= 1 and m.embed_dim % agg_heads == 0,
+        f"model.hierarchy.heads={agg_heads} does not divide model.embed_dim={m.embed_dim}",
+    )
+    _check(
+        m.decoder_heads >= 1 and m.decoder_dim % m.decoder_heads == 0,
+        f"model.decoder_heads={m.decoder_heads} does not divide model.decoder_dim={m.decoder_dim}",
+    )
+    _check(0.0 <= m.drop_rate < 1.0, f"model.drop_rate={m.drop_rate} must be in [0, 1)")
+    if m.hierarchy.preset is not None and not m.hierarchy.levels:
+        _check(
+            m.hierarchy.preset in HIERARCHY_PRESETS,
+            f"model.hierarchy.preset={m.hierarchy.preset!r} is unknown; use one of {HIERARCHY_PRESETS} or give levels",
+        )
+    _check(m.hierarchy.preset is not None or bool(m.hierarchy.levels), "model.hierarchy: give a preset or levels")
+
+    _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is unknown; use one of {DATA_KINDS}")
+    if isinstance(d.channels, int):
+        _check(d.channels >= 1, f"data.channels={d.channels} must be >= 1")
+    else:
+        _check(len(d.channels) >= 1, "data.channels is empty")
+        dupes = sorted({c for c in d.channels if d.channels.count(c) > 1})
+        _check(not dupes, f"data.channels lists {dupes} more than once")
+    _check(d.num_samples >= 1, f"data.num_samples={d.num_samples} must be >= 1")
+    _check(
+        d.lead_step_hours >= 1 and d.max_lead_hours >= d.lead_step_hours,
+        f"data.max_lead_hours={d.max_lead_hours} must be >= data.lead_step_hours={d.lead_step_hours} >= 1",
+    )
+
+    channels = cfg.channels
+    vocab = cfg.vocabulary
+    missing = [c for c in channels if c not in vocab]
+    _check(
+        not missing,
+        f"channel names {missing[:5]}{'...' if len(missing) > 5 else ''} are not in model.vocabulary "
+        f"({len(vocab)} names); add them or drop them from data.channels",
+    )
+    if cfg.train.task == "forecast":
+        bad = [c for c in cfg.out_channels if c not in channels]
+        _check(not bad, f"data.out_channels {bad} are not among the input channels data.channels")
+    h = m.hierarchy
+    where = "model.hierarchy.levels" if h.levels else f"model.hierarchy (preset {h.preset}, groups={h.groups}) level"
+    resolve_level_groups(h.resolved_levels(), len(channels), where)
+
+    _check(t.task in TASKS, f"train.task={t.task!r} is unknown; use one of {TASKS}")
+    _check(t.steps >= 1 and t.batch_size >= 1, f"train.steps={t.steps} and train.batch_size={t.batch_size} must be >= 1")
+    _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(0.0 < t.mask_ratio < 1.0, f"train.mask_ratio={t.mask_ratio} must be in (0, 1)")
+    _check(t.mae_loss_on in ("all", "masked"), f"train.mae_loss_on={t.mae_loss_on!r} must be 'all' or 'masked'")
+    _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be auto, cpu or cuda")
+
+    for name in ("tp", "dp_shard", "dp_replicate"):
+        _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+    _check(p.mode in PARALLEL_MODES, f"parallel.mode={p.mode!r} is unknown; use one of {PARALLEL_MODES}")

@@ -1,0 +1,42 @@
+"""Build a data source from the config and walk it in batches."""
+
+from __future__ import annotations
+
+import torch
+
+from dchag.data.synthetic_hyperspectral import SyntheticHyperspectral
+from dchag.data.synthetic_weather import SyntheticWeather
+
+
+def build_source(cfg, channels: list[str] | None = None):
+    """The configured source, generating `channels` (default: all of the config's channels)."""
+    d = cfg.data
+    channels = cfg.channels if channels is None else channels
+    size = tuple(cfg.model.img_size)
+    if d.kind == "synthetic-weather":
+        return SyntheticWeather(
+            channels,
+            cfg.out_channels,
+            size,
+            seed=d.seed,
+            num_samples=d.num_samples,
+            max_lead_hours=d.max_lead_hours,
+            lead_step_hours=d.lead_step_hours,
+            noise=d.noise,
+        )
+    return SyntheticHyperspectral(channels, size, seed=d.seed, num_samples=d.num_samples, noise=d.noise)
+
+
+def batch_indices(num_samples: int, batch_size: int, step: int, seed: int, *, rank: int = 0, world: int = 1) -> list[int]:
+    """Sample indices of one step: epochs are seeded permutations; data-parallel ranks take disjoint slices.
+
+    Depends only on (step, seed, rank), so a resumed or re-launched run sees the same batches.
+    """
+    global_batch = batch_size * world
+    start = step * global_batch + rank * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, num_samples)
+        perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 65_537 + epoch))
+        out.append(int(perm[offset]))
+    return out

@@ -1,0 +1,62 @@
+"""Synthetic hyperspectral cubes: a few materials with smooth reflectance spectra, mixed per pixel by
+smooth abundance maps, plus sensor noise (the linear mixing model of remote sensing).
+
+Spectra are evaluated only at the wavelengths of the bands asked for, so a rank that owns 64 of 500
+bands generates 64 bands.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dchag.data.channels import band_wavelength
+
+NUM_MATERIALS = 6
+FEATURES_PER_SPECTRUM = 3
+ABUNDANCE_MODES = 3  # spatial frequencies of the abundance maps
+MEAN, SCALE = 0.3, 0.2  # rough reflectance mean and spread, used to standardise the cube
+
+
+class SyntheticHyperspectral:
+    """`batch(indices)` -> x [B, C, H, W] (standardised reflectance)."""
+
+    def __init__(self, channels: list[str], img_size: tuple[int, int], *, seed: int = 0, num_samples: int = 512, noise: float = 0.01):
+        self.channels = list(channels)
+        self.height, self.width = img_size
+        self.seed, self.num_samples, self.noise = seed, num_samples, noise
+        self.wavelengths = torch.tensor([band_wavelength(c) for c in self.channels])  # [C] nm
+
+        g = torch.Generator().manual_seed(seed)
+        self._base = 0.1 + 0.3 * torch.rand(NUM_MATERIALS, generator=g)
+        self._slope = 0.3 * (torch.rand(NUM_MATERIALS, generator=g) - 0.5)
+        self._height = 0.4 * (torch.rand(NUM_MATERIALS, FEATURES_PER_SPECTRUM, generator=g) - 0.3)
+        self._center = 400 + 500 * torch.rand(NUM_MATERIALS, FEATURES_PER_SPECTRUM, generator=g)
+        self._width = 20 + 80 * torch.rand(NUM_MATERIALS, FEATURES_PER_SPECTRUM, generator=g)
+
+    def spectra(self) -> torch.Tensor:
+        """Reflectance of each material at each requested band: [M, C], in (0, 1)."""
+        lam = self.wavelengths[None, None, :]  # [1, 1, C]
+        bumps = self._height[..., None] * torch.exp(-((lam - self._center[..., None]) ** 2) / (2 * self._width[..., None] ** 2))
+        spectra = self._base[:, None] + self._slope[:, None] * (self.wavelengths[None, :] - 650) / 500 + bumps.sum(1)
+        return spectra.clamp(0.01, 0.99)
+
+    def _abundances(self, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 1)
+        ys = torch.linspace(0, 1, self.height)[:, None]
+        xs = torch.linspace(0, 1, self.width)[None, :]
+        logits = torch.zeros(NUM_MATERIALS, self.height, self.width)
+        for fy in range(ABUNDANCE_MODES):
+            for fx in range(ABUNDANCE_MODES):
+                a = torch.randn(NUM_MATERIALS, 1, 1, generator=g) / (1 + fx + fy)
+                ph = 2 * math.pi * torch.rand(NUM_MATERIALS, 1, 1, generator=g)
+                logits += a * torch.cos(2 * math.pi * (fy * ys + fx * xs) + ph)
+        return torch.softmax(4.0 * logits, dim=0)  # [M, H, W]
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        abund = torch.stack([self._abundances(i) for i in indices])  # [B, M, H, W]
+        cube = torch.einsum("bmhw,mc->bchw", abund, self.spectra())  # [B, C, H, W]
+        g = torch.Generator().manual_seed(self.seed * 7919 + sum(indices) * 31 + len(indices))
+        cube = cube + self.noise * torch.randn(cube.shape, generator=g)
+        return {"x": (cube - MEAN) / SCALE}

@@ -1,0 +1,116 @@
+"""Synthetic weather: smooth global fields that are advected eastward and diffused, so the future is
+predictable from the present.
+
+A handful of latent fields (zonal waves times smooth meridional shapes) move east at a
+latitude-dependent speed and lose small scales over time. Every channel is its own fixed mixture of the
+latents plus a latitude profile, so channels are correlated like physical variables. A channel's
+mixture depends only on its name and the seed: generating 10 channels or 1000 gives the same values for
+the channels they share, and a rank asking for its own channels pays only for those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+NUM_LATENTS = 8
+ZONAL_WAVES = 4  # zonal wavenumbers 1..4
+MERIDIONAL_MODES = 4
+HOURS_PER_DAY = 24.0
+
+
+def _name_seed(name: str, seed: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class SyntheticWeather:
+    """`batch(indices)` -> x [B, C, H, W] at time 0, y [B, C_out, H, W] at the lead time, lead_hours [B]."""
+
+    def __init__(
+        self,
+        channels: list[str],
+        out_channels: list[str],
+        img_size: tuple[int, int],
+        *,
+        seed: int = 0,
+        num_samples: int = 512,
+        max_lead_hours: int = 72,
+        lead_step_hours: int = 6,
+        noise: float = 0.01,
+    ):
+        self.channels = list(channels)
+        self.out_channels = list(out_channels)
+        self.height, self.width = img_size
+        self.seed, self.num_samples, self.noise = seed, num_samples, noise
+        self.lead_choices = torch.arange(lead_step_hours, max_lead_hours + 1, lead_step_hours, dtype=torch.float32)
+
+        dlat = 180.0 / self.height
+        self.lat_deg = torch.linspace(-90 + dlat / 2, 90 - dlat / 2, self.height)  # [H]
+        lat = torch.deg2rad(self.lat_deg)
+        lon = torch.linspace(0, 2 * math.pi, self.width + 1)[:-1]  # [W]
+        self._lon = lon
+        colat = lat + math.pi / 2  # [0, pi]
+        self._meridional = torch.stack([torch.cos(j * colat) for j in range(MERIDIONAL_MODES)])  # [J, H]
+
+        g = torch.Generator().manual_seed(seed)
+        # eastward angular speed of each latent, radians per hour, faster in mid-latitudes (a jet)
+        base = 2 * math.pi / (20 * HOURS_PER_DAY)  # 18 degrees of longitude per day
+        speed = 0.5 + torch.rand(NUM_LATENTS, generator=g)  # [K]
+        jet = 0.6 + torch.sin(2 * lat).abs()  # [H]
+        self._omega = base * speed[:, None] * jet[None, :]  # [K, H]
+        self._diffusion = 0.5 / (ZONAL_WAVES**2 * 72.0)  # damping rate per hour per (wavenumber^2)
+
+    # ---- per-channel mixtures ------------------------------------------------------------------
+    def _channel_params(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, profiles = [], []
+        for name in names:
+            g = torch.Generator().manual_seed(_name_seed(name, self.seed))
+            w = torch.randn(NUM_LATENTS, generator=g)
+            weights.append(w / w.norm())
+            coef = torch.rand(MERIDIONAL_MODES, generator=g) * 2 - 1
+            profiles.append(coef @ self._meridional)  # [H]
+        return torch.stack(weights), torch.stack(profiles)  # [C, K], [C, H]
+
+    # ---- latent fields -------------------------------------------------------------------------
+    def _sample_state(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 1)
+        amp = torch.randn(NUM_LATENTS, ZONAL_WAVES, MERIDIONAL_MODES, 2, generator=g)
+        amp = amp / math.sqrt(ZONAL_WAVES * MERIDIONAL_MODES)
+        lead = self.lead_choices[torch.randint(len(self.lead_choices), (1,), generator=g)]
+        return torch.complex(amp[..., 0], amp[..., 1]), lead  # [K, M, J], [1]
+
+    def _latents(self, amp: torch.Tensor, hours: torch.Tensor) -> torch.Tensor:
+        """amp [B, K, M, J] complex, hours [B] -> latent fields [B, K, H, W] at those times."""
+        m = torch.arange(1, ZONAL_WAVES + 1, dtype=torch.float32)  # [M]
+        profile = torch.einsum("bkmj,jh->bkmh", amp, self._meridional.to(amp.dtype))  # [B, K, M, H]
+        shift = self._omega[None, :, None, :] * hours[:, None, None, None]  # [B, K, 1, H]
+        damp = torch.exp(-self._diffusion * m[None, None, :, None] ** 2 * hours[:, None, None, None])
+        phase = m[None, None, :, None, None] * (self._lon[None, None, None, None, :] - shift[..., None])
+        waves = profile[..., None] * damp[..., None] * torch.exp(1j * phase)  # [B, K, M, H, W]
+        return waves.real.sum(dim=2) * 2.0  # [B, K, H, W]
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        states = [self._sample_state(i) for i in indices]
+        amp = torch.stack([s[0] for s in states])  # [B, K, M, J]
+        lead = torch.cat([s[1] for s in states])  # [B]
+        zero = torch.zeros_like(lead)
+        now, later = self._latents(amp, zero), self._latents(amp, lead)  # [B, K, H, W] each
+
+        def mix(fields: torch.Tensor, names: list[str], noise_seed: int) -> torch.Tensor:
+            w, prof = self._channel_params(names)  # [C, K], [C, H]
+            out = torch.einsum("ck,bkhw->bchw", w, fields) + prof[None, :, :, None]
+            g = torch.Generator().manual_seed(noise_seed)
+            return out + self.noise * torch.randn(out.shape, generator=g)
+
+        noise_seed = self.seed * 7919 + sum(indices) * 31 + len(indices)
+        x = mix(now, self.channels, noise_seed)
+        y = mix(later, self.out_channels, noise_seed + 1)
+        return {"x": x, "y": y, "lead_hours": lead}
+
+    def lat_weights(self) -> torch.Tensor:
+        """cos(latitude) normalised to mean 1, [H]: the weights of a latitude-weighted loss."""
+        w = torch.cos(torch.deg2rad(self.lat_deg))
+        return w / w.mean()

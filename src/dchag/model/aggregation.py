@@ -1,0 +1,101 @@
+"""Channel aggregators, stacked over groups so that every group of a hierarchy level runs in one op.
+
+Both take grouped tokens `[B, G, n, L, D]` (G groups of n channel tokens, L patches, width D) and a
+validity mask `[G, n]` (False marks padding in uneven groups), and return `[B, G, k, L, D]`: k tokens
+per group and patch. Every parameter whose first dimension is G belongs to one group (listed in
+`group_params`), so a group subset can be cut out of a level by slicing those tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+
+class CrossAttentionPool(nn.Module):
+    """Multi-head cross-attention from k learned queries per group to the group's channel tokens.
+
+    Per group g and head h: q = query_g Wq_g, keys/values = tokens Wk_g / tokens Wv_g, softmax over the
+    group's channels, then an output projection Wo_g with bias. No q/k/v bias (as in ClimaX). The number
+    of heads in use is read from the weight shapes, so a head-sharded copy of this module computes its
+    share of the heads with the same code.
+    """
+
+    group_params = ("query", "wq", "wk", "wv", "proj_weight", "proj_bias")
+
+    def __init__(self, groups: int, tokens: int, dim: int, heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"aggregator heads={heads} does not divide width {dim}")
+        self.head_dim = dim // heads
+        self.query = nn.Parameter(torch.zeros(groups, tokens, dim))  # zero init: uniform attention at start
+        self.wq = nn.Parameter(torch.empty(groups, dim, dim))  # [G, out, in]
+        self.wk = nn.Parameter(torch.empty(groups, dim, dim))
+        self.wv = nn.Parameter(torch.empty(groups, dim, dim))
+        self.proj_weight = nn.Parameter(torch.empty(groups, dim, dim))
+        self.proj_bias: nn.Parameter | None = nn.Parameter(torch.zeros(groups, dim))
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.wq, self.wk, self.wv, self.proj_weight):
+            nn.init.trunc_normal_(w, std=0.02)
+
+    @property
+    def heads(self) -> int:
+        return self.wq.shape[1] // self.head_dim
+
+    def project_query(self) -> torch.Tensor:
+        """[G, k, H, e]: the (learned, input-independent) queries, projected and split into heads."""
+        q = torch.einsum("gkd,ged->gke", self.query, self.wq)
+        q = rearrange(q, "g k (h e) -> g k h e", e=self.head_dim)
+        return self.q_norm(q) if self.q_norm is not None else q
+
+    def finish(self, heads_out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs [B, G, k, L, H, e] -> output projection (+ bias) [B, G, k, L, D]."""
+        merged = rearrange(heads_out, "b g k l h e -> b g k l (h e)")
+        out = torch.einsum("bgkle,gde->bgkld", merged, self.proj_weight)
+        if self.proj_bias is not None:
+            out = out + self.proj_bias[None, :, None, None, :]
+        return out
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.project_query()  # [G, k, H, e]
+        keys = rearrange(torch.einsum("bgnld,ged->bgnle", tokens, self.wk), "b g n l (h e) -> b g n l h e", e=self.head_dim)
+        values = rearrange(torch.einsum("bgnld,ged->bgnle", tokens, self.wv), "b g n l (h e) -> b g n l h e", e=self.head_dim)
+        if self.k_norm is not None:
+            keys = self.k_norm(keys)
+        scores = torch.einsum("gkhe,bgnlhe->bglhkn", q, keys) * self.head_dim**-0.5  # [B, G, L, H, k, n]
+        if valid is not None:
+            scores = scores.masked_fill(~valid[None, :, None, None, None, :], float("-inf"))
+        attn = scores.softmax(dim=-1)
+        heads_out = torch.einsum("bglhkn,bgnlhe->bgklhe", attn, values)  # [B, G, k, L, H, e]
+        return self.finish(heads_out)
+
+
+class LinearPool(nn.Module):
+    """k learned weighted sums over each group's channels plus a scalar bias (the paper's "L" kind).
+
+    Weights start at the group mean (1/n), so the untrained level averages its channels.
+    """
+
+    group_params = ("weight", "bias")
+
+    def __init__(self, groups: int, tokens: int, sizes: list[int]):
+        super().__init__()
+        n_max = max(sizes)
+        self.weight = nn.Parameter(torch.zeros(groups, tokens, n_max))  # [G, k, n]
+        self.bias = nn.Parameter(torch.zeros(groups, tokens))  # [G, k]
+        with torch.no_grad():
+            for g, size in enumerate(sizes):
+                self.weight[g, :, :size] = 1.0 / size
+
+    def effective_weight(self, valid: torch.Tensor | None) -> torch.Tensor:
+        """[G, k, n] with padding slots forced to zero."""
+        return self.weight if valid is None else self.weight * valid[:, None, :]
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.einsum("bgnld,gkn->bgkld", tokens, self.effective_weight(valid))
+        return out + self.bias[None, :, :, None, None]

@@ -1,0 +1,81 @@
+"""The channel hierarchy: C channel tokens per patch are reduced, level by level, to one token.
+
+Level i receives M_i tokens per patch, splits them into G_i contiguous groups (near-equal sizes, the
+first ones one larger when M_i % G_i != 0) and reduces each group to k_i tokens, so
+M_{i+1} = G_i * k_i; the last level gives one token. Uneven groups are padded to the largest size and
+masked, so all groups of a level still run as one stacked op.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from dchag.config import LevelConfig, resolve_level_groups, split_sizes
+from dchag.model.aggregation import CrossAttentionPool, LinearPool
+
+
+def group_layout(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For contiguous groups of the given sizes: gather index [G, n_max] into the M tokens (padding
+    points at slot M, a zero token) and the validity mask [G, n_max], or (index, None) when even."""
+    n_max = max(sizes)
+    total = sum(sizes)
+    index = torch.full((len(sizes), n_max), total, dtype=torch.long)
+    valid = torch.zeros(len(sizes), n_max, dtype=torch.bool)
+    start = 0
+    for g, size in enumerate(sizes):
+        index[g, :size] = torch.arange(start, start + size)
+        valid[g, :size] = True
+        start += size
+    return index, (None if len(set(sizes)) == 1 else valid)
+
+
+class HierarchyLevel(nn.Module):
+    """Groups this level's input tokens and reduces every group with one stacked aggregator."""
+
+    def __init__(self, kind: str, sizes: list[int], tokens: int, dim: int, heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.kind, self.sizes, self.tokens = kind, list(sizes), tokens
+        index, valid = group_layout(self.sizes)
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("valid", valid, persistent=False)
+        if kind == "cross_attention":
+            self.aggregator = CrossAttentionPool(len(sizes), tokens, dim, heads, qk_norm)
+        elif kind == "linear":
+            self.aggregator = LinearPool(len(sizes), tokens, self.sizes)
+        else:
+            raise ValueError(f"aggregator kind {kind!r} is unknown; use 'cross_attention' or 'linear'")
+
+    @property
+    def groups(self) -> int:
+        return len(self.sizes)
+
+    def group(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, M, L, D] -> [B, G, n, L, D]; a free reshape when the groups are even."""
+        if self.valid is None:
+            return rearrange(tokens, "b (g n) l d -> b g n l d", g=self.groups)
+        pad = tokens.new_zeros(tokens.shape[0], 1, *tokens.shape[2:])
+        return torch.cat([tokens, pad], dim=1)[:, self.index]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, M, L, D] -> [B, G*k, L, D]."""
+        out = self.aggregator(self.group(tokens), self.valid)  # [B, G, k, L, D]
+        return rearrange(out, "b g k l d -> b (g k) l d")
+
+
+class ChannelHierarchy(nn.Module):
+    """The levels of the hierarchy, applied in order: [B, C, L, D] -> [B, L, D]."""
+
+    def __init__(self, levels: list[LevelConfig], num_channels: int, dim: int, heads: int, qk_norm: bool = False):
+        super().__init__()
+        shapes = resolve_level_groups(levels, num_channels)
+        self.levels = nn.ModuleList(
+            HierarchyLevel(spec.kind, split_sizes(tokens_in, groups), spec.tokens, dim, heads, qk_norm)
+            for spec, (tokens_in, groups) in zip(levels, shapes)
+        )
+
+    def forward(self, tokens: torch.Tensor, start_level: int = 0) -> torch.Tensor:
+        for level in self.levels[start_level:]:
+            tokens = level(tokens)
+        return rearrange(tokens, "b 1 l d -> b l d")

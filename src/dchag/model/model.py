@@ -1,0 +1,110 @@
+"""The whole model: front end -> position / lead-time embedding -> ViT -> task head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dchag.model.embeddings import sincos_2d
+from dchag.model.front_end import FrontEnd
+from dchag.model.heads import ForecastHead, MAEDecoder, random_masking
+from dchag.model.vit import Block, init_vit_weights
+
+
+@dataclass
+class ModelOutput:
+    pred: torch.Tensor  # forecast [B, C_out, H, W] or reconstruction [B, C, H, W]
+    mask: torch.Tensor | None = None  # MAE: [B, L], 1 = masked patch
+
+
+class ChannelViT(nn.Module):
+    """A many-channel ViT for forecasting (`task="forecast"`) or masked-autoencoder pretraining ("mae")."""
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        channel_index: list[int],
+        vocab_size: int,
+        img_size: tuple[int, int],
+        patch: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        drop_rate: float,
+        levels,
+        agg_heads: int,
+        qk_norm: bool,
+        out_channels: int,
+        decoder_dim: int,
+        decoder_depth: int,
+        decoder_heads: int,
+        mask_ratio: float,
+    ):
+        super().__init__()
+        self.task, self.mask_ratio = task, mask_ratio
+        grid = (img_size[0] // patch, img_size[1] // patch)
+        self.num_patches = grid[0] * grid[1]
+        self.front_end = FrontEnd(channel_index, vocab_size, dim, patch, levels, agg_heads, qk_norm)
+        self.pos_embed = nn.Parameter(sincos_2d(dim, *grid)[None])  # [1, L, D], learnable
+        self.lead_embed = nn.Linear(1, dim) if task == "forecast" else None
+        self.drop = nn.Dropout(drop_rate)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop_rate) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        if task == "forecast":
+            self.head = ForecastHead(dim, out_channels, patch, grid[1])
+        else:
+            self.head = MAEDecoder(dim, decoder_dim, decoder_depth, decoder_heads, len(channel_index), patch, grid)
+        for name, module in self.named_modules():
+            if not name.startswith("front_end"):
+                init_vit_weights(module)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        z = self.drop(z)
+        for block in self.blocks:
+            z = block(z)
+        return self.norm(z)
+
+    def forward(self, x: torch.Tensor, lead_hours: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None) -> ModelOutput:
+        """x [B, C, H, W]; forecast needs lead_hours [B]; mae takes mask_noise [B, L] (uniform; drawn if None)."""
+        z = self.front_end(x) + self.pos_embed  # [B, L, D]
+        if self.task == "forecast":
+            if lead_hours is None:
+                raise ValueError("a forecast model needs lead_hours [B]")
+            z = z + self.lead_embed(lead_hours.to(z.dtype)[:, None] / 100.0)[:, None, :]
+            return ModelOutput(self.head(self.encode(z)))
+        if mask_noise is None:
+            mask_noise = torch.rand(z.shape[0], z.shape[1], device=z.device)
+        keep, restore, mask = random_masking(mask_noise, self.mask_ratio)
+        visible = torch.gather(z, 1, keep[..., None].expand(-1, -1, z.shape[-1]))  # [B, L_keep, D]
+        return ModelOutput(self.head(self.encode(visible), restore), mask)
+
+
+def build_model(cfg) -> ChannelViT:
+    """The single-device model a validated `Config` describes."""
+    m = cfg.model
+    vocab = cfg.vocabulary
+    position = {name: i for i, name in enumerate(vocab)}
+    return ChannelViT(
+        task=cfg.train.task,
+        channel_index=[position[c] for c in cfg.channels],
+        vocab_size=len(vocab),
+        img_size=tuple(m.img_size),
+        patch=m.patch_size,
+        dim=m.embed_dim,
+        depth=m.depth,
+        heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        drop_rate=m.drop_rate,
+        levels=m.hierarchy.resolved_levels(),
+        agg_heads=m.hierarchy.heads or m.num_heads,
+        qk_norm=m.hierarchy.qk_norm,
+        out_channels=len(cfg.out_channels) if cfg.train.task == "forecast" else 0,
+        decoder_dim=m.decoder_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_heads=m.decoder_heads,
+        mask_ratio=cfg.train.mask_ratio,
+    )

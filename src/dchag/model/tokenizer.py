@@ -1,0 +1,49 @@
+"""Per-channel patch embedding with one weight per channel name, computed for all channels in one op."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from dchag.model.embeddings import sincos_1d
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, L, p*p] with L = (H/p)(W/p), patches in row-major order."""
+    return rearrange(x, "b c (h p1) (w p2) -> b c (h w) (p1 p2)", p1=patch, p2=patch)
+
+
+class ChannelTokenizer(nn.Module):
+    """Tokenizes each channel with its own patch embedding and adds that channel's embedding.
+
+    Weights are stacked over a vocabulary of channel names, `weight [V, D, p, p]`, `bias [V, D]`,
+    `channel_embed [V, D]`; a forward call takes the vocabulary indices of the channels it receives.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim, patch, patch))
+        self.bias = nn.Parameter(torch.zeros(vocab_size, dim))
+        self.channel_embed = nn.Parameter(torch.empty(vocab_size, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=0.02)
+        nn.init.zeros_(self.bias)
+        with torch.no_grad():
+            self.channel_embed.copy_(sincos_1d(self.weight.shape[1], torch.arange(self.weight.shape[0])))
+
+    def channel_params(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight [C, D, p*p] and the per-channel additive term bias + embedding [C, D] of `index`."""
+        weight = rearrange(self.weight[index], "c d p1 p2 -> c d (p1 p2)")
+        shift = self.bias[index] + self.channel_embed[index]
+        return weight, shift
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W], index [C] -> tokens [B, C, L, D]."""
+        weight, shift = self.channel_params(index)
+        patches = patchify(x, self.patch)  # [B, C, L, p*p]
+        tokens = torch.einsum("bclk,cdk->bcld", patches, weight)  # [B, C, L, D]
+        return tokens + shift[None, :, None, :]

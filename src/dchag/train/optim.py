@@ -1,0 +1,37 @@
+"""AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NO_DECAY_NAMES = ("pos_embed", "channel_embed", "query", "mask_token")
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES) or name.endswith("bias")
+        (no_decay if skip else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train_cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step: int, train_cfg) -> float:
+    """Learning rate for 0-based `step`: linear warm-up to lr, cosine down to min_lr at the last step."""
+    if train_cfg.warmup_steps > 0 and step < train_cfg.warmup_steps:
+        return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
+    span = max(1, train_cfg.steps - train_cfg.warmup_steps)
+    progress = min(1.0, (step - train_cfg.warmup_steps) / span)
+    return train_cfg.min_lr + 0.5 * (train_cfg.lr - train_cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

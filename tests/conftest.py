@@ -1,0 +1,39 @@
+"""Shared helpers: small configs and random re-initialisation (so tests never rely on special inits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dchag.config import load_config
+
+
+def small_config(*overrides: str):
+    base = [
+        "model.img_size=[16, 32]",
+        "model.patch_size=4",
+        "model.embed_dim=32",
+        "model.depth=1",
+        "model.num_heads=4",
+        "model.decoder_dim=16",
+        "model.decoder_depth=1",
+        "model.decoder_heads=2",
+        "data.channels=10",
+        "model.hierarchy.groups=3",
+        "train.batch_size=2",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter random values (zero-initialised queries would hide errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return module
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
