@@ -12,6 +12,7 @@ import math
 import torch
 
 from dchag.data.channels import band_wavelength
+from dchag.data.synthetic_weather import observation_noise
 
 NUM_MATERIALS = 6
 FEATURES_PER_SPECTRUM = 3
@@ -57,6 +58,5 @@ class SyntheticHyperspectral:
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         abund = torch.stack([self._abundances(i) for i in indices])  # [B, M, H, W]
         cube = torch.einsum("bmhw,mc->bchw", abund, self.spectra())  # [B, C, H, W]
-        g = torch.Generator().manual_seed(self.seed * 7919 + sum(indices) * 31 + len(indices))
-        cube = cube + self.noise * torch.randn(cube.shape, generator=g)
+        cube = cube + self.noise * observation_noise(indices, self.channels, cube.shape[2:], self.seed, "x")
         return {"x": (cube - MEAN) / SCALE}

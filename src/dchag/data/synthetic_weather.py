@@ -26,6 +26,17 @@ def _name_seed(name: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def observation_noise(indices: list[int], names: list[str], shape, seed: int, stream: str) -> torch.Tensor:
+    """Unit Gaussian noise [B, C, H, W], seeded per (sample, channel): any channel subset or batch split
+    sees exactly the noise the full dataset has there."""
+    out = torch.empty(len(indices), len(names), *shape)
+    for b, index in enumerate(indices):
+        for c, name in enumerate(names):
+            g = torch.Generator().manual_seed(_name_seed(f"{stream}:{index}:{name}", seed))
+            out[b, c] = torch.randn(*shape, generator=g)
+    return out
+
+
 class SyntheticWeather:
     """`batch(indices)` -> x [B, C, H, W] at time 0, y [B, C_out, H, W] at the lead time, lead_hours [B]."""
 
@@ -99,15 +110,13 @@ class SyntheticWeather:
         zero = torch.zeros_like(lead)
         now, later = self._latents(amp, zero), self._latents(amp, lead)  # [B, K, H, W] each
 
-        def mix(fields: torch.Tensor, names: list[str], noise_seed: int) -> torch.Tensor:
+        def mix(fields: torch.Tensor, names: list[str], stream: str) -> torch.Tensor:
             w, prof = self._channel_params(names)  # [C, K], [C, H]
             out = torch.einsum("ck,bkhw->bchw", w, fields) + prof[None, :, :, None]
-            g = torch.Generator().manual_seed(noise_seed)
-            return out + self.noise * torch.randn(out.shape, generator=g)
+            return out + self.noise * observation_noise(indices, names, out.shape[2:], self.seed, stream)
 
-        noise_seed = self.seed * 7919 + sum(indices) * 31 + len(indices)
-        x = mix(now, self.channels, noise_seed)
-        y = mix(later, self.out_channels, noise_seed + 1)
+        x = mix(now, self.channels, "x")
+        y = mix(later, self.out_channels, "y")
         return {"x": x, "y": y, "lead_hours": lead}
 
     def lat_weights(self) -> torch.Tensor:

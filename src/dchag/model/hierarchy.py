@@ -51,6 +51,20 @@ class HierarchyLevel(nn.Module):
     def groups(self) -> int:
         return len(self.sizes)
 
+    def subset(self, g0: int, g1: int) -> "HierarchyLevel":
+        """A level holding only groups [g0, g1) of this one, with those groups' parameters copied."""
+        agg = self.aggregator
+        if self.kind == "cross_attention":
+            dim, heads, qk_norm = agg.wq.shape[-1], agg.heads, agg.q_norm is not None
+        else:
+            dim, heads, qk_norm = 1, 1, False
+        sub = HierarchyLevel(self.kind, self.sizes[g0:g1], self.tokens, dim, heads, qk_norm)
+        state = {k: (v[g0:g1] if k in agg.group_params else v) for k, v in agg.state_dict().items()}
+        if self.kind == "linear":  # padding width follows the largest group kept
+            state["weight"] = state["weight"][..., : max(sub.sizes)]
+        sub.aggregator.load_state_dict(state)
+        return sub.to(agg.wq.device if self.kind == "cross_attention" else agg.weight.device)
+
     def group(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, M, L, D] -> [B, G, n, L, D]; a free reshape when the groups are even."""
         if self.valid is None:

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from einops import rearrange
 
 
-def mae_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, patch: int, loss_on: str = "all") -> torch.Tensor:
-    """pred, x [B, C, H, W]; mask [B, L] (1 = masked).
+def mae_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    patch: int,
+    loss_on: str = "all",
+    *,
+    total_channels: int | None = None,
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """pred, target [B, C, H, W]; mask [B, L] (1 = masked).
 
     "all": mean squared error over the whole image (as in the paper); "masked": over masked patches only.
+    Under channel parallelism pred/target hold this rank's channels only: `sum_over_ranks` adds the
+    per-patch squared errors of all ranks and `total_channels` is the full channel count.
     """
-    err = (pred.float() - x.float()) ** 2
+    channels = total_channels or pred.shape[1]
+    err = (pred.float() - target.float()) ** 2
+    sse = rearrange(err, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch, p2=patch).sum(-1)  # [B, L]
+    if sum_over_ranks is not None:
+        sse = sum_over_ranks(sse)
+    per_patch = sse / (channels * patch * patch)  # [B, L] mean over every channel and pixel of a patch
     if loss_on == "all":
-        return err.mean()
-    per_patch = rearrange(err, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch, p2=patch).mean(-1)  # [B, L]
+        return per_patch.mean()
     return (per_patch * mask).sum() / mask.sum().clamp(min=1)

@@ -8,15 +8,21 @@ from dchag.tasks.forecast import lat_weighted_mse
 from dchag.tasks.mae import mae_loss
 
 
-def compute_loss(model, batch: dict, cfg, *, lat_weights: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None):
+def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, channel_shard=None):
     """Returns (loss, ModelOutput) for the configured task.
 
     `batch` holds x [B, C, H, W] (and, for forecasting, y [B, C_out, H, W] and lead_hours [B]).
+    `channel_shard` (from a `ParallelPlan`) is set when x holds only this rank's channels: the MAE loss
+    then compares this rank's channels and sums the errors over ranks.
     """
     if cfg.train.task == "forecast":
         out = model(batch["x"], batch["lead_hours"])
         weights = lat_weights if lat_weights is not None else torch.ones(batch["y"].shape[2], device=batch["y"].device)
         return lat_weighted_mse(out.pred, batch["y"], weights), out
     out = model(batch["x"], mask_noise=mask_noise)
-    target = batch.get("target", batch["x"])  # channel-parallel runs pass the full image as the target
-    return mae_loss(out.pred, target, out.mask, cfg.model.patch_size, cfg.train.mae_loss_on), out
+    patch, loss_on = cfg.model.patch_size, cfg.train.mae_loss_on
+    if channel_shard is None:
+        return mae_loss(out.pred, batch["x"], out.mask, patch, loss_on), out
+    local_pred = channel_shard.enter(out.pred)  # [B, C_r, H, W]
+    loss = mae_loss(local_pred, batch["x"], out.mask, patch, loss_on, total_channels=channel_shard.total, sum_over_ranks=channel_shard.sum_over_ranks)
+    return loss, out

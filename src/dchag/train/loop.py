@@ -1,17 +1,23 @@
-"""The training loop (single process; distributed runs enter through `dchag.train.distributed`)."""
+"""The training loop: one process, or one rank of a torchrun launch (layout from `parallel.*`).
+
+`train.batch_size` is the global batch: each data-parallel rank takes batch_size / dp samples, so a config
+trains the same model, on the same samples, at any parallel layout.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from dchag.config import Config, to_dict
+from dchag.config import Config, ConfigError, to_dict
 from dchag.data import batch_indices, build_source
 from dchag.model import build_model
 from dchag.tasks import compute_loss
@@ -23,16 +29,19 @@ from dchag.train.optim import build_optimizer, lr_at, set_lr
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is visible; use train.device=cpu or auto")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device='cuda' but no CUDA device is visible; use train.device=cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
 
 
-def mask_noise_for_step(cfg: Config, step: int, batch: int, num_patches: int, dp_rank: int = 0) -> torch.Tensor:
-    """MAE mask noise [B, L] from (seed, step, data-parallel rank): equal on TP peers, distinct across DP."""
-    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 4099 + dp_rank)
-    return torch.rand(batch, num_patches, generator=g)
+def mask_noise_for_step(cfg: Config, step: int, global_batch: int, num_patches: int) -> torch.Tensor:
+    """MAE mask noise [B_global, L] from (seed, step): every rank draws the whole batch's noise and keeps
+    its data-parallel rows, so TP peers agree, DP ranks differ, and the layout changes nothing."""
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 4099)
+    return torch.rand(global_batch, num_patches, generator=g)
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -41,53 +50,108 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()
+
+
+class _Layout:
+    """What the loop needs of the parallel layout; single-process runs get the trivial one."""
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device):
+        self.plan = None
+        self.rank, self.dp_rank, self.dp_size = 0, 0, 1
+        if launched_distributed():
+            from dchag.parallel import ParallelDims, build_mesh, parallelize
+            from dchag.parallel.mesh import init_distributed
+
+            init_distributed()
+            mesh = build_mesh(ParallelDims.from_config(cfg.parallel), device.type)
+            self.plan = parallelize(model, cfg, mesh)
+            self.rank, self.dp_rank, self.dp_size = dist.get_rank(), self.plan.dp_rank, self.plan.dp_size
+        elif cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate > 1:
+            n = cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate
+            raise ConfigError(f"parallel.* asks for {n} ranks; launch with: torchrun --nproc-per-node {n} -m dchag train ...")
+        if cfg.train.batch_size % self.dp_size:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the {self.dp_size} data-parallel ranks")
+        self.model = model
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        if self.plan is None:
+            return float(value.detach())
+        v = value.detach().float().clone()
+        dist.all_reduce(v)
+        return float(v) / dist.get_world_size()
+
+    def clip(self, max_norm: float) -> float:
+        if self.plan is not None:
+            return self.plan.clip_grad_norm_(max_norm)
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf")))
+
+    def logical_state(self) -> dict:
+        if self.plan is None:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        from dchag.parallel.state import logical_state_dict
+
+        return logical_state_dict(self.plan)
+
+
 def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> dict:
-    """Train the configured model on one device; returns the summary (also written to out_dir)."""
+    """Train the configured model; returns the summary (also written to out_dir by rank 0)."""
     out = Path(out_dir) if out_dir else None
     t = cfg.train
     device = pick_device(t.device)
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # same initial weights on every rank
     model = build_model(cfg).to(device)
-    source = build_source(cfg)
+    layout = _Layout(cfg, model, device)
+    plan = layout.plan
+    source = build_source(cfg, channels=plan.input_channels if plan else None)
+    local_batch = t.batch_size // layout.dp_size
+    torch.manual_seed(t.seed + 7919 * (layout.dp_rank + 1))  # dropout: equal on TP peers, distinct across DP
     optimizer = build_optimizer(model, t)
     lat_weights = source.lat_weights().to(device) if t.task == "forecast" else None
-    if out is not None:
+    write = out is not None and layout.is_main
+    if write:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log = MetricsLog(out / "metrics.jsonl" if out else None)
+    log = MetricsLog(out / "metrics.jsonl" if write else None)
     history: list[dict] = []
     start = time.perf_counter()
-    bar = tqdm(range(t.steps), desc="train", disable=not progress, file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(range(t.steps), desc="train", disable=not (progress and layout.is_main), file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
     model.train()
+    rows = slice(layout.dp_rank * local_batch, (layout.dp_rank + 1) * local_batch)
     for step in bar:
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
-        indices = batch_indices(source.num_samples, t.batch_size, step, cfg.data.seed)
+        indices = batch_indices(source.num_samples, local_batch, step, cfg.data.seed, rank=layout.dp_rank, world=layout.dp_size)
         batch = source.batch(indices)
-        check_finite(batch, step, cfg.channels)
+        check_finite(batch, step, source.channels)
         batch = {k: v.to(device) for k, v in batch.items()}
-        noise = mask_noise_for_step(cfg, step, t.batch_size, model.num_patches).to(device) if t.task == "mae" else None
+        noise = mask_noise_for_step(cfg, step, t.batch_size, model.num_patches)[rows].to(device) if t.task == "mae" else None
         with autocast(cfg, device):
-            loss, _ = compute_loss(model, batch, cfg, lat_weights=lat_weights, mask_noise=noise)
+            loss, _ = compute_loss(
+                model, batch, cfg, lat_weights=lat_weights, mask_noise=noise, channel_shard=plan.channel_shard if plan else None
+            )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr={t.lr} or enable train.grad_clip")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        (loss / layout.dp_size).backward()  # gradients are summed over DP ranks: this makes them a mean
+        if plan is not None:
+            plan.finish_gradients()
+        grad_norm = layout.clip(t.grad_clip)
         optimizer.step()
         if step % t.log_every == 0 or step == t.steps - 1:
-            record = {
-                "step": step,
-                "loss": loss.item(),
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "elapsed_s": round(time.perf_counter() - start, 3),
-            }
+            record = {"step": step, "loss": layout.mean_over_ranks(loss), "lr": lr, "grad_norm": grad_norm, "elapsed_s": round(time.perf_counter() - start, 3)}
             history.append(record)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if out is not None and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-            save_atomic(checkpoint_state(model, cfg, step + 1), out / "checkpoint.pt")
+            state = checkpoint_state(layout.logical_state(), cfg, step + 1)
+            if write:
+                save_atomic(state, out / "checkpoint.pt")
     log.close()
     summary = {
         "steps": t.steps,
@@ -95,22 +159,25 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
         "final_loss": history[-1]["loss"],
         "loss_ratio": history[-1]["loss"] / history[0]["loss"],
         "elapsed_s": round(time.perf_counter() - start, 2),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "ranks": dist.get_world_size() if plan is not None else 1,
     }
     if out is not None:
-        summary["checkpoint"] = str(save_atomic(checkpoint_state(model, cfg, t.steps), out / "checkpoint.pt"))
-        (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+        state = checkpoint_state(layout.logical_state(), cfg, t.steps)
+        summary["parameters"] = sum(v.numel() for v in state["model"].values())
+        if write:
+            summary["checkpoint"] = str(save_atomic(state, out / "checkpoint.pt"))
+            (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     return summary
 
 
-def checkpoint_state(model: torch.nn.Module, cfg: Config, step: int) -> dict:
+def checkpoint_state(weights: dict, cfg: Config, step: int) -> dict:
     """Model weights in the logical single-device layout, the config that built them, and the step."""
-    return {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": to_dict(cfg), "step": step}
+    return {"model": weights, "config": to_dict(cfg), "step": step}
 
 
 def summary_line(summary: dict) -> str:
     return (
-        f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, loss {summary['first_loss']:.4f} -> "
+        f"done: {summary['steps']} steps on {summary['ranks']} rank(s) in {summary['elapsed_s']:.1f}s, loss {summary['first_loss']:.4f} -> "
         f"{summary['final_loss']:.4f} ({summary['loss_ratio']:.2f}x of first)"
         + (f", checkpoint {summary['checkpoint']}" if "checkpoint" in summary else "")
     )

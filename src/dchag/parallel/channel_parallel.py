@@ -1,0 +1,237 @@
+"""Channel parallelism for the front end: place channel groups on TP ranks and insert the D-CHAG gather.
+
+Given the single-device `FrontEnd` and a TP group of T ranks, `ParallelFrontEnd` holds on rank r only
+what r needs:
+
+    dchag       rank r tokenizes its block of channels (whole level-1 groups), runs level 1 (and any
+                further level whose groups stay inside one rank) on them, all-gathers the few partial
+                tokens per patch, then runs the remaining levels; the last level is head-parallel.
+    naive       rank r tokenizes its block of channels, all-gathers the raw channel tokens, then runs the
+                whole hierarchy (the paper's ablation: the gather moves [B, C, L, D]).
+    replicated  every rank tokenizes all channels and runs every level except the head-parallel last
+                one (the paper's TP-only baseline).
+
+Every parameter keeps a `ShardSpec` saying where it lives in the single-device model, so gradients and
+checkpoints can be put back into the logical layout (`dchag.parallel.state`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from dchag.config import split_sizes
+from dchag.model.front_end import FrontEnd
+from dchag.model.hierarchy import HierarchyLevel
+from dchag.model.tokenizer import ChannelTokenizer
+from dchag.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+
+
+@dataclass
+class ShardSpec:
+    """Where a local parameter lives in the single-device model.
+
+    `dim`/`indices`: this rank holds `logical.index_select(dim, indices)`; `dim is None`: the whole tensor.
+    `partial_grad`: every TP rank computes only part of this (replicated) parameter's gradient; the
+    parts must be summed over TP after backward.
+    `tp_disjoint`: TP ranks hold different elements (sum them for a norm); False when every rank holds
+    the same slice (the replicated baseline's tokenizer).
+    """
+
+    logical_name: str
+    dim: int | None = None
+    indices: torch.Tensor | None = None
+    partial_grad: bool = False
+    tp_disjoint: bool = True
+
+
+@dataclass
+class ChannelPlacement:
+    """Which channels each TP rank tokenizes and which hierarchy levels run on it alone."""
+
+    mode: str
+    channel_ranges: list[tuple[int, int]]  # per rank [start, stop) of the input channels it receives
+    local_levels: int  # leading hierarchy levels that run rank-locally
+    level_group_ranges: list[list[tuple[int, int]]] = field(default_factory=list)  # [level][rank] -> groups
+    gathered_counts: list[int] = field(default_factory=list)  # tokens per rank moved by the gather; [] = none
+
+
+def _ranges(sizes: list[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def place_channels(front_end: FrontEnd, tp: int, mode: str) -> ChannelPlacement:
+    """Decide the placement; raises a one-line error when the hierarchy cannot be split this way."""
+    levels = list(front_end.hierarchy.levels)
+    channels = len(front_end.channel_index)
+    if mode == "replicated" or tp == 1 and mode != "dchag":
+        return ChannelPlacement(mode, [(0, channels)] * tp, 0)
+    if mode == "naive":
+        if channels < tp:
+            raise ValueError(f"parallel.mode=naive needs at least parallel.tp={tp} channels, got {channels}")
+        counts = split_sizes(channels, tp)
+        return ChannelPlacement(mode, _ranges(counts), 0, gathered_counts=counts)
+    if mode != "dchag":
+        raise ValueError(f"parallel.mode={mode!r} is unknown; use dchag, replicated or naive")
+
+    first = levels[0]
+    if len(levels) < 2 and tp > 1:
+        raise ValueError(
+            "parallel.mode=dchag needs a hierarchy of at least two levels (e.g. preset dchag-C); "
+            "the flat model has nothing to distribute: use parallel.mode=replicated or naive"
+        )
+    if first.groups < tp:
+        raise ValueError(
+            f"level 1 of the hierarchy has {first.groups} groups, fewer than parallel.tp={tp}: every rank needs "
+            f"at least one group; set model.hierarchy.groups >= {tp}"
+        )
+    group_ranges = [_ranges(split_sizes(first.groups, tp))]
+    starts = [0] + list(torch.tensor(first.sizes).cumsum(0).tolist())
+    channel_ranges = [(starts[g0], starts[g1]) for g0, g1 in group_ranges[0]]
+    owned = [((g1 - g0) * first.tokens) for g0, g1 in group_ranges[0]]  # tokens per rank after level 1
+
+    local = 1
+    for level in levels[1:-1]:  # a level is rank-local when its groups never straddle two ranks
+        bounds = [0] + list(torch.tensor(level.sizes).cumsum(0).tolist())
+        rank_bounds = [0] + list(torch.tensor(owned).cumsum(0).tolist())
+        if not set(rank_bounds) <= set(bounds):
+            break
+        ranges = [(bounds.index(a), bounds.index(b)) for a, b in zip(rank_bounds[:-1], rank_bounds[1:])]
+        if any(g1 == g0 for g0, g1 in ranges):
+            break
+        group_ranges.append(ranges)
+        owned = [(g1 - g0) * level.tokens for g0, g1 in ranges]
+        local += 1
+    return ChannelPlacement(mode, channel_ranges, local, group_ranges, owned if tp > 1 else [])
+
+
+class HeadParallelLevel(nn.Module):
+    """The last (single-group) cross-attention level with its heads split over the TP group.
+
+    Rank r keeps heads [r*H/T, (r+1)*H/T): rows of Wq/Wk/Wv and columns of the output projection. The
+    input enters through `copy_to_tp` (its gradient is summed over ranks), partial outputs leave through
+    `reduce_from_tp`, and the output bias is added once, after the sum.
+    """
+
+    def __init__(self, level: HierarchyLevel, rank: int, tp: int, group):
+        super().__init__()
+        agg = level.aggregator
+        if agg.heads % tp:
+            raise ValueError(f"the last aggregation level has {agg.heads} heads, not divisible by parallel.tp={tp}")
+        width = agg.wq.shape[1] // tp
+        self.rows = torch.arange(rank * width, (rank + 1) * width)
+        self.level = copy.deepcopy(level)
+        local = self.level.aggregator
+        for name in ("wq", "wk", "wv"):
+            setattr(local, name, nn.Parameter(getattr(agg, name).detach()[:, self.rows].clone()))
+        local.proj_weight = nn.Parameter(agg.proj_weight.detach()[:, :, self.rows].clone())
+        self.proj_bias = nn.Parameter(agg.proj_bias.detach().clone())  # [1, D], added after the reduction
+        local.proj_bias = None
+        self.group = group
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, M, L, D] -> [B, k, L, D]
+        partial = self.level(copy_to_tp(tokens, self.group))
+        return reduce_from_tp(partial, self.group) + self.proj_bias[0]
+
+
+class ParallelFrontEnd(nn.Module):
+    """What one TP rank runs of the front end; input: only this rank's channels [B, C_r, H, W]."""
+
+    def __init__(self, front_end: FrontEnd, placement: ChannelPlacement, rank: int, tp: int, group):
+        super().__init__()
+        self.group, self.tp, self.rank = group, tp, rank
+        self.specs: dict[str, ShardSpec] = {}
+        prefix = "front_end."
+        c0, c1 = placement.channel_ranges[rank]
+        vocab_rows = front_end.channel_index[c0:c1].clone()
+        tok = front_end.tokenizer
+        self.tokenizer = self._tokenizer_rows(tok, vocab_rows, "tokenizer", prefix, disjoint=placement.mode != "replicated")
+        self.register_buffer("channel_index", torch.arange(c1 - c0), persistent=False)
+        # vocabulary rows no input channel uses still belong to the model: TP rank 0 keeps them
+        unused = sorted(set(range(tok.weight.shape[0])) - set(front_end.channel_index.tolist()))
+        self.spare = self._tokenizer_rows(tok, torch.tensor(unused, dtype=torch.long), "spare", prefix) if unused and rank == 0 else None
+
+        levels = list(front_end.hierarchy.levels)
+        self.local_levels = nn.ModuleList()
+        for i in range(placement.local_levels):
+            g0, g1 = placement.level_group_ranges[i][rank]
+            sub = levels[i].subset(g0, g1)
+            self.local_levels.append(sub)
+            for name in levels[i].aggregator.group_params:
+                self.specs[f"local_levels.{i}.aggregator.{name}"] = ShardSpec(
+                    f"{prefix}hierarchy.levels.{i}.aggregator.{name}", 0, torch.arange(g0, g1)
+                )
+            self._spec_rest(sub, f"local_levels.{i}", f"{prefix}hierarchy.levels.{i}", partial=tp > 1)
+
+        self.gathered_counts = placement.gathered_counts
+        if self.gathered_counts and len(set(self.gathered_counts)) > 1:  # drop the padding after the gather
+            n_max = max(self.gathered_counts)
+            keep = [r * n_max + j for r, n in enumerate(self.gathered_counts) for j in range(n)]
+            self.register_buffer("gather_keep", torch.tensor(keep), persistent=False)
+        else:
+            self.gather_keep = None
+
+        last = len(levels) - 1
+        self.shared_levels = nn.ModuleList(copy.deepcopy(levels[i]) for i in range(placement.local_levels, last))
+        for j, i in enumerate(range(placement.local_levels, last)):
+            self._spec_rest(self.shared_levels[j], f"shared_levels.{j}", f"{prefix}hierarchy.levels.{i}", partial=False)
+        final = levels[last]
+        logical = f"{prefix}hierarchy.levels.{last}"
+        if placement.local_levels == len(levels):  # tp == 1 with every level local: nothing left
+            self.final = None
+        elif final.kind == "cross_attention" and tp > 1:
+            self.final = HeadParallelLevel(final, rank, tp, group)
+            rows = self.final.rows
+            for name in ("wq", "wk", "wv"):
+                self.specs[f"final.level.aggregator.{name}"] = ShardSpec(f"{logical}.aggregator.{name}", 1, rows)
+            self.specs["final.level.aggregator.proj_weight"] = ShardSpec(f"{logical}.aggregator.proj_weight", 2, rows)
+            self.specs["final.level.aggregator.query"] = ShardSpec(f"{logical}.aggregator.query", partial_grad=True)
+            self.specs["final.proj_bias"] = ShardSpec(f"{logical}.aggregator.proj_bias")
+            self._spec_rest(self.final.level, "final.level", logical, partial=True)
+        else:  # linear last level, or tp == 1: run it whole on every rank
+            self.final = copy.deepcopy(final)
+            self._spec_rest(self.final, "final", logical, partial=False)
+
+    def _tokenizer_rows(self, tok: ChannelTokenizer, rows: torch.Tensor, name: str, prefix: str, disjoint: bool = True) -> ChannelTokenizer:
+        local = ChannelTokenizer(len(rows), tok.weight.shape[1], tok.patch).to(tok.weight.device)
+        with torch.no_grad():
+            for pname in ("weight", "bias", "channel_embed"):
+                getattr(local, pname).copy_(getattr(tok, pname)[rows])
+                self.specs[f"{name}.{pname}"] = ShardSpec(f"{prefix}tokenizer.{pname}", 0, rows, tp_disjoint=disjoint)
+        return local
+
+    def _spec_rest(self, module: nn.Module, local_prefix: str, logical_prefix: str, partial: bool) -> None:
+        """Parameters not yet described are whole copies (qk-norm weights, replicated levels)."""
+        for name, _ in module.named_parameters():
+            key = f"{local_prefix}.{name}"
+            if key not in self.specs:
+                self.specs[key] = ShardSpec(f"{logical_prefix}.{name}", partial_grad=partial)
+
+    def _gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, n_r, L, D] on each rank -> [B, sum_r n_r, L, D] on every rank."""
+        n_max = max(self.gathered_counts)
+        padded = F.pad(tokens, (0, 0, 0, 0, 0, n_max - tokens.shape[1])) if tokens.shape[1] < n_max else tokens
+        gathered = gather_from_tp(padded, self.group, dim=1)  # [B, T*n_max, L, D]
+        return gathered if self.gather_keep is None else gathered.index_select(1, self.gather_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C_r, H, W] (this rank's channels) -> [B, L, D] (the same on every rank)."""
+        tokens = self.tokenizer(x, self.channel_index)  # [B, C_r, L, D]
+        for level in self.local_levels:
+            tokens = level(tokens)  # [B, n_r, L, D]
+        if self.gathered_counts:
+            tokens = self._gather(tokens)  # [B, M, L, D]
+        for level in self.shared_levels:
+            tokens = level(tokens)
+        if self.final is not None:
+            tokens = self.final(tokens)  # [B, 1, L, D]
+        return rearrange(tokens, "b 1 l d -> b l d")

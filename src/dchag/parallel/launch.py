@@ -1,0 +1,60 @@
+"""Start N local gloo/NCCL processes without torchrun (tests, `dchag check-parity`).
+
+Ranks rendezvous through a file (no fixed ports) and hand their return values back through files.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = fn(*args)
+        error = None
+    except BaseException as err:  # report the failure to the parent with its traceback
+        result, error = None, f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}"
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps((result, error)))
+
+
+def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
+    """Run `fn(*args)` on `world` ranks; returns each rank's result; raises if any rank failed.
+
+    `fn` must be importable (a module-level function).
+    """
+    with tempfile.TemporaryDirectory(prefix="dchag-spawn-") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        mp.start_processes(_worker, args=(world, init_file, tmp, fn, args), nprocs=world, join=True, start_method="spawn")
+        results, errors = [], []
+        for rank in range(world):
+            path = Path(tmp, f"rank{rank}.pkl")
+            if not path.exists():
+                errors.append(f"rank {rank} wrote no result")
+                continue
+            result, error = pickle.loads(path.read_bytes())
+            results.append(result)
+            if error:
+                errors.append(error)
+        if errors:
+            raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
+        return results

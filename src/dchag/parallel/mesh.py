@@ -1,0 +1,73 @@
+"""The named device mesh (dp_replicate, dp_shard, tp) and process-group start-up.
+
+TP groups are consecutive ranks (the innermost mesh dimension), data parallelism runs across ranks with
+the same TP index, as in ORBIT's Hybrid-STOP and torchtitan.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @classmethod
+    def from_config(cls, parallel_cfg) -> "ParallelDims":
+        return cls(parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def validate(self, world_size: int) -> None:
+        if self.world_size != world_size:
+            raise ValueError(
+                f"parallel.dp_replicate={self.dp_replicate} x parallel.dp_shard={self.dp_shard} x parallel.tp={self.tp} "
+                f"= {self.world_size} ranks, but {world_size} processes were started; make the product equal the process count"
+            )
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Start the default process group from torchrun's environment (NCCL on GPUs, gloo on CPU)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+
+
+def build_mesh(dims: ParallelDims, device: str | None = None) -> DeviceMesh:
+    """A 3-D mesh named (dp_replicate, dp_shard, tp) over all started ranks."""
+    dims.validate(dist.get_world_size())
+    return init_device_mesh(device or device_type(), (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS)
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The data-parallel part of the mesh, 2-D (replicate, shard) for FSDP2/HSDP."""
+    return mesh["dp_replicate", "dp_shard"]
+
+
+def dp_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
+    rep, shard = mesh["dp_replicate"], mesh["dp_shard"]
+    return rep.get_local_rank() * shard.size() + shard.get_local_rank(), rep.size() * shard.size()
