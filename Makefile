@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up .venv (if missing) and run the demo training job
+#   make demo   set up .venv (if missing) and train the demo model with D-CHAG on 4 ranks
+#               (torchrun, gloo on CPU / NCCL on GPUs: tp=2 x dp_shard=2)
 #   make test   set up .venv (if missing) and run the test suite
 # TORCH_SPEC picks the torch build installed *before* the package (default: the CPU wheel here).
 
@@ -20,8 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+DEMO_RANKS ?= 4
+DEMO_LAYOUT ?= parallel.tp=2 parallel.dp_shard=2
+
 demo: setup
-	$(PY) -m dchag train --config configs/tiny-weather.yaml --out runs/demo
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node $(DEMO_RANKS) \
+		-m dchag train --config configs/tiny-weather.yaml --out runs/demo --set $(DEMO_LAYOUT)
 
 test: setup
 	$(PY) -m pytest -q

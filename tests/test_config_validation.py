@@ -52,6 +52,14 @@ def test_heads_not_dividing_width():
     assert "num_heads=4" in msg and "embed_dim=30" in msg
 
 
+def test_tensor_parallel_size_must_divide_heads():
+    assert "parallel.tp=3" in error_of("model.num_heads=4", "parallel.tp=3")
+
+
+def test_global_batch_must_split_over_data_parallel_ranks():
+    assert "train.batch_size=3" in error_of("train.batch_size=3", "parallel.dp_shard=2")
+
+
 def test_aggregator_heads_not_dividing_width():
     assert "hierarchy.heads=5" in error_of("model.embed_dim=32", "model.hierarchy.heads=5")
 

@@ -1,4 +1,4 @@
-"""`dchag` command line: train | info."""
+"""`dchag` command line: train | info | check-parity."""
 
 from __future__ import annotations
 
@@ -30,6 +30,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_check_parity(args) -> int:
+    from dchag.parallel.parity import FAULTS, check_parity
+
+    cfg = load_config(args.config, args.set)
+    if args.fault not in FAULTS:
+        raise ConfigError(f"--fault {args.fault!r} is unknown; use one of {FAULTS}")
+    passed, text = check_parity(cfg, args.nproc, args.tolerance, args.fault)
+    print(text)
+    return 0 if passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dchag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser(
+        "check-parity",
+        help="one step single-device vs distributed with the same weights and batch; non-zero exit above tolerance",
+    )
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, required=True, help="local processes (gloo on CPU, NCCL with enough GPUs)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed max|a-b|/max|b| per tensor")
+    p.add_argument("--fault", default="none", help="inject a known bug to see the check fail: gather-reduce-scatter, grad-scale")
+    p.set_defaults(func=cmd_check_parity)
     return parser
 
 

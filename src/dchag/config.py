@@ -396,3 +396,8 @@ def validate(cfg: Config) -> None:
     for name in ("tp", "dp_shard", "dp_replicate"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
     _check(p.mode in PARALLEL_MODES, f"parallel.mode={p.mode!r} is unknown; use one of {PARALLEL_MODES}")
+    _check(m.num_heads % p.tp == 0, f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}: TP splits the heads")
+    hidden = int(m.embed_dim * m.mlp_ratio)
+    _check(hidden % p.tp == 0, f"the MLP width {hidden} (model.embed_dim x model.mlp_ratio) is not divisible by parallel.tp={p.tp}")
+    dp = p.dp_shard * p.dp_replicate
+    _check(t.batch_size % dp == 0, f"train.batch_size={t.batch_size} (the global batch) is not divisible by the {dp} data-parallel ranks")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from dchag.config import split_sizes
+from dchag.config import ConfigError, split_sizes
 from dchag.model.front_end import FrontEnd
 from dchag.model.hierarchy import HierarchyLevel
 from dchag.model.tokenizer import ChannelTokenizer
@@ -77,20 +77,20 @@ def place_channels(front_end: FrontEnd, tp: int, mode: str) -> ChannelPlacement:
         return ChannelPlacement(mode, [(0, channels)] * tp, 0)
     if mode == "naive":
         if channels < tp:
-            raise ValueError(f"parallel.mode=naive needs at least parallel.tp={tp} channels, got {channels}")
+            raise ConfigError(f"parallel.mode=naive needs at least parallel.tp={tp} channels, got {channels}")
         counts = split_sizes(channels, tp)
         return ChannelPlacement(mode, _ranges(counts), 0, gathered_counts=counts)
     if mode != "dchag":
-        raise ValueError(f"parallel.mode={mode!r} is unknown; use dchag, replicated or naive")
+        raise ConfigError(f"parallel.mode={mode!r} is unknown; use dchag, replicated or naive")
 
     first = levels[0]
     if len(levels) < 2 and tp > 1:
-        raise ValueError(
+        raise ConfigError(
             "parallel.mode=dchag needs a hierarchy of at least two levels (e.g. preset dchag-C); "
             "the flat model has nothing to distribute: use parallel.mode=replicated or naive"
         )
     if first.groups < tp:
-        raise ValueError(
+        raise ConfigError(
             f"level 1 of the hierarchy has {first.groups} groups, fewer than parallel.tp={tp}: every rank needs "
             f"at least one group; set model.hierarchy.groups >= {tp}"
         )
@@ -126,7 +126,7 @@ class HeadParallelLevel(nn.Module):
         super().__init__()
         agg = level.aggregator
         if agg.heads % tp:
-            raise ValueError(f"the last aggregation level has {agg.heads} heads, not divisible by parallel.tp={tp}")
+            raise ConfigError(f"the last aggregation level has {agg.heads} heads, not divisible by parallel.tp={tp}")
         width = agg.wq.shape[1] // tp
         self.rows = torch.arange(rank * width, (rank + 1) * width)
         self.level = copy.deepcopy(level)
@@ -223,13 +223,21 @@ class ParallelFrontEnd(nn.Module):
         gathered = gather_from_tp(padded, self.group, dim=1)  # [B, T*n_max, L, D]
         return gathered if self.gather_keep is None else gathered.index_select(1, self.gather_keep)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C_r, H, W] (this rank's channels) -> [B, L, D] (the same on every rank)."""
+    def distributed_part(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokenize this rank's channels, run the rank-local levels, gather: [B, C_r, H, W] -> [B, M, L, D].
+
+        This is D-CHAG proper: one all-gather forward, no communication backward.
+        """
         tokens = self.tokenizer(x, self.channel_index)  # [B, C_r, L, D]
         for level in self.local_levels:
             tokens = level(tokens)  # [B, n_r, L, D]
         if self.gathered_counts:
             tokens = self._gather(tokens)  # [B, M, L, D]
+        return tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C_r, H, W] (this rank's channels) -> [B, L, D] (the same on every rank)."""
+        tokens = self.distributed_part(x)  # [B, M, L, D]
         for level in self.shared_levels:
             tokens = level(tokens)
         if self.final is not None:

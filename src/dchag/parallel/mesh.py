@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from dchag.config import ConfigError
+
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
 
@@ -37,7 +39,7 @@ class ParallelDims:
 
     def validate(self, world_size: int) -> None:
         if self.world_size != world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"parallel.dp_replicate={self.dp_replicate} x parallel.dp_shard={self.dp_shard} x parallel.tp={self.tp} "
                 f"= {self.world_size} ranks, but {world_size} processes were started; make the product equal the process count"
             )

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.checkpoint import checkpoint
 
+from dchag.config import ConfigError
 from dchag.parallel.channel_parallel import ChannelPlacement, ParallelFrontEnd, ShardSpec, place_channels
 from dchag.parallel.collectives import copy_to_tp, reduce_from_tp
 from dchag.parallel.mesh import ParallelDims, dp_mesh, dp_rank_and_size
@@ -138,9 +139,6 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
     tp_rank, tp_group = tp_mesh.get_local_rank(), tp_mesh.get_group()
     dp_rank, dp_size = dp_rank_and_size(mesh)
     logical_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    heads = cfg.model.num_heads
-    if heads % dims.tp or int(cfg.model.embed_dim * cfg.model.mlp_ratio) % dims.tp:
-        raise ValueError(f"model.num_heads={heads} and the MLP width must be divisible by parallel.tp={dims.tp}")
 
     # 1. the front end: channels and level-1 groups placed on TP ranks
     placement = place_channels(model.front_end, dims.tp, p.mode)

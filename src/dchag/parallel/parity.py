@@ -8,12 +8,12 @@ the single-device layout) are compared as max |a - b| / max |b| per tensor.
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from dchag.config import ConfigError
 from dchag.data import batch_indices, build_source
 from dchag.model import build_model
 from dchag.parallel.mesh import ParallelDims, build_mesh
@@ -46,13 +46,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
 
 
-# Denominator floors, as fractions of the largest gradient in the model. The key bias of a
-# self-attention has a gradient that is zero in exact arithmetic (softmax ignores a shift common to all
-# keys), so both sides are rounding noise: it is measured against 1e-3 of the model's gradient scale.
+# Denominator floors, as fractions of the largest gradient in the model. Key biases (the self-attention
+# key bias, the bias of a LayerNorm on keys) have gradients that are zero in exact arithmetic: softmax
+# ignores a shift common to all keys. Both sides are rounding noise, measured against 1e-3 of the
+# model's gradient scale.
 # Every other tensor is measured against its own size (floor 1e-6, only to avoid 0/0).
 GRAD_FLOOR = 1e-6
 ZERO_GRAD_FLOOR = 1e-3
-ZERO_GRAD_SUFFIXES = ("attn.wk.bias",)
+ZERO_GRAD_SUFFIXES = ("attn.wk.bias", "k_norm.bias")
 
 
 def randomize_parameters_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
@@ -66,16 +67,29 @@ def randomize_parameters_(model: torch.nn.Module, seed: int, scale: float = 0.05
 def _inject(fault: str, plan):
     """Deliberate bugs that a parity check must catch; returns a function that undoes the fault."""
     if fault == "gather-reduce-scatter":
-        import torch.distributed.nn.functional as dnn
-
         from dchag.parallel import channel_parallel
 
         right = channel_parallel.gather_from_tp
 
-        def wrong_gather(x, group, dim):  # torch's autograd all-gather: reduce-scatter backward
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.cat(dnn.all_gather(x.contiguous(), group=group), dim=dim)
+        class GatherReduceScatter(torch.autograd.Function):
+            """What torch's autograd all-gathers do: all-gather forward, reduce-scatter backward."""
+
+            @staticmethod
+            def forward(ctx, x, group, dim):
+                ctx.group, ctx.dim, ctx.size = group, dim, x.shape[dim]
+                parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+                dist.all_gather(parts, x.contiguous(), group=group)
+                return torch.cat(parts, dim=dim)
+
+            @staticmethod
+            def backward(ctx, grad):
+                total = grad.contiguous().clone()
+                dist.all_reduce(total, group=ctx.group)  # reduce-scatter = all-reduce, keep own slice
+                rank = dist.get_rank(ctx.group)
+                return total.narrow(ctx.dim, rank * ctx.size, ctx.size), None, None
+
+        def wrong_gather(x, group, dim):
+            return GatherReduceScatter.apply(x, group, dim)
 
         channel_parallel.gather_from_tp = wrong_gather
         return lambda: setattr(channel_parallel, "gather_from_tp", right)
@@ -97,7 +111,7 @@ def run_parity(cfg, fault: str = "none", seed: int = 0) -> ParityReport:
     parallel_model = copy.deepcopy(reference)
 
     if cfg.train.batch_size % dims.dp:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the {dims.dp} data-parallel ranks")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the {dims.dp} data-parallel ranks")
     batch_size = cfg.train.batch_size // dims.dp  # per data-parallel rank
     source = build_source(cfg)
     global_indices = batch_indices(source.num_samples, cfg.train.batch_size, 0, cfg.data.seed)
@@ -146,3 +160,50 @@ def run_parity(cfg, fault: str = "none", seed: int = 0) -> ParityReport:
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     report.output_rel = float(worst)
     return report
+
+
+def _parity_worker(cfg, fault: str) -> ParityReport:
+    return run_parity(cfg, fault)
+
+
+def layout_for(cfg, nproc: int):
+    """The config with a parallel layout for `nproc` ranks: its own if it names one, else tp = nproc."""
+    import dataclasses
+
+    p = cfg.parallel
+    if p.tp * p.dp_shard * p.dp_replicate == 1 and nproc > 1:
+        p = dataclasses.replace(p, tp=nproc)
+    if p.tp * p.dp_shard * p.dp_replicate != nproc:
+        raise ConfigError(
+            f"--nproc {nproc} does not match parallel.dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x tp={p.tp}; "
+            "set them so that their product is the process count"
+        )
+    from dchag.config import validate
+
+    model = dataclasses.replace(cfg.model, drop_rate=0.0)  # parity is checked without dropout, in fp32
+    train = dataclasses.replace(cfg.train, bf16=False)
+    checked = dataclasses.replace(cfg, parallel=p, model=model, train=train)
+    validate(checked)
+    return checked
+
+
+def check_parity(cfg, nproc: int, tolerance: float = 1e-5, fault: str = "none") -> tuple[bool, str]:
+    """Run the parity check on `nproc` local processes; returns (passed, printable report)."""
+    from dchag.parallel.launch import spawn
+
+    cfg = layout_for(cfg, nproc)
+    report = spawn(_parity_worker, nproc, cfg, fault)[0]
+    p = cfg.parallel
+    lines = [
+        f"parity: {cfg.model.hierarchy.preset or 'custom'} hierarchy, mode {p.mode}, "
+        f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp}, task {cfg.train.task}"
+        + (f", injected fault: {fault}" if fault != "none" else ""),
+        f"  max relative difference (tolerance {tolerance:g}):",
+        f"    loss       {report.loss_rel:.3e}",
+        f"    outputs    {report.output_rel:.3e}",
+        f"    gradients  {max(report.grad_rel.values()):.3e}  (worst of {len(report.grad_rel)} parameters)",
+    ]
+    lines += [f"      {name:<56} {err:.3e}" for name, err in report.worst_grads(5)]
+    passed = report.worst <= tolerance
+    lines.append("PASS" if passed else f"FAIL: {report.worst:.3e} > {tolerance:g}")
+    return passed, "\n".join(lines)

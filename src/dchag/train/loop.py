@@ -44,6 +44,11 @@ def mask_noise_for_step(cfg: Config, step: int, global_batch: int, num_patches: 
     return torch.rand(global_batch, num_patches, generator=g)
 
 
+def seed_dropout(cfg: Config, dp_rank: int) -> None:
+    """Seed the global RNG (dropout) per data-parallel rank: TP peers draw the same masks, DP ranks differ."""
+    torch.manual_seed(cfg.train.seed + 7919 * (dp_rank + 1))
+
+
 def autocast(cfg: Config, device: torch.device):
     if not cfg.train.bf16:
         return contextlib.nullcontext()
@@ -110,7 +115,7 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
     plan = layout.plan
     source = build_source(cfg, channels=plan.input_channels if plan else None)
     local_batch = t.batch_size // layout.dp_size
-    torch.manual_seed(t.seed + 7919 * (layout.dp_rank + 1))  # dropout: equal on TP peers, distinct across DP
+    seed_dropout(cfg, layout.dp_rank)
     optimizer = build_optimizer(model, t)
     lat_weights = source.lat_weights().to(device) if t.task == "forecast" else None
     write = out is not None and layout.is_main

@@ -1,0 +1,171 @@
+"""Code that runs inside spawned gloo ranks for the distributed tests (importable by the children).
+
+Each function runs on every rank and returns plain data; tests launch them once per world size and
+assert on the results, so process start-up is paid a few times, not once per case.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.debug import CommDebugMode
+
+from dchag.config import load_config
+from dchag.model import build_model
+from dchag.parallel import ParallelDims, build_mesh, parallelize
+from dchag.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from dchag.parallel.parity import randomize_parameters_, run_parity
+from dchag.parallel.state import logical_state_dict
+from dchag.train.loop import mask_noise_for_step, seed_dropout
+
+BASE = [
+    "model.img_size=[16, 32]",
+    "model.patch_size=4",
+    "model.embed_dim=32",
+    "model.depth=1",
+    "model.num_heads=4",
+    "model.decoder_dim=16",
+    "model.decoder_depth=1",
+    "model.decoder_heads=2",
+    "train.batch_size=4",
+]
+SPLITS = {"even": ["data.channels=16", "model.hierarchy.groups=4"], "uneven": ["data.channels=11", "model.hierarchy.groups=5"]}
+KINDS = {"L": "model.hierarchy.preset=dchag-L", "C": "model.hierarchy.preset=dchag-C"}
+
+
+def config(*overrides):
+    return load_config(None, BASE + list(overrides))
+
+
+def parity_matrix(layouts: dict[str, list[str]], extra_cases: dict[str, tuple[list[str], str]] | None = None) -> dict:
+    """{case name: (worst relative difference, worst tensors)} for every kind x split x layout."""
+    cases = {}
+    for lname, layout in layouts.items():
+        for kind, kind_set in KINDS.items():
+            for split, split_set in SPLITS.items():
+                cases[f"{lname}/{kind}/{split}"] = ([kind_set, *split_set, *layout], "none")
+    cases.update(extra_cases or {})
+    out = {}
+    for name, (overrides, fault) in cases.items():
+        report = run_parity(config(*overrides), fault)
+        out[name] = (report.worst, report.worst_grads(3), report.output_rel)
+    return out
+
+
+def collectives_both_directions() -> dict:
+    """The three autograd collectives, checked directly on a 2-rank group."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.group.WORLD
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    gathered = gather_from_tp(x, group, dim=1)  # [2, 3 * world]
+    weight = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered)
+    (gathered * weight).sum().backward()
+    gather_ok = torch.equal(gathered.detach(), torch.cat([torch.full((2, 3), float(r + 1)) for r in range(world)], 1))
+    gather_grad_ok = torch.equal(x.grad, weight[:, rank * 3 : (rank + 1) * 3])  # own slice, not summed
+
+    y = torch.full((2,), float(rank + 1), requires_grad=True)
+    (copy_to_tp(y, group) * (rank + 1)).sum().backward()
+    copy_ok = torch.equal(y.grad, torch.full((2,), float(sum(r + 1 for r in range(world)))))
+
+    z = torch.full((2,), float(rank + 1), requires_grad=True)
+    reduced = reduce_from_tp(z, group)
+    reduced.sum().backward()
+    reduce_ok = torch.equal(reduced.detach(), torch.full((2,), float(sum(r + 1 for r in range(world))))) and torch.equal(z.grad, torch.ones(2))
+    return {"gather_forward": gather_ok, "gather_backward_own_slice": gather_grad_ok, "copy_backward_sums": copy_ok, "reduce_forward_sums": reduce_ok}
+
+
+def _parallel_copy(cfg, seed=0):
+    mesh = build_mesh(ParallelDims.from_config(cfg.parallel))
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    randomize_parameters_(model, seed + 1)
+    reference = copy.deepcopy(model)
+    plan = parallelize(model, cfg, mesh)
+    return reference, plan
+
+
+def front_end_communication(*overrides) -> dict:
+    """Collectives the D-CHAG part of the front end issues, forward and backward (CommDebugMode)."""
+    cfg = config(*overrides)
+    _, plan = _parallel_copy(cfg)
+    c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
+    x = torch.randn(2, len(cfg.channels), 16, 32)[:, c0:c1]
+    with CommDebugMode() as forward:
+        tokens = plan.model.front_end.distributed_part(x)
+    with CommDebugMode() as backward:
+        tokens.square().sum().backward()
+    with CommDebugMode() as whole:
+        plan.model.front_end(x)
+    name = lambda counts: {str(k).split(".")[-1]: v for k, v in counts.items()}  # noqa: E731
+    return {"forward": name(forward.get_comm_counts()), "backward": name(backward.get_comm_counts()), "whole_forward": name(whole.get_comm_counts())}
+
+
+def front_end_parameter_share(*overrides) -> dict:
+    """Tokenizer + level-1 parameters on this rank vs the single-device model."""
+    cfg = config(*overrides)
+    reference, plan = _parallel_copy(cfg)
+    single = sum(p.numel() for p in reference.front_end.tokenizer.parameters()) + sum(
+        p.numel() for p in reference.front_end.hierarchy.levels[0].parameters()
+    )
+    fe = plan.model.front_end
+    local = sum(p.numel() for p in fe.tokenizer.parameters()) + sum(p.numel() for p in fe.local_levels[0].parameters())
+    return {"single": single, "local": local, "tp": plan.tp}
+
+
+def random_state_consistency(*overrides) -> dict:
+    """Dropout outputs and MAE masks on a (dp_shard=2, tp=2) mesh, same input on every rank."""
+    cfg = config(*overrides)
+    _, plan = _parallel_copy(cfg)
+    model = plan.model.train()
+    c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
+    x = torch.randn(2, len(cfg.channels), 16, 32, generator=torch.Generator().manual_seed(5))[:, c0:c1]
+    seed_dropout(cfg, plan.dp_rank)
+    rows = slice(plan.dp_rank * 2, plan.dp_rank * 2 + 2)
+    noise = mask_noise_for_step(cfg, 3, 4, model.num_patches)[rows]
+    out = model(x, mask_noise=noise)
+    return {"tp_rank": plan.tp_rank, "dp_rank": plan.dp_rank, "pred": out.pred.detach(), "mask": out.mask}
+
+
+def layout_round_trip() -> dict:
+    """Weights changed under (dp_shard=2, tp=2) are saved in the logical layout and load at tp=4 and tp=1."""
+    split = ["model.hierarchy.preset=dchag-C", *SPLITS["uneven"]]
+    cfg = config(*split, "parallel.tp=2", "parallel.dp_shard=2")
+    _, plan = _parallel_copy(cfg)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a stand-in for training: every local shard changes differently
+        for p in plan.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.add_(0.02 * torch.randn(local.shape, generator=g))
+    # replicated parameters must stay equal on TP peers: take rank-0-of-TP's values everywhere
+    # (what an optimizer step on equal gradients would give)
+    for name, p in plan.model.named_parameters():
+        spec = plan.specs.get(name)
+        if spec is None or spec.dim is None:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            dist.broadcast(local.data, src=dist.get_global_rank(plan.tp_group, 0), group=plan.tp_group)
+    weights = logical_state_dict(plan)
+    x = torch.randn(2, 11, 16, 32, generator=torch.Generator().manual_seed(0))
+    lead = torch.tensor([6.0, 12.0])
+    c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
+    trained = plan.model.eval()(x[:, c0:c1], lead).pred  # the dp ranks hold the same 2 samples here
+
+    single = build_model(cfg).eval()
+    keys = single.load_state_dict(weights, strict=True)
+    expected = single(x, lead).pred
+
+    tp4 = config(*split, "parallel.tp=4")
+    model4 = build_model(tp4)
+    model4.load_state_dict(weights)
+    plan4 = parallelize(model4, tp4, build_mesh(ParallelDims.from_config(tp4.parallel)))
+    c0, c1 = plan4.placement.channel_ranges[plan4.tp_rank]
+    got4 = plan4.model.eval()(x[:, c0:c1], lead).pred
+    resaved = logical_state_dict(plan4)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    return {
+        "strict_load": not keys.missing_keys and not keys.unexpected_keys,
+        "tp1_vs_tp2": rel(expected, trained),
+        "tp4_vs_tp2": rel(got4, trained),
+        "resave_exact": all(torch.equal(resaved[k], weights[k]) for k in weights),
+    }
