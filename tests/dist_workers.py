@@ -39,17 +39,20 @@ def config(*overrides):
     return load_config(None, BASE + list(overrides))
 
 
-def parity_matrix(layouts: dict[str, list[str]], extra_cases: dict[str, tuple[list[str], str]] | None = None) -> dict:
-    """{case name: (worst relative difference, worst tensors)} for every kind x split x layout."""
+def parity_matrix(layouts: dict[str, list[str]], extra_cases: dict[str, tuple] | None = None) -> dict:
+    """{case name: (worst relative difference, worst tensors, output difference)} for every kind x
+    split x layout, plus `extra_cases` {name: (overrides, fault[, reference_materializing])}."""
     cases = {}
     for lname, layout in layouts.items():
         for kind, kind_set in KINDS.items():
             for split, split_set in SPLITS.items():
                 cases[f"{lname}/{kind}/{split}"] = ([kind_set, *split_set, *layout], "none")
+                # the same against the materializing single-device reference (distributed side fused)
+                cases[f"{lname}/{kind}/{split}/fused-vs-materializing"] = ([kind_set, *split_set, *layout], "none", True)
     cases.update(extra_cases or {})
     out = {}
-    for name, (overrides, fault) in cases.items():
-        report = run_parity(config(*overrides), fault)
+    for name, (overrides, fault, *materializing) in cases.items():
+        report = run_parity(config(*overrides), fault, reference_materializing=bool(materializing and materializing[0]))
         out[name] = (report.worst, report.worst_grads(3), report.output_rel)
     return out
 

@@ -21,6 +21,8 @@ EXTRA_4 = {
     "naive/flat/tp4": (["model.hierarchy.preset=flat", "data.channels=10", "parallel.mode=naive", "parallel.tp=4"], "none"),
     "replicated/flat/mae/tp4": (["model.hierarchy.preset=flat", "data.channels=10", "parallel.mode=replicated", "train.task=mae", "parallel.tp=4"], "none"),
     "hsdp/mae/dp_replicate2-tp2": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "train.task=mae", "parallel.tp=2", "parallel.dp_replicate=2"], "none"),
+    "materializing-front-end/tp4": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "model.fused_front_end=false", "parallel.tp=4"], "none"),
+    "materializing-front-end/fsdp2x2": (["model.hierarchy.preset=dchag-L", *W.SPLITS["uneven"], "model.fused_front_end=false", "parallel.tp=2", "parallel.dp_shard=2"], "none"),
     "qk_norm/tp4": (["model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "model.hierarchy.qk_norm=true", "parallel.tp=4"], "none"),
     "vocabulary/tp2-dp2": (["model.hierarchy.preset=dchag-C", "data.channels=[t2m, u10, v10, z_500, t_850]", "model.vocabulary=[q_850, t2m, u10, v10, z_500, t_850, z_50]", "model.hierarchy.groups=2", "parallel.tp=2", "parallel.dp_shard=2"], "none"),
 }
@@ -71,7 +73,7 @@ def test_tp1_matches_single_device_for_both_kinds_and_splits(one):
 
 
 def test_tp2_matches_single_device_for_both_kinds_and_splits(two):
-    assert len(two[0]["parity"]) == 4
+    assert len(two[0]["parity"]) == 8
     assert_parity(two[0]["parity"], "tp2/")
 
 
@@ -87,6 +89,15 @@ def test_fsdp2_on_a_2x2_mesh_matches_single_device(four):
 def test_other_hierarchies_modes_and_meshes_match_single_device(four, case):
     worst, tensors, _ = four[0]["parity"][case]
     assert worst <= TOL, tensors
+
+
+@pytest.mark.parametrize("world", ["two", "four"])
+def test_fused_distributed_front_end_equals_the_materializing_reference(world, request):
+    results = request.getfixturevalue(world)[0]["parity"]
+    fused_cases = {k: v for k, v in results.items() if k.endswith("/fused-vs-materializing")}
+    assert len(fused_cases) == (4 if world == "two" else 8)
+    bad = {k: v for k, v in fused_cases.items() if v[0] > TOL}
+    assert not bad, bad
 
 
 def test_gather_with_reduce_scatter_backward_is_caught(four):

@@ -12,6 +12,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from dchag.model.fused import fused_cross_attention_pool, fused_linear_pool
+
 
 class CrossAttentionPool(nn.Module):
     """Multi-head cross-attention from k learned queries per group to the group's channel tokens.
@@ -46,6 +48,15 @@ class CrossAttentionPool(nn.Module):
     @property
     def heads(self) -> int:
         return self.wq.shape[1] // self.head_dim
+
+    @property
+    def fused_unsupported(self) -> str | None:
+        """Why the fused path cannot compute this module exactly, or None when it can."""
+        return "a norm on keys makes keys non-linear in the pixels" if self.k_norm is not None else None
+
+    def forward_fused(self, patches, weight, shift, valid=None) -> torch.Tensor:
+        """Same result as forward(tokenize(patches)) without the tokens; see `dchag.model.fused`."""
+        return fused_cross_attention_pool(self, patches, weight, shift, valid)
 
     def project_query(self) -> torch.Tensor:
         """[G, k, H, e]: the (learned, input-independent) queries, projected and split into heads."""
@@ -95,6 +106,12 @@ class LinearPool(nn.Module):
     def effective_weight(self, valid: torch.Tensor | None) -> torch.Tensor:
         """[G, k, n] with padding slots forced to zero."""
         return self.weight if valid is None else self.weight * valid[:, None, :]
+
+    fused_unsupported = None
+
+    def forward_fused(self, patches, weight, shift, valid=None) -> torch.Tensor:
+        """Same result as forward(tokenize(patches)) without the tokens; see `dchag.model.fused`."""
+        return fused_linear_pool(self, patches, weight, shift, valid)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.einsum("bgnld,gkn->bgkld", tokens, self.effective_weight(valid))

@@ -5,12 +5,32 @@ This is the part of the model that grows with the channel count and that D-CHAG 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from dchag.config import LevelConfig
 from dchag.model.hierarchy import ChannelHierarchy
-from dchag.model.tokenizer import ChannelTokenizer
+from dchag.model.tokenizer import ChannelTokenizer, patchify
+
+log = logging.getLogger("dchag")
+
+
+def tokenize_and_aggregate(tokenizer: ChannelTokenizer, level, x: torch.Tensor, index: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Tokenizer + first hierarchy level, [B, C, H, W] -> [B, G*k, L, D]; fused when `fused` is True."""
+    if fused:
+        weight, shift = tokenizer.channel_params(index)  # [C, D, K], [C, D]
+        return level.forward_fused(patchify(x, tokenizer.patch), weight, shift)
+    return level(tokenizer(x, index))  # via tokens [B, C, L, D]
+
+
+def fused_allowed(wanted: bool, level) -> bool:
+    """Whether to fuse this first level, logging why not when the config asked for it."""
+    reason = level.aggregator.fused_unsupported
+    if wanted and reason:
+        log.info("fused front end off: %s; using the reference path", reason)
+    return wanted and reason is None
 
 
 class FrontEnd(nn.Module):
@@ -23,14 +43,16 @@ class FrontEnd(nn.Module):
         levels: list[LevelConfig],
         heads: int,
         qk_norm: bool = False,
+        fused: bool = True,
     ):
         super().__init__()
         self.tokenizer = ChannelTokenizer(vocab_size, dim, patch)
         self.hierarchy = ChannelHierarchy(levels, len(channel_index), dim, heads, qk_norm)
         # vocabulary rows of the channels this model receives, in input order
         self.register_buffer("channel_index", torch.tensor(channel_index, dtype=torch.long), persistent=False)
+        self.fused = fused_allowed(fused, self.hierarchy.levels[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] -> [B, L, D]."""
-        tokens = self.tokenizer(x, self.channel_index)  # [B, C, L, D]
-        return self.hierarchy(tokens)
+        first = tokenize_and_aggregate(self.tokenizer, self.hierarchy.levels[0], x, self.channel_index, self.fused)
+        return self.hierarchy(first, start_level=1)  # [B, G*k, L, D] -> [B, L, D]

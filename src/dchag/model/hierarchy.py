@@ -72,6 +72,14 @@ class HierarchyLevel(nn.Module):
         pad = tokens.new_zeros(tokens.shape[0], 1, *tokens.shape[2:])
         return torch.cat([tokens, pad], dim=1)[:, self.index]
 
+    def forward_fused(self, patches: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """First level straight from pixels: patches [B, C, L, K], per-channel tokenizer weight [C, D, K]
+        and shift [C, D] -> [B, G*k, L, D], equal to forward(tokens) without building the tokens."""
+        grouped_w = self.group(weight[None])[0]  # [G, n, D, K]
+        grouped_s = self.group(shift[None, :, None, :])[0, :, :, 0]  # [G, n, D]
+        out = self.aggregator.forward_fused(self.group(patches), grouped_w, grouped_s, self.valid)  # [B, G, k, L, D]
+        return rearrange(out, "b g k l d -> b (g k) l d")
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, M, L, D] -> [B, G*k, L, D]."""
         out = self.aggregator(self.group(tokens), self.valid)  # [B, G, k, L, D]

@@ -43,12 +43,13 @@ class ChannelViT(nn.Module):
         decoder_depth: int,
         decoder_heads: int,
         mask_ratio: float,
+        fused_front_end: bool = True,
     ):
         super().__init__()
         self.task, self.mask_ratio = task, mask_ratio
         grid = (img_size[0] // patch, img_size[1] // patch)
         self.num_patches = grid[0] * grid[1]
-        self.front_end = FrontEnd(channel_index, vocab_size, dim, patch, levels, agg_heads, qk_norm)
+        self.front_end = FrontEnd(channel_index, vocab_size, dim, patch, levels, agg_heads, qk_norm, fused_front_end)
         self.pos_embed = nn.Parameter(sincos_2d(dim, *grid)[None])  # [1, L, D], learnable
         self.lead_embed = nn.Linear(1, dim) if task == "forecast" else None
         self.drop = nn.Dropout(drop_rate)
@@ -107,4 +108,5 @@ def build_model(cfg) -> ChannelViT:
         decoder_depth=m.decoder_depth,
         decoder_heads=m.decoder_heads,
         mask_ratio=cfg.train.mask_ratio,
+        fused_front_end=m.fused_front_end,
     )

@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from dchag.config import ConfigError, split_sizes
-from dchag.model.front_end import FrontEnd
+from dchag.model.front_end import FrontEnd, tokenize_and_aggregate
 from dchag.model.hierarchy import HierarchyLevel
 from dchag.model.tokenizer import ChannelTokenizer
 from dchag.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
@@ -149,6 +149,7 @@ class ParallelFrontEnd(nn.Module):
     def __init__(self, front_end: FrontEnd, placement: ChannelPlacement, rank: int, tp: int, group):
         super().__init__()
         self.group, self.tp, self.rank = group, tp, rank
+        self.fused = front_end.fused
         self.specs: dict[str, ShardSpec] = {}
         prefix = "front_end."
         c0, c1 = placement.channel_ranges[rank]
@@ -228,9 +229,12 @@ class ParallelFrontEnd(nn.Module):
 
         This is D-CHAG proper: one all-gather forward, no communication backward.
         """
-        tokens = self.tokenizer(x, self.channel_index)  # [B, C_r, L, D]
-        for level in self.local_levels:
-            tokens = level(tokens)  # [B, n_r, L, D]
+        if self.local_levels:  # tokenizer + level 1, fused unless configured off
+            tokens = tokenize_and_aggregate(self.tokenizer, self.local_levels[0], x, self.channel_index, self.fused)
+            for level in self.local_levels[1:]:
+                tokens = level(tokens)  # [B, n_r, L, D]
+        else:
+            tokens = self.tokenizer(x, self.channel_index)  # [B, C_r, L, D]
         if self.gathered_counts:
             tokens = self._gather(tokens)  # [B, M, L, D]
         return tokens

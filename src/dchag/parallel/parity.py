@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from dchag.compare import grad_errors, rel_err
 from dchag.config import ConfigError
 from dchag.data import batch_indices, build_source
 from dchag.model import build_model
@@ -38,22 +39,6 @@ class ParityReport:
 
     def worst_grads(self, n: int = 5) -> list[tuple[str, float]]:
         return sorted(self.grad_rel.items(), key=lambda kv: -kv[1])[:n]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
-    """max |a - b| / max |b|; `floor` bounds the denominator from below."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
-
-
-# Denominator floors, as fractions of the largest gradient in the model. Key biases (the self-attention
-# key bias, the bias of a LayerNorm on keys) have gradients that are zero in exact arithmetic: softmax
-# ignores a shift common to all keys. Both sides are rounding noise, measured against 1e-3 of the
-# model's gradient scale.
-# Every other tensor is measured against its own size (floor 1e-6, only to avoid 0/0).
-GRAD_FLOOR = 1e-6
-ZERO_GRAD_FLOOR = 1e-3
-ZERO_GRAD_SUFFIXES = ("attn.wk.bias", "k_norm.bias")
 
 
 def randomize_parameters_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
@@ -99,8 +84,13 @@ def _inject(fault: str, plan):
                 p.grad.mul_(plan.tp)
 
 
-def run_parity(cfg, fault: str = "none", seed: int = 0) -> ParityReport:
-    """Run on every rank of an initialized process group; returns the same report on every rank."""
+def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing: bool = False) -> ParityReport:
+    """Run on every rank of an initialized process group; returns the same report on every rank.
+
+    `reference_materializing`: the single-device reference uses the materializing front end
+    (model.fused_front_end=false) whatever the config says, so a fused distributed model is compared
+    with the plain reference implementation.
+    """
     dims = ParallelDims.from_config(cfg.parallel)
     mesh = build_mesh(dims)
     device = mesh.device_type
@@ -109,6 +99,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0) -> ParityReport:
     randomize_parameters_(reference, seed + 1)
     reference.to(device)
     parallel_model = copy.deepcopy(reference)
+    if reference_materializing:
+        reference.front_end.fused = False
 
     if cfg.train.batch_size % dims.dp:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the {dims.dp} data-parallel ranks")
@@ -124,7 +116,6 @@ def run_parity(cfg, fault: str = "none", seed: int = 0) -> ParityReport:
     ref_loss, ref_out = compute_loss(reference, batch, cfg, lat_weights=lat_weights, mask_noise=noise)
     ref_loss.backward()
     ref_grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in reference.named_parameters()}
-    scale = max(float(g.abs().max()) for g in ref_grads.values())
 
     plan = parallelize(parallel_model, cfg, mesh)
     restore = _inject(fault, plan) if fault == "gather-reduce-scatter" else None
@@ -150,10 +141,7 @@ def run_parity(cfg, fault: str = "none", seed: int = 0) -> ParityReport:
     report = ParityReport(
         loss_rel=rel_err(mean_loss, ref_loss),
         output_rel=rel_err(out.pred, ref_out.pred[rows]),
-        grad_rel={
-            name: rel_err(grads[name], g, scale * (ZERO_GRAD_FLOOR if name.endswith(ZERO_GRAD_SUFFIXES) else GRAD_FLOOR))
-            for name, g in ref_grads.items()
-        },
+        grad_rel=grad_errors(grads, ref_grads),
     )
     # the worst case over ranks, so every rank returns the same verdict
     worst = torch.tensor([report.output_rel])
