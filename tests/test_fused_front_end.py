@@ -7,7 +7,7 @@ from conftest import randomize_, small_config
 from dchag.compare import grad_errors
 from dchag.model import build_model
 from dchag.model.hierarchy import HierarchyLevel
-from dchag.model.tokenizer import ChannelTokenizer, patchify
+from dchag.model.tokenizer import ChannelTokenizer
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -29,7 +29,7 @@ def both_paths(kind, sizes, tokens, dim, heads, patch, seed=0):
             p.grad = None
         if fused:
             weight, shift = tok.channel_params(index)
-            out = level.forward_fused(patchify(x, patch), weight, shift)
+            out = level.forward_fused(x, weight, shift)
         else:
             out = level(tok(x, index))
         cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
@@ -113,6 +113,6 @@ def test_fused_path_never_builds_channel_tokens():
         x = torch.randn(b, c, 32, 32, requires_grad=True)
         with LargestTensor() as mode:
             weight, shift = tok.channel_params(torch.arange(c))
-            level.forward_fused(patchify(x, patch), weight, shift).sum().backward()
+            level.forward_fused(x, weight, shift).sum().backward()
         token_numel = b * c * (32 // patch) ** 2 * d
         assert mode.largest <= token_numel / 4, (kind, mode.largest, token_numel)

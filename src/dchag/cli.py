@@ -1,4 +1,4 @@
-"""`dchag` command line: train | info | check-parity."""
+"""`dchag` command line: train | info | bench | check-parity."""
 
 from __future__ import annotations
 
@@ -41,6 +41,39 @@ def cmd_check_parity(args) -> int:
     return 0 if passed else 1
 
 
+def cmd_bench(args) -> int:
+    import datetime
+    import os
+    import platform
+
+    import torch
+
+    from dchag.bench.report import fused_table, write_json
+    from dchag.bench.sweeps import SWEEPS, sweep_size
+
+    if args.sweep not in SWEEPS:
+        raise ConfigError(f"--sweep {args.sweep!r} is unknown; use one of {sorted(SWEEPS)}")
+    size = sweep_size(args.sweep, args.set)
+    records = SWEEPS[args.sweep][1](size)
+    meta = {
+        "sweep": args.sweep,
+        "size": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(size).items()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+        "threads": torch.get_num_threads(),
+    }
+    write_json(records, args.json, meta)
+    table = fused_table(records)
+    print(table)
+    if args.table:
+        from pathlib import Path
+
+        Path(args.table).write_text(table + "\n")
+    print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dchag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("bench", help="run a benchmark sweep: JSON records and a table of ratios")
+    p.add_argument("--sweep", required=True, help="fused-cpu")
+    p.add_argument("--json", required=True, help="output JSON file")
+    p.add_argument("--table", help="also write the Markdown table here")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="sweep size, e.g. channels=128 repeats=5")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser(
         "check-parity",
         help="one step single-device vs distributed with the same weights and batch; non-zero exit above tolerance",

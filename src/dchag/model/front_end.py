@@ -12,16 +12,18 @@ from torch import nn
 
 from dchag.config import LevelConfig
 from dchag.model.hierarchy import ChannelHierarchy
-from dchag.model.tokenizer import ChannelTokenizer, patchify
+from dchag.model.tokenizer import ChannelTokenizer
 
 log = logging.getLogger("dchag")
 
 
-def tokenize_and_aggregate(tokenizer: ChannelTokenizer, level, x: torch.Tensor, index: torch.Tensor, fused: bool) -> torch.Tensor:
-    """Tokenizer + first hierarchy level, [B, C, H, W] -> [B, G*k, L, D]; fused when `fused` is True."""
+def tokenize_and_aggregate(tokenizer: ChannelTokenizer, level, x: torch.Tensor, index: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    """Tokenizer + first hierarchy level, [B, C, H, W] -> [B, G*k, L, D]; fused when `fused` is True.
+
+    `index`: the vocabulary rows of x's channels, or None when x holds every row in order."""
     if fused:
-        weight, shift = tokenizer.channel_params(index)  # [C, D, K], [C, D]
-        return level.forward_fused(patchify(x, tokenizer.patch), weight, shift)
+        weight, shift = tokenizer.channel_params(index)  # [C, D, p, p], [C, D]
+        return level.forward_fused(x, weight, shift)
     return level(tokenizer(x, index))  # via tokens [B, C, L, D]
 
 
@@ -51,8 +53,11 @@ class FrontEnd(nn.Module):
         # vocabulary rows of the channels this model receives, in input order
         self.register_buffer("channel_index", torch.tensor(channel_index, dtype=torch.long), persistent=False)
         self.fused = fused_allowed(fused, self.hierarchy.levels[0])
+        # the channels are the whole vocabulary in order: use the weights without an indexed copy
+        self.index_is_identity = channel_index == list(range(vocab_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W] -> [B, L, D]."""
-        first = tokenize_and_aggregate(self.tokenizer, self.hierarchy.levels[0], x, self.channel_index, self.fused)
+        index = None if self.index_is_identity else self.channel_index
+        first = tokenize_and_aggregate(self.tokenizer, self.hierarchy.levels[0], x, index, self.fused)
         return self.hierarchy(first, start_level=1)  # [B, G*k, L, D] -> [B, L, D]

@@ -72,12 +72,19 @@ class HierarchyLevel(nn.Module):
         pad = tokens.new_zeros(tokens.shape[0], 1, *tokens.shape[2:])
         return torch.cat([tokens, pad], dim=1)[:, self.index]
 
-    def forward_fused(self, patches: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """First level straight from pixels: patches [B, C, L, K], per-channel tokenizer weight [C, D, K]
-        and shift [C, D] -> [B, G*k, L, D], equal to forward(tokens) without building the tokens."""
-        grouped_w = self.group(weight[None])[0]  # [G, n, D, K]
-        grouped_s = self.group(shift[None, :, None, :])[0, :, :, 0]  # [G, n, D]
-        out = self.aggregator.forward_fused(self.group(patches), grouped_w, grouped_s, self.valid)  # [B, G, k, L, D]
+    def pad_channels(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Channels along `dim` in group order, uneven groups zero-padded: C -> G*n (no copy when even)."""
+        if self.valid is None:
+            return t
+        pad = t.new_zeros(*t.shape[:dim], 1, *t.shape[dim + 1 :])
+        return torch.cat([t, pad], dim=dim).index_select(dim, self.index.flatten())
+
+    def forward_fused(self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """First level straight from pixels: image x [B, C, H, W], per-channel tokenizer weight
+        [C, D, p, p] and shift [C, D] -> [B, G*k, L, D], equal to forward(tokens) without the tokens."""
+        out = self.aggregator.forward_fused(
+            self.pad_channels(x, 1), self.pad_channels(weight, 0), self.pad_channels(shift, 0), self.valid
+        )  # [B, G, k, L, D]
         return rearrange(out, "b g k l d -> b (g k) l d")
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -35,15 +35,16 @@ class ChannelTokenizer(nn.Module):
         with torch.no_grad():
             self.channel_embed.copy_(sincos_1d(self.weight.shape[1], torch.arange(self.weight.shape[0])))
 
-    def channel_params(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight [C, D, p*p] and the per-channel additive term bias + embedding [C, D] of `index`."""
-        weight = rearrange(self.weight[index], "c d p1 p2 -> c d (p1 p2)")
-        shift = self.bias[index] + self.channel_embed[index]
-        return weight, shift
+    def channel_params(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight [C, D, p, p] and the per-channel additive term bias + embedding [C, D] of the
+        vocabulary rows `index` (None: every row, in order, without copying the weight)."""
+        if index is None:
+            return self.weight, self.bias + self.channel_embed
+        return self.weight[index], self.bias[index] + self.channel_embed[index]
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W], index [C] -> tokens [B, C, L, D]."""
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """x [B, C, H, W], index [C] (or None for all rows) -> tokens [B, C, L, D]."""
         weight, shift = self.channel_params(index)
         patches = patchify(x, self.patch)  # [B, C, L, p*p]
-        tokens = torch.einsum("bclk,cdk->bcld", patches, weight)  # [B, C, L, D]
+        tokens = torch.einsum("bclk,cdk->bcld", patches, rearrange(weight, "c d p1 p2 -> c d (p1 p2)"))  # [B, C, L, D]
         return tokens + shift[None, :, None, :]

@@ -156,7 +156,6 @@ class ParallelFrontEnd(nn.Module):
         vocab_rows = front_end.channel_index[c0:c1].clone()
         tok = front_end.tokenizer
         self.tokenizer = self._tokenizer_rows(tok, vocab_rows, "tokenizer", prefix, disjoint=placement.mode != "replicated")
-        self.register_buffer("channel_index", torch.arange(c1 - c0), persistent=False)
         # vocabulary rows no input channel uses still belong to the model: TP rank 0 keeps them
         unused = sorted(set(range(tok.weight.shape[0])) - set(front_end.channel_index.tolist()))
         self.spare = self._tokenizer_rows(tok, torch.tensor(unused, dtype=torch.long), "spare", prefix) if unused and rank == 0 else None
@@ -230,11 +229,11 @@ class ParallelFrontEnd(nn.Module):
         This is D-CHAG proper: one all-gather forward, no communication backward.
         """
         if self.local_levels:  # tokenizer + level 1, fused unless configured off
-            tokens = tokenize_and_aggregate(self.tokenizer, self.local_levels[0], x, self.channel_index, self.fused)
+            tokens = tokenize_and_aggregate(self.tokenizer, self.local_levels[0], x, None, self.fused)
             for level in self.local_levels[1:]:
                 tokens = level(tokens)  # [B, n_r, L, D]
         else:
-            tokens = self.tokenizer(x, self.channel_index)  # [B, C_r, L, D]
+            tokens = self.tokenizer(x, None)  # [B, C_r, L, D]: the local tokenizer holds exactly x's channels
         if self.gathered_counts:
             tokens = self._gather(tokens)  # [B, M, L, D]
         return tokens

@@ -1,0 +1,89 @@
+"""Measurement helpers: exact tensor memory, FLOPs, saved activations, and robust timing.
+
+Memory comes from torch's MemTracker (a private API: this file is the only place that touches it), which
+counts every tensor the tracked modules and the measured function create, on CPU as on GPU.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+aten = torch.ops.aten
+
+
+def _grouped_conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                                 _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """convolution_backward FLOPs that respect groups: each requested gradient costs what the forward
+    costs. (torch's formula counts the weight gradient of a grouped convolution `groups` times over,
+    which would inflate the fused front end's per-channel convolutions by up to C.)"""
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def peak_tensor_memory(fn: Callable[[], object], *tracked) -> int:
+    """Peak bytes of all live tensors while `fn()` runs (parameters, gradients, activations, temporaries).
+
+    `tracked`: modules, optimizers or tensors created before `fn` that count too (e.g. the model and
+    its input).
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(*tracked)
+    with tracker:
+        fn()
+    peaks = tracker.get_tracker_snapshot("peak")
+    return int(max(device_stats["Total"] for device_stats in peaks.values()))
+
+
+def tensor_bytes(*groups) -> int:
+    """Bytes of the given tensors (iterables of tensors, e.g. parameters() and a list of inputs)."""
+    return sum(t.numel() * t.element_size() for group in groups for t in group)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of `fn()` (forward and any backward it runs), from FlopCounterMode with a group-aware
+    convolution backward."""
+    counter = FlopCounterMode(display=False, custom_mapping={aten.convolution_backward: _grouped_conv_backward_flops})
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def saved_activation_bytes(fn: Callable[[], object]) -> int:
+    """Bytes autograd saves for backward while `fn()` runs its forward (works on the meta device).
+
+    Parameters saved by reference are not activations and are not counted.
+    """
+    total = 0
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        if not isinstance(t, torch.nn.Parameter) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each function, run alternately (a, b, a, b, ...) so machine noise hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}

@@ -1,0 +1,50 @@
+"""`dchag bench` writes comparable records and a ratio table; the measurement helpers measure."""
+
+import json
+
+import torch
+
+from dchag.bench.measure import count_flops, peak_tensor_memory, saved_activation_bytes
+from dchag.cli import main
+
+REQUIRED = {"variant", "fused", "channels", "tp", "front_end_peak_mem_bytes", "front_end_flops", "peak_mem_bytes", "step_time_s"}
+
+
+def test_fused_cpu_sweep_writes_records_for_every_variant_and_a_ratio_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--sweep", "fused-cpu", "--json", str(out), "--set", "channels=24", "embed_dim=32", "heads=4",
+               "img_size=[16, 16]", "depth=1", "repeats=1", "warmup=0", "paper_scale=false"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    records = data["records"]
+    assert {(r["variant"], r["fused"]) for r in records} == {(v, f) for v in ("flat", "dchag-L", "dchag-C") for f in (False, True)}
+    for r in records:
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["front_end_peak_mem_bytes"] > 0 and r["front_end_flops"] > 0 and r["step_time_s"] > 0
+    assert data["meta"]["size"]["channels"] == 24 and "torch" in data["meta"]
+    table = capsys.readouterr().out
+    assert "reference / fused" in table and "front-end peak memory" in table
+
+
+def test_unknown_bench_setting_is_named(capsys):
+    assert main(["bench", "--sweep", "fused-cpu", "--json", "/dev/null", "--set", "chanels=8"]) == 2
+    assert "chanels" in capsys.readouterr().err
+
+
+def test_memory_flops_and_saved_activations_are_exact_for_a_matmul():
+    a = torch.randn(64, 32, requires_grad=True)
+    b = torch.randn(32, 16)
+    assert count_flops(lambda: a @ b) == 2 * 64 * 32 * 16
+    assert saved_activation_bytes(lambda: a @ b) == 32 * 16 * 4  # mm saves the other operand for a's grad
+    peak = peak_tensor_memory(lambda: (a @ b).sum().backward(), a, b)
+    assert peak >= (64 * 32 + 32 * 16 + 64 * 16) * 4
+
+
+def test_grouped_convolution_backward_flops_equal_two_forwards():
+    """One filter per channel (groups = C): the weight gradient costs what the forward costs."""
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    w = torch.randn(8, 1, 4, 4, requires_grad=True)
+    forward = count_flops(lambda: torch.nn.functional.conv2d(x, w, stride=4, groups=8))
+    assert forward == 2 * 2 * 8 * 16 * 16  # 2 FLOPs per input pixel: every pixel meets one filter tap
+    total = count_flops(lambda: torch.nn.functional.conv2d(x, w, stride=4, groups=8).sum().backward())
+    assert total == 3 * forward
