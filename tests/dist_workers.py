@@ -172,3 +172,21 @@ def layout_round_trip() -> dict:
         "tp4_vs_tp2": rel(got4, trained),
         "resave_exact": all(torch.equal(resaved[k], weights[k]) for k in weights),
     }
+
+
+def bf16_parameters_step(*overrides) -> dict:
+    """One forward/backward with FSDP2 bf16 parameters against the fp32 single-device loss."""
+    cfg = config(*overrides, "parallel.bf16_params=true")
+    reference, plan = _parallel_copy(cfg)
+    x = torch.randn(4, len(cfg.channels), 16, 32, generator=torch.Generator().manual_seed(1))
+    lead = torch.tensor([6.0, 12.0, 18.0, 24.0])
+    expected = reference(x, lead).pred.float().square().mean()
+    rows = slice(plan.dp_rank * 2, plan.dp_rank * 2 + 2)
+    c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
+    loss = plan.model(x[rows, c0:c1], lead[rows]).pred.float().square().mean()
+    (loss / plan.dp_size).backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    mean = mean / dist.get_world_size()
+    finite = all(bool(torch.isfinite(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).all()) for p in plan.model.parameters() if p.grad is not None)
+    return {"loss_rel": float((mean - expected).abs() / expected.abs()), "finite": finite}

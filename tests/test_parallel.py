@@ -23,6 +23,7 @@ EXTRA_4 = {
     "hsdp/mae/dp_replicate2-tp2": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "train.task=mae", "parallel.tp=2", "parallel.dp_replicate=2"], "none"),
     "materializing-front-end/tp4": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "model.fused_front_end=false", "parallel.tp=4"], "none"),
     "materializing-front-end/fsdp2x2": (["model.hierarchy.preset=dchag-L", *W.SPLITS["uneven"], "model.fused_front_end=false", "parallel.tp=2", "parallel.dp_shard=2"], "none"),
+    "activation-checkpointing/fsdp2x2": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.activation_checkpointing=true", "parallel.tp=2", "parallel.dp_shard=2"], "none"),
     "qk_norm/tp4": (["model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "model.hierarchy.qk_norm=true", "parallel.tp=4"], "none"),
     "vocabulary/tp2-dp2": (["model.hierarchy.preset=dchag-C", "data.channels=[t2m, u10, v10, z_500, t_850]", "model.vocabulary=[q_850, t2m, u10, v10, z_500, t_850, z_50]", "model.hierarchy.groups=2", "parallel.tp=2", "parallel.dp_shard=2"], "none"),
 }
@@ -35,6 +36,7 @@ def _four_rank_suite():
         "share": W.front_end_parameter_share("model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "parallel.tp=4"),
         "rng": W.random_state_consistency("model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "model.drop_rate=0.5", "train.task=mae", "parallel.tp=2", "parallel.dp_shard=2"),
         "round_trip": W.layout_round_trip(),
+        "bf16": W.bf16_parameters_step("model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "parallel.tp=2", "parallel.dp_shard=2"),
     }
 
 
@@ -147,3 +149,11 @@ def test_weights_saved_at_tp2_load_at_tp1_and_tp4(four):
         trip = rank_result["round_trip"]
         assert trip["strict_load"] and trip["resave_exact"]
         assert trip["tp1_vs_tp2"] <= TOL and trip["tp4_vs_tp2"] <= TOL, trip
+
+
+def test_bf16_fsdp_parameters_train_close_to_fp32(four):
+    """MixedPrecisionPolicy(bf16 params, fp32 reduction): same loss to bf16 precision, finite gradients."""
+    for rank_result in four:
+        bf16 = rank_result["bf16"]
+        assert bf16["finite"]
+        assert bf16["loss_rel"] < 2e-2, bf16
