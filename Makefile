@@ -29,6 +29,7 @@ demo: setup
 		-m dchag train --config configs/tiny-weather.yaml --out runs/demo --set $(DEMO_LAYOUT)
 
 test: setup
+	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q
 
 clean:

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dist_workers import SMALL_MODEL
 
 from dchag.config import load_config
 
 
 def small_config(*overrides: str):
-    base = [
-        "model.img_size=[16, 32]",
-        "model.patch_size=4",
-        "model.embed_dim=32",
-        "model.depth=1",
-        "model.num_heads=4",
-        "model.decoder_dim=16",
-        "model.decoder_depth=1",
-        "model.decoder_heads=2",
-        "data.channels=10",
-        "model.hierarchy.groups=3",
-        "train.batch_size=2",
-    ]
-    return load_config(None, base + list(overrides))
+    """A model small enough for unit tests: 10 channels in 3 groups, batch 2."""
+    return load_config(
+        None, SMALL_MODEL + ["data.channels=10", "model.hierarchy.groups=3", "train.batch_size=2", *overrides]
+    )
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:

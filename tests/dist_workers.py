@@ -20,7 +20,7 @@ from dchag.parallel.parity import randomize_parameters_, run_parity
 from dchag.parallel.state import logical_state_dict
 from dchag.train.loop import mask_noise_for_step, seed_dropout
 
-BASE = [
+SMALL_MODEL = [  # shared with conftest.small_config
     "model.img_size=[16, 32]",
     "model.patch_size=4",
     "model.embed_dim=32",
@@ -29,9 +29,12 @@ BASE = [
     "model.decoder_dim=16",
     "model.decoder_depth=1",
     "model.decoder_heads=2",
-    "train.batch_size=4",
 ]
-SPLITS = {"even": ["data.channels=16", "model.hierarchy.groups=4"], "uneven": ["data.channels=11", "model.hierarchy.groups=5"]}
+BASE = SMALL_MODEL + ["train.batch_size=4"]
+SPLITS = {
+    "even": ["data.channels=16", "model.hierarchy.groups=4"],
+    "uneven": ["data.channels=11", "model.hierarchy.groups=5"],
+}
 KINDS = {"L": "model.hierarchy.preset=dchag-L", "C": "model.hierarchy.preset=dchag-C"}
 
 
@@ -48,7 +51,11 @@ def parity_matrix(layouts: dict[str, list[str]], extra_cases: dict[str, tuple] |
             for split, split_set in SPLITS.items():
                 cases[f"{lname}/{kind}/{split}"] = ([kind_set, *split_set, *layout], "none")
                 # the same against the materializing single-device reference (distributed side fused)
-                cases[f"{lname}/{kind}/{split}/fused-vs-materializing"] = ([kind_set, *split_set, *layout], "none", True)
+                cases[f"{lname}/{kind}/{split}/fused-vs-materializing"] = (
+                    [kind_set, *split_set, *layout],
+                    "none",
+                    True,
+                )
     cases.update(extra_cases or {})
     out = {}
     for name, (overrides, fault, *materializing) in cases.items():
@@ -75,8 +82,15 @@ def collectives_both_directions() -> dict:
     z = torch.full((2,), float(rank + 1), requires_grad=True)
     reduced = reduce_from_tp(z, group)
     reduced.sum().backward()
-    reduce_ok = torch.equal(reduced.detach(), torch.full((2,), float(sum(r + 1 for r in range(world))))) and torch.equal(z.grad, torch.ones(2))
-    return {"gather_forward": gather_ok, "gather_backward_own_slice": gather_grad_ok, "copy_backward_sums": copy_ok, "reduce_forward_sums": reduce_ok}
+    reduce_ok = torch.equal(
+        reduced.detach(), torch.full((2,), float(sum(r + 1 for r in range(world))))
+    ) and torch.equal(z.grad, torch.ones(2))
+    return {
+        "gather_forward": gather_ok,
+        "gather_backward_own_slice": gather_grad_ok,
+        "copy_backward_sums": copy_ok,
+        "reduce_forward_sums": reduce_ok,
+    }
 
 
 def _parallel_copy(cfg, seed=0):
@@ -102,7 +116,11 @@ def front_end_communication(*overrides) -> dict:
     with CommDebugMode() as whole:
         plan.model.front_end(x)
     name = lambda counts: {str(k).split(".")[-1]: v for k, v in counts.items()}  # noqa: E731
-    return {"forward": name(forward.get_comm_counts()), "backward": name(backward.get_comm_counts()), "whole_forward": name(whole.get_comm_counts())}
+    return {
+        "forward": name(forward.get_comm_counts()),
+        "backward": name(backward.get_comm_counts()),
+        "whole_forward": name(whole.get_comm_counts()),
+    }
 
 
 def front_end_parameter_share(*overrides) -> dict:
@@ -188,5 +206,9 @@ def bf16_parameters_step(*overrides) -> dict:
     mean = loss.detach().clone()
     dist.all_reduce(mean)
     mean = mean / dist.get_world_size()
-    finite = all(bool(torch.isfinite(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).all()) for p in plan.model.parameters() if p.grad is not None)
+    finite = all(
+        bool(torch.isfinite(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).all())
+        for p in plan.model.parameters()
+        if p.grad is not None
+    )
     return {"loss_rel": float((mean - expected).abs() / expected.abs()), "finite": finite}

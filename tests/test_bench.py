@@ -7,17 +7,44 @@ import torch
 from dchag.bench.measure import count_flops, peak_tensor_memory, saved_activation_bytes
 from dchag.cli import main
 
-REQUIRED = {"variant", "fused", "channels", "tp", "front_end_peak_mem_bytes", "front_end_flops", "peak_mem_bytes", "step_time_s"}
+REQUIRED = {
+    "variant",
+    "fused",
+    "channels",
+    "tp",
+    "front_end_peak_mem_bytes",
+    "front_end_flops",
+    "peak_mem_bytes",
+    "step_time_s",
+}
 
 
 def test_fused_cpu_sweep_writes_records_for_every_variant_and_a_ratio_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--sweep", "fused-cpu", "--json", str(out), "--set", "channels=24", "embed_dim=32", "heads=4",
-               "img_size=[16, 16]", "depth=1", "repeats=1", "warmup=0", "paper_scale=false"])
+    rc = main(
+        [
+            "bench",
+            "--sweep",
+            "fused-cpu",
+            "--json",
+            str(out),
+            "--set",
+            "channels=24",
+            "embed_dim=32",
+            "heads=4",
+            "img_size=[16, 16]",
+            "depth=1",
+            "repeats=1",
+            "warmup=0",
+            "paper_scale=false",
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     records = data["records"]
-    assert {(r["variant"], r["fused"]) for r in records} == {(v, f) for v in ("flat", "dchag-L", "dchag-C") for f in (False, True)}
+    assert {(r["variant"], r["fused"]) for r in records} == {
+        (v, f) for v in ("flat", "dchag-L", "dchag-C") for f in (False, True)
+    }
     for r in records:
         assert REQUIRED <= set(r), REQUIRED - set(r)
         assert r["front_end_peak_mem_bytes"] > 0 and r["front_end_flops"] > 0 and r["step_time_s"] > 0

@@ -83,7 +83,16 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 def test_overrides_parse_yaml_values_and_exponents():
-    cfg = load_config(None, ["train.lr=1e-3", "model.img_size=[64, 128]", "train.bf16=true", "data.channels=[t2m, u10]", "model.hierarchy.groups=2"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-3",
+            "model.img_size=[64, 128]",
+            "train.bf16=true",
+            "data.channels=[t2m, u10]",
+            "model.hierarchy.groups=2",
+        ],
+    )
     assert cfg.train.lr == 1e-3 and cfg.model.img_size == [64, 128] and cfg.train.bf16
     assert cfg.channels == ["t2m", "u10"]
 
@@ -91,7 +100,10 @@ def test_overrides_parse_yaml_values_and_exponents():
 def test_presets_resolve_to_levels():
     from dchag.config import HierarchyConfig
 
-    kinds = {p: [(lv.kind, lv.groups) for lv in HierarchyConfig(preset=p, groups=4).resolved_levels()] for p in ("flat", "dchag-L", "dchag-C", "tree")}
+    kinds = {
+        p: [(lv.kind, lv.groups) for lv in HierarchyConfig(preset=p, groups=4).resolved_levels()]
+        for p in ("flat", "dchag-L", "dchag-C", "tree")
+    }
     assert kinds["flat"] == [("cross_attention", 1)]
     assert kinds["dchag-L"] == [("linear", 4), ("cross_attention", 1)]
     assert kinds["dchag-C"] == [("cross_attention", 4), ("cross_attention", 1)]

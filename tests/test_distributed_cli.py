@@ -30,8 +30,25 @@ def test_torchrun_four_ranks_match_the_single_device_loss_curve(tmp_path):
     the single-device layout."""
     steps = ["train.steps=20", "train.log_every=1"]
     proc = run(
-        ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "-m", "dchag", "train", "--config", TINY_WEATHER,
-         "--out", str(tmp_path / "dist"), "--no-progress", "--set", *steps, "parallel.tp=2", "parallel.dp_shard=2"]
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "4",
+            "-m",
+            "dchag",
+            "train",
+            "--config",
+            TINY_WEATHER,
+            "--out",
+            str(tmp_path / "dist"),
+            "--no-progress",
+            "--set",
+            *steps,
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+        ]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 4 rank(s)" in proc.stdout
@@ -59,7 +76,22 @@ def test_check_parity_passes_for_the_tiny_presets(preset):
 
 
 def test_check_parity_fails_loudly_on_a_wrong_gradient_scale():
-    proc = run(["-m", "dchag", "check-parity", "--nproc", "4", "--config", TINY_WEATHER, "--set", "parallel.tp=2", "parallel.dp_shard=2", "--fault", "grad-scale"])
+    proc = run(
+        [
+            "-m",
+            "dchag",
+            "check-parity",
+            "--nproc",
+            "4",
+            "--config",
+            TINY_WEATHER,
+            "--set",
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+            "--fault",
+            "grad-scale",
+        ]
+    )
     assert proc.returncode == 1
     assert "FAIL" in proc.stdout and "front_end.tokenizer" in proc.stdout
 

@@ -34,7 +34,9 @@ def both_paths(kind, sizes, tokens, dim, heads, patch, seed=0):
             out = level(tok(x, index))
         cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
         (out * cotangent).sum().backward()
-        grads = {n: p.grad.clone() for n, p in [*tok.named_parameters(), *level.named_parameters()] if p.grad is not None}
+        grads = {
+            n: p.grad.clone() for n, p in [*tok.named_parameters(), *level.named_parameters()] if p.grad is not None
+        }
         results.append((out.detach(), grads, x.grad.clone()))
     return results
 

@@ -74,7 +74,9 @@ def test_one_group_hierarchy_equals_the_flat_model(rng):
     """dchag-C with one level-1 group is the flat model plus a level over a single token; when that
     level is the identity the two give identical outputs and gradients."""
     flat = ChannelHierarchy([LevelConfig("cross_attention", groups=1)], 10, 16, 4)
-    tree = ChannelHierarchy([LevelConfig("cross_attention", groups=1), LevelConfig("cross_attention", groups=1)], 10, 16, 4)
+    tree = ChannelHierarchy(
+        [LevelConfig("cross_attention", groups=1), LevelConfig("cross_attention", groups=1)], 10, 16, 4
+    )
     randomize_(flat)
     tree.levels[0].load_state_dict(flat.levels[0].state_dict())
     identity_(tree.levels[1].aggregator)
@@ -98,8 +100,14 @@ def test_singleton_linear_groups_reduce_dchag_L_to_flat(rng):
 
 def test_three_level_tree_shapes():
     tree = ChannelHierarchy(
-        [LevelConfig("cross_attention", group_size=4), LevelConfig("linear", groups=2, tokens=2), LevelConfig("cross_attention", groups=1)],
-        num_channels=14, dim=8, heads=2,
+        [
+            LevelConfig("cross_attention", group_size=4),
+            LevelConfig("linear", groups=2, tokens=2),
+            LevelConfig("cross_attention", groups=1),
+        ],
+        num_channels=14,
+        dim=8,
+        heads=2,
     )
     assert [lv.sizes for lv in tree.levels] == [[4, 4, 3, 3], [2, 2], [4]]
     assert tree(torch.randn(1, 14, 3, 8)).shape == (1, 3, 8)

@@ -22,7 +22,11 @@ def test_every_preset_and_task_runs_forward_and_backward(preset, task):
     loss.backward()
     expected_channels = len(cfg.out_channels) if task == "forecast" else 10
     assert out.pred.shape == (2, expected_channels, 16, 32)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad and p.grad is not None)
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for p in model.parameters()
+        if p.requires_grad and p.grad is not None
+    )
     grads = [p for p in model.front_end.parameters() if p.grad is not None]
     assert grads, "the front end must receive gradients"
 
@@ -49,7 +53,13 @@ def test_forecast_depends_on_lead_time():
 
 def test_info_counts_parameters_and_flops_on_the_meta_device():
     """Paper scale (1024 channels, width 2048) costs no memory: everything is on the meta device."""
-    cfg = small_config("data.channels=1024", "model.embed_dim=2048", "model.num_heads=32", "model.img_size=[128, 256]", "model.hierarchy.groups=8")
+    cfg = small_config(
+        "data.channels=1024",
+        "model.embed_dim=2048",
+        "model.num_heads=32",
+        "model.img_size=[128, 256]",
+        "model.hierarchy.groups=8",
+    )
     info = model_info(cfg)
     assert info["parameters"] > 0 and info["forward_flops"] > 0
     assert info["forward_flops_by_part"]["front_end"] > 0

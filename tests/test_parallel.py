@@ -5,38 +5,116 @@ Each world size is launched once (module-scoped fixtures); the tests below read 
 
 from __future__ import annotations
 
+import dist_workers as W
 import pytest
 import torch
 
-import dist_workers as W
 from dchag.parallel.launch import spawn
 
 TOL = 1e-5
 FAULTS = {
-    "fault/gather-reduce-scatter": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.tp=4"], "gather-reduce-scatter"),
+    "fault/gather-reduce-scatter": (
+        ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.tp=4"],
+        "gather-reduce-scatter",
+    ),
     "fault/grad-scale": (["model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "parallel.tp=4"], "grad-scale"),
 }
 EXTRA_4 = {
-    "tree/mae/tp4": (["model.hierarchy.preset=tree", "model.hierarchy.groups=2", "data.channels=13", "train.task=mae", "parallel.tp=4"], "none"),
-    "naive/flat/tp4": (["model.hierarchy.preset=flat", "data.channels=10", "parallel.mode=naive", "parallel.tp=4"], "none"),
-    "replicated/flat/mae/tp4": (["model.hierarchy.preset=flat", "data.channels=10", "parallel.mode=replicated", "train.task=mae", "parallel.tp=4"], "none"),
-    "hsdp/mae/dp_replicate2-tp2": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "train.task=mae", "parallel.tp=2", "parallel.dp_replicate=2"], "none"),
-    "materializing-front-end/tp4": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "model.fused_front_end=false", "parallel.tp=4"], "none"),
-    "materializing-front-end/fsdp2x2": (["model.hierarchy.preset=dchag-L", *W.SPLITS["uneven"], "model.fused_front_end=false", "parallel.tp=2", "parallel.dp_shard=2"], "none"),
-    "activation-checkpointing/fsdp2x2": (["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.activation_checkpointing=true", "parallel.tp=2", "parallel.dp_shard=2"], "none"),
-    "qk_norm/tp4": (["model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "model.hierarchy.qk_norm=true", "parallel.tp=4"], "none"),
-    "vocabulary/tp2-dp2": (["model.hierarchy.preset=dchag-C", "data.channels=[t2m, u10, v10, z_500, t_850]", "model.vocabulary=[q_850, t2m, u10, v10, z_500, t_850, z_50]", "model.hierarchy.groups=2", "parallel.tp=2", "parallel.dp_shard=2"], "none"),
+    "tree/mae/tp4": (
+        [
+            "model.hierarchy.preset=tree",
+            "model.hierarchy.groups=2",
+            "data.channels=13",
+            "train.task=mae",
+            "parallel.tp=4",
+        ],
+        "none",
+    ),
+    "naive/flat/tp4": (
+        ["model.hierarchy.preset=flat", "data.channels=10", "parallel.mode=naive", "parallel.tp=4"],
+        "none",
+    ),
+    "replicated/flat/mae/tp4": (
+        [
+            "model.hierarchy.preset=flat",
+            "data.channels=10",
+            "parallel.mode=replicated",
+            "train.task=mae",
+            "parallel.tp=4",
+        ],
+        "none",
+    ),
+    "hsdp/mae/dp_replicate2-tp2": (
+        [
+            "model.hierarchy.preset=dchag-C",
+            *W.SPLITS["uneven"],
+            "train.task=mae",
+            "parallel.tp=2",
+            "parallel.dp_replicate=2",
+        ],
+        "none",
+    ),
+    "materializing-front-end/tp4": (
+        ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "model.fused_front_end=false", "parallel.tp=4"],
+        "none",
+    ),
+    "materializing-front-end/fsdp2x2": (
+        [
+            "model.hierarchy.preset=dchag-L",
+            *W.SPLITS["uneven"],
+            "model.fused_front_end=false",
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+        ],
+        "none",
+    ),
+    "activation-checkpointing/fsdp2x2": (
+        [
+            "model.hierarchy.preset=dchag-C",
+            *W.SPLITS["uneven"],
+            "parallel.activation_checkpointing=true",
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+        ],
+        "none",
+    ),
+    "qk_norm/tp4": (
+        ["model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "model.hierarchy.qk_norm=true", "parallel.tp=4"],
+        "none",
+    ),
+    "vocabulary/tp2-dp2": (
+        [
+            "model.hierarchy.preset=dchag-C",
+            "data.channels=[t2m, u10, v10, z_500, t_850]",
+            "model.vocabulary=[q_850, t2m, u10, v10, z_500, t_850, z_50]",
+            "model.hierarchy.groups=2",
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+        ],
+        "none",
+    ),
 }
 
 
 def _four_rank_suite():
     return {
-        "parity": W.parity_matrix({"tp4": ["parallel.tp=4"], "fsdp2x2": ["parallel.tp=2", "parallel.dp_shard=2"]}, {**EXTRA_4, **FAULTS}),
+        "parity": W.parity_matrix(
+            {"tp4": ["parallel.tp=4"], "fsdp2x2": ["parallel.tp=2", "parallel.dp_shard=2"]}, {**EXTRA_4, **FAULTS}
+        ),
         "comm": W.front_end_communication("model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.tp=4"),
         "share": W.front_end_parameter_share("model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "parallel.tp=4"),
-        "rng": W.random_state_consistency("model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "model.drop_rate=0.5", "train.task=mae", "parallel.tp=2", "parallel.dp_shard=2"),
+        "rng": W.random_state_consistency(
+            "model.hierarchy.preset=dchag-C",
+            *W.SPLITS["even"],
+            "model.drop_rate=0.5",
+            "train.task=mae",
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+        ),
         "round_trip": W.layout_round_trip(),
-        "bf16": W.bf16_parameters_step("model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "parallel.tp=2", "parallel.dp_shard=2"),
+        "bf16": W.bf16_parameters_step(
+            "model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "parallel.tp=2", "parallel.dp_shard=2"
+        ),
     }
 
 

@@ -26,7 +26,9 @@ def test_models_with_different_channel_subsets_share_embeddings_by_name():
 
     vocab = "model.vocabulary=[t2m, u10, v10, z_500, t_850]"
     a = build_model(small_config(vocab, "data.channels=[t2m, u10, v10]", "model.hierarchy.groups=1"))
-    b = build_model(small_config(vocab, "data.channels=[z_500, u10]", "model.hierarchy.groups=1", "data.out_channels=[u10]"))
+    b = build_model(
+        small_config(vocab, "data.channels=[z_500, u10]", "model.hierarchy.groups=1", "data.out_channels=[u10]")
+    )
     assert a.front_end.tokenizer.weight.shape == b.front_end.tokenizer.weight.shape == (5, 32, 4, 4)
     assert a.front_end.channel_index.tolist() == [0, 1, 2]
     assert b.front_end.channel_index.tolist() == [3, 1]

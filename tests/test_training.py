@@ -17,13 +17,32 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.parametrize("preset", ["flat", "dchag-L", "dchag-C", "tree"])
 def test_loss_falls_for_every_hierarchy_preset(preset, tmp_path):
-    cfg = small_config(f"model.hierarchy.preset={preset}", "train.steps=40", "train.lr=2e-3", "train.warmup_steps=5", "train.log_every=5", "train.batch_size=4")
+    cfg = small_config(
+        f"model.hierarchy.preset={preset}",
+        "train.steps=40",
+        "train.lr=2e-3",
+        "train.warmup_steps=5",
+        "train.log_every=5",
+        "train.batch_size=4",
+    )
     summary = train(cfg, tmp_path, progress=False)
     assert summary["final_loss"] < 0.8 * summary["first_loss"]
 
 
 def test_train_writes_metrics_config_and_a_loadable_checkpoint(tmp_path):
-    rc = main(["train", "--config", str(ROOT / "configs/tiny-weather.yaml"), "--out", str(tmp_path), "--no-progress", "--set", "train.steps=3", "train.log_every=1"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(ROOT / "configs/tiny-weather.yaml"),
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--set",
+            "train.steps=3",
+            "train.log_every=1",
+        ]
+    )
     assert rc == 0
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2] and all("loss" in r for r in records)

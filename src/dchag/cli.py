@@ -11,7 +11,9 @@ from dchag.config import ConfigError, load_config
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. model.embed_dim=256")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config values, e.g. model.embed_dim=256"
+    )
 
 
 def cmd_train(args) -> int:
@@ -103,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--nproc", type=int, required=True, help="local processes (gloo on CPU, NCCL with enough GPUs)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest allowed max|a-b|/max|b| per tensor")
-    p.add_argument("--fault", default="none", help="inject a known bug to see the check fail: gather-reduce-scatter, grad-scale")
+    p.add_argument(
+        "--fault", default="none", help="inject a known bug to see the check fail: gather-reduce-scatter, grad-scale"
+    )
     p.set_defaults(func=cmd_check_parity)
     return parser
 

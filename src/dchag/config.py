@@ -71,7 +71,9 @@ class HierarchyConfig:
                 LevelConfig("cross_attention", groups=g),
                 LevelConfig("cross_attention", groups=1),
             ]
-        raise ConfigError(f"model.hierarchy.preset={self.preset!r} is unknown; use one of {HIERARCHY_PRESETS} or give levels")
+        raise ConfigError(
+            f"model.hierarchy.preset={self.preset!r} is unknown; use one of {HIERARCHY_PRESETS} or give levels"
+        )
 
 
 @dataclass
@@ -295,7 +297,9 @@ def split_sizes(total: int, groups: int) -> list[int]:
     return [base + (1 if g < extra else 0) for g in range(groups)]
 
 
-def resolve_level_groups(levels: list[LevelConfig], num_channels: int, where: str = "model.hierarchy.levels") -> list[tuple[int, int]]:
+def resolve_level_groups(
+    levels: list[LevelConfig], num_channels: int, where: str = "model.hierarchy.levels"
+) -> list[tuple[int, int]]:
     """For each level, (number of input tokens, number of groups); raises on impossible shapes."""
     shapes = []
     tokens_in = num_channels
@@ -335,7 +339,9 @@ def validate(cfg: Config) -> None:
             size > 0 and size % m.patch_size == 0,
             f"model.img_size {name} {size} is not divisible by model.patch_size={m.patch_size}",
         )
-    _check(m.embed_dim >= 1 and m.depth >= 0, f"model.embed_dim={m.embed_dim} and model.depth={m.depth} must be positive")
+    _check(
+        m.embed_dim >= 1 and m.depth >= 0, f"model.embed_dim={m.embed_dim} and model.depth={m.depth} must be positive"
+    )
     _check(
         m.num_heads >= 1 and m.embed_dim % m.num_heads == 0,
         f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}",
@@ -386,7 +392,9 @@ def validate(cfg: Config) -> None:
     resolve_level_groups(h.resolved_levels(), len(channels), where)
 
     _check(t.task in TASKS, f"train.task={t.task!r} is unknown; use one of {TASKS}")
-    _check(t.steps >= 1 and t.batch_size >= 1, f"train.steps={t.steps} and train.batch_size={t.batch_size} must be >= 1")
+    _check(
+        t.steps >= 1 and t.batch_size >= 1, f"train.steps={t.steps} and train.batch_size={t.batch_size} must be >= 1"
+    )
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _check(0.0 < t.mask_ratio < 1.0, f"train.mask_ratio={t.mask_ratio} must be in (0, 1)")
     _check(t.mae_loss_on in ("all", "masked"), f"train.mae_loss_on={t.mae_loss_on!r} must be 'all' or 'masked'")
@@ -396,8 +404,17 @@ def validate(cfg: Config) -> None:
     for name in ("tp", "dp_shard", "dp_replicate"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
     _check(p.mode in PARALLEL_MODES, f"parallel.mode={p.mode!r} is unknown; use one of {PARALLEL_MODES}")
-    _check(m.num_heads % p.tp == 0, f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}: TP splits the heads")
+    _check(
+        m.num_heads % p.tp == 0,
+        f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}: TP splits the heads",
+    )
     hidden = int(m.embed_dim * m.mlp_ratio)
-    _check(hidden % p.tp == 0, f"the MLP width {hidden} (model.embed_dim x model.mlp_ratio) is not divisible by parallel.tp={p.tp}")
+    _check(
+        hidden % p.tp == 0,
+        f"the MLP width {hidden} (model.embed_dim x model.mlp_ratio) is not divisible by parallel.tp={p.tp}",
+    )
     dp = p.dp_shard * p.dp_replicate
-    _check(t.batch_size % dp == 0, f"train.batch_size={t.batch_size} (the global batch) is not divisible by the {dp} data-parallel ranks")
+    _check(
+        t.batch_size % dp == 0,
+        f"train.batch_size={t.batch_size} (the global batch) is not divisible by the {dp} data-parallel ranks",
+    )

@@ -16,8 +16,21 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 aten = torch.ops.aten
 
 
-def _grouped_conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                                 _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+def _grouped_conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
     """convolution_backward FLOPs that respect groups: each requested gradient costs what the forward
     costs. (torch's formula counts the weight gradient of a grouped convolution `groups` times over,
     which would inflate the fused front end's per-channel convolutions by up to C.)"""

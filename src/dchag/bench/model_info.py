@@ -38,7 +38,13 @@ def parameter_table(model: torch.nn.Module) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for name, param in model.named_parameters():
         parts = name.split(".")
-        key = ".".join(parts[:3]) if parts[0] == "front_end" and parts[1] == "hierarchy" else ".".join(parts[:2]) if parts[0] == "front_end" else parts[0]
+        key = (
+            ".".join(parts[:3])
+            if parts[0] == "front_end" and parts[1] == "hierarchy"
+            else ".".join(parts[:2])
+            if parts[0] == "front_end"
+            else parts[0]
+        )
         counts[key] += param.numel()
     return dict(counts)
 
@@ -62,7 +68,10 @@ def model_info(cfg, batch_size: int = 1) -> dict:
 
 
 def format_info(info: dict) -> str:
-    lines = [f"channels: {info['channels']}", "hierarchy levels (kind, groups, tokens/group): " + ", ".join(map(str, info["levels"]))]
+    lines = [
+        f"channels: {info['channels']}",
+        "hierarchy levels (kind, groups, tokens/group): " + ", ".join(map(str, info["levels"])),
+    ]
     lines.append(f"parameters: {info['parameters']:,}")
     for part, n in info["parameters_by_part"].items():
         lines.append(f"  {part:<32} {n:>15,}")

@@ -142,7 +142,9 @@ def fused_cpu(size: FusedSweepSize) -> list[dict]:
 
 def fused_paper_meta(batch: int = 2) -> list[dict]:
     """FLOPs and saved activations of the front end at the paper's scale, on the meta device."""
-    paper = FusedSweepSize(channels=1024, embed_dim=2048, heads=32, img_size=(128, 256), patch=4, batch=batch, depth=1, groups=8)
+    paper = FusedSweepSize(
+        channels=1024, embed_dim=2048, heads=32, img_size=(128, 256), patch=4, batch=batch, depth=1, groups=8
+    )
     records = []
     for variant in VARIANTS:
         for fused in (False, True):

@@ -14,9 +14,7 @@ ATMOS_LEVELS = [10, 20, 30, 50, 70, 100, 150, 200, 250, 300, 400, 500, 600, 700,
 
 # The 84 channels of the paper's runnable ERA5 configuration: 3 surface variables, geopotential at 13
 # levels, specific humidity, temperature and both wind components at 17 levels each.
-ERA5_84 = SURFACE + [f"z_{p}" for p in Z_LEVELS] + [
-    f"{var}_{p}" for var in ("q", "t", "u", "v") for p in ATMOS_LEVELS
-]
+ERA5_84 = SURFACE + [f"z_{p}" for p in Z_LEVELS] + [f"{var}_{p}" for var in ("q", "t", "u", "v") for p in ATMOS_LEVELS]
 FORECAST_TARGETS = ["z_500", "t_850", "t2m", "u10", "v10"]
 
 BAND_RE = re.compile(r"^b(\d+(?:\.\d+)?)$")

@@ -27,7 +27,9 @@ def build_source(cfg, channels: list[str] | None = None):
     return SyntheticHyperspectral(channels, size, seed=d.seed, num_samples=d.num_samples, noise=d.noise)
 
 
-def batch_indices(num_samples: int, batch_size: int, step: int, seed: int, *, rank: int = 0, world: int = 1) -> list[int]:
+def batch_indices(
+    num_samples: int, batch_size: int, step: int, seed: int, *, rank: int = 0, world: int = 1
+) -> list[int]:
     """Sample indices of one step: epochs are seeded permutations; data-parallel ranks take disjoint slices.
 
     Depends only on (step, seed, rank), so a resumed or re-launched run sees the same batches.

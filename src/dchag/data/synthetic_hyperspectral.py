@@ -23,7 +23,15 @@ MEAN, SCALE = 0.3, 0.2  # rough reflectance mean and spread, used to standardise
 class SyntheticHyperspectral:
     """`batch(indices)` -> x [B, C, H, W] (standardised reflectance)."""
 
-    def __init__(self, channels: list[str], img_size: tuple[int, int], *, seed: int = 0, num_samples: int = 512, noise: float = 0.01):
+    def __init__(
+        self,
+        channels: list[str],
+        img_size: tuple[int, int],
+        *,
+        seed: int = 0,
+        num_samples: int = 512,
+        noise: float = 0.01,
+    ):
         self.channels = list(channels)
         self.height, self.width = img_size
         self.seed, self.num_samples, self.noise = seed, num_samples, noise
@@ -39,7 +47,9 @@ class SyntheticHyperspectral:
     def spectra(self) -> torch.Tensor:
         """Reflectance of each material at each requested band: [M, C], in (0, 1)."""
         lam = self.wavelengths[None, None, :]  # [1, 1, C]
-        bumps = self._height[..., None] * torch.exp(-((lam - self._center[..., None]) ** 2) / (2 * self._width[..., None] ** 2))
+        bumps = self._height[..., None] * torch.exp(
+            -((lam - self._center[..., None]) ** 2) / (2 * self._width[..., None] ** 2)
+        )
         spectra = self._base[:, None] + self._slope[:, None] * (self.wavelengths[None, :] - 650) / 500 + bumps.sum(1)
         return spectra.clamp(0.01, 0.99)
 

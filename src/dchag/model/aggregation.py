@@ -74,8 +74,12 @@ class CrossAttentionPool(nn.Module):
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         q = self.project_query()  # [G, k, H, e]
-        keys = rearrange(torch.einsum("bgnld,ged->bgnle", tokens, self.wk), "b g n l (h e) -> b g n l h e", e=self.head_dim)
-        values = rearrange(torch.einsum("bgnld,ged->bgnle", tokens, self.wv), "b g n l (h e) -> b g n l h e", e=self.head_dim)
+        keys = rearrange(
+            torch.einsum("bgnld,ged->bgnle", tokens, self.wk), "b g n l (h e) -> b g n l h e", e=self.head_dim
+        )
+        values = rearrange(
+            torch.einsum("bgnld,ged->bgnle", tokens, self.wv), "b g n l (h e) -> b g n l h e", e=self.head_dim
+        )
         if self.k_norm is not None:
             keys = self.k_norm(keys)
         scores = torch.einsum("gkhe,bgnlhe->bglhkn", q, keys) * self.head_dim**-0.5  # [B, G, L, H, k, n]

@@ -17,7 +17,9 @@ from dchag.model.tokenizer import ChannelTokenizer
 log = logging.getLogger("dchag")
 
 
-def tokenize_and_aggregate(tokenizer: ChannelTokenizer, level, x: torch.Tensor, index: torch.Tensor | None, fused: bool) -> torch.Tensor:
+def tokenize_and_aggregate(
+    tokenizer: ChannelTokenizer, level, x: torch.Tensor, index: torch.Tensor | None, fused: bool
+) -> torch.Tensor:
     """Tokenizer + first hierarchy level, [B, C, H, W] -> [B, G*k, L, D]; fused when `fused` is True.
 
     `index`: the vocabulary rows of x's channels, or None when x holds every row in order."""

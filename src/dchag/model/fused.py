@@ -89,7 +89,9 @@ class _AttentionWeightedConv(torch.autograd.Function):
         return d_attn, d_x, d_ve, None, None
 
 
-def attention_weighted_conv(attn: torch.Tensor, x: torch.Tensor, ve: torch.Tensor, patch: int, grid_w: int) -> torch.Tensor:
+def attention_weighted_conv(
+    attn: torch.Tensor, x: torch.Tensor, ve: torch.Tensor, patch: int, grid_w: int
+) -> torch.Tensor:
     """attn [B, G, L, H, k, n], x [B, G*n, H, W], ve [G, H, e, n, p, p] -> [B, G, L, H, k, e]."""
     return _AttentionWeightedConv.apply(attn, x, ve, patch, grid_w)
 

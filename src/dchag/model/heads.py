@@ -45,7 +45,9 @@ def random_masking(noise: torch.Tensor, ratio: float) -> tuple[torch.Tensor, tor
 class MAEDecoder(nn.Module):
     """Visible tokens -> narrow decoder with mask tokens -> every channel's pixels of every patch."""
 
-    def __init__(self, dim: int, dec_dim: int, depth: int, heads: int, channels: int, patch: int, grid: tuple[int, int]):
+    def __init__(
+        self, dim: int, dec_dim: int, depth: int, heads: int, channels: int, patch: int, grid: tuple[int, int]
+    ):
         super().__init__()
         self.channels, self.patch, self.grid_w = channels, patch, grid[1]
         self.embed = nn.Linear(dim, dec_dim)

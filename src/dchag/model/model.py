@@ -69,7 +69,9 @@ class ChannelViT(nn.Module):
             z = block(z)
         return self.norm(z)
 
-    def forward(self, x: torch.Tensor, lead_hours: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, x: torch.Tensor, lead_hours: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
+    ) -> ModelOutput:
         """x [B, C, H, W]; forecast needs lead_hours [B]; mae takes mask_noise [B, L] (uniform; drawn if None)."""
         z = self.front_end(x) + self.pos_embed  # [B, L, D]
         if self.task == "forecast":

@@ -155,10 +155,16 @@ class ParallelFrontEnd(nn.Module):
         c0, c1 = placement.channel_ranges[rank]
         vocab_rows = front_end.channel_index[c0:c1].clone()
         tok = front_end.tokenizer
-        self.tokenizer = self._tokenizer_rows(tok, vocab_rows, "tokenizer", prefix, disjoint=placement.mode != "replicated")
+        self.tokenizer = self._tokenizer_rows(
+            tok, vocab_rows, "tokenizer", prefix, disjoint=placement.mode != "replicated"
+        )
         # vocabulary rows no input channel uses still belong to the model: TP rank 0 keeps them
         unused = sorted(set(range(tok.weight.shape[0])) - set(front_end.channel_index.tolist()))
-        self.spare = self._tokenizer_rows(tok, torch.tensor(unused, dtype=torch.long), "spare", prefix) if unused and rank == 0 else None
+        self.spare = (
+            self._tokenizer_rows(tok, torch.tensor(unused, dtype=torch.long), "spare", prefix)
+            if unused and rank == 0
+            else None
+        )
 
         levels = list(front_end.hierarchy.levels)
         self.local_levels = nn.ModuleList()
@@ -201,7 +207,9 @@ class ParallelFrontEnd(nn.Module):
             self.final = copy.deepcopy(final)
             self._spec_rest(self.final, "final", logical, partial=False)
 
-    def _tokenizer_rows(self, tok: ChannelTokenizer, rows: torch.Tensor, name: str, prefix: str, disjoint: bool = True) -> ChannelTokenizer:
+    def _tokenizer_rows(
+        self, tok: ChannelTokenizer, rows: torch.Tensor, name: str, prefix: str, disjoint: bool = True
+    ) -> ChannelTokenizer:
         local = ChannelTokenizer(len(rows), tok.weight.shape[1], tok.patch).to(tok.weight.device)
         with torch.no_grad():
             for pname in ("weight", "bias", "channel_embed"):

@@ -44,7 +44,9 @@ def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
     """
     with tempfile.TemporaryDirectory(prefix="dchag-spawn-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        mp.start_processes(_worker, args=(world, init_file, tmp, fn, args), nprocs=world, join=True, start_method="spawn")
+        mp.start_processes(
+            _worker, args=(world, init_file, tmp, fn, args), nprocs=world, join=True, start_method="spawn"
+        )
         results, errors = [], []
         for rank in range(world):
             path = Path(tmp, f"rank{rank}.pkl")

@@ -40,8 +40,8 @@ class ParallelDims:
     def validate(self, world_size: int) -> None:
         if self.world_size != world_size:
             raise ConfigError(
-                f"parallel.dp_replicate={self.dp_replicate} x parallel.dp_shard={self.dp_shard} x parallel.tp={self.tp} "
-                f"= {self.world_size} ranks, but {world_size} processes were started; make the product equal the process count"
+                f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
+                f"{self.world_size} ranks, but {world_size} processes were started; make the product equal"
             )
 
 
@@ -62,7 +62,9 @@ def init_distributed(timeout_s: float = 600.0) -> None:
 def build_mesh(dims: ParallelDims, device: str | None = None) -> DeviceMesh:
     """A 3-D mesh named (dp_replicate, dp_shard, tp) over all started ranks."""
     dims.validate(dist.get_world_size())
-    return init_device_mesh(device or device_type(), (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS)
+    return init_device_mesh(
+        device or device_type(), (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS
+    )
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:

@@ -20,7 +20,6 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.checkpoint import checkpoint
 
-from dchag.config import ConfigError
 from dchag.parallel.channel_parallel import ChannelPlacement, ParallelFrontEnd, ShardSpec, place_channels
 from dchag.parallel.collectives import copy_to_tp, reduce_from_tp
 from dchag.parallel.mesh import ParallelDims, dp_mesh, dp_rank_and_size
@@ -161,7 +160,11 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
             block.compile()
     # 4. FSDP2 over the data-parallel dimensions: each block, then the root
     if dims.dp > 1:
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if p.bf16_params else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if p.bf16_params
+            else MixedPrecisionPolicy()
+        )
         fsdp_mesh = dp_mesh(mesh)
         for block in model.blocks:
             fully_shard(block, mesh=fsdp_mesh, mp_policy=mp)

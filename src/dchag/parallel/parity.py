@@ -103,7 +103,9 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
         reference.front_end.fused = False
 
     if cfg.train.batch_size % dims.dp:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the {dims.dp} data-parallel ranks")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the {dims.dp} data-parallel ranks"
+        )
     batch_size = cfg.train.batch_size // dims.dp  # per data-parallel rank
     source = build_source(cfg)
     global_indices = batch_indices(source.num_samples, cfg.train.batch_size, 0, cfg.data.seed)
@@ -125,7 +127,9 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     local["x"] = local["x"][:, c0:c1]  # only this rank's channels
     local_noise = noise[rows] if noise is not None else None
     try:
-        loss, out = compute_loss(plan.model, local, cfg, lat_weights=lat_weights, mask_noise=local_noise, channel_shard=plan.channel_shard)
+        loss, out = compute_loss(
+            plan.model, local, cfg, lat_weights=lat_weights, mask_noise=local_noise, channel_shard=plan.channel_shard
+        )
         (loss / plan.dp_size).backward()
     finally:
         if restore is not None:
@@ -163,8 +167,8 @@ def layout_for(cfg, nproc: int):
         p = dataclasses.replace(p, tp=nproc)
     if p.tp * p.dp_shard * p.dp_replicate != nproc:
         raise ConfigError(
-            f"--nproc {nproc} does not match parallel.dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} x tp={p.tp}; "
-            "set them so that their product is the process count"
+            f"--nproc {nproc} does not match parallel.dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} "
+            f"x tp={p.tp}; set them so that their product is the process count"
         )
     from dchag.config import validate
 

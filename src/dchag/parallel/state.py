@@ -15,7 +15,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-
 # full_tensor() of an FSDP2 x TP parameter gathers in two steps and warns that this is suboptimal;
 # checkpoints and parity checks are off the hot path, so that advice is noise here.
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)

