@@ -34,6 +34,16 @@ EXTRA_4 = {
         ["model.hierarchy.preset=flat", "data.channels=10", "parallel.mode=naive", "parallel.tp=4"],
         "none",
     ),
+    "replicated/dchag-C/fused-vs-materializing/tp4": (
+        ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.mode=replicated", "parallel.tp=4"],
+        "none",
+        True,
+    ),
+    "replicated/flat/fused-vs-materializing/tp4": (
+        ["model.hierarchy.preset=flat", "data.channels=10", "parallel.mode=replicated", "parallel.tp=4"],
+        "none",
+        True,
+    ),
     "replicated/flat/mae/tp4": (
         [
             "model.hierarchy.preset=flat",

@@ -26,11 +26,14 @@ def forward_flops(model: torch.nn.Module, batch: dict) -> tuple[int, dict[str, i
             model(batch["x"], batch["lead_hours"])
         else:
             model(batch["x"], mask_noise=torch.rand(batch["x"].shape[0], model.num_patches, device=batch["x"].device))
-    per_module = {}
+    # counts are per module path ("ChannelViT.blocks.0.attn", ...), parents including children: sum the
+    # shallowest entries under each top-level child (blocks.0, blocks.1, ... for the ModuleList "blocks")
+    by_child: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for name, counts in counter.get_flop_counts().items():
         parts = name.split(".")
-        if len(parts) == 2:  # "ChannelViT.front_end"
-            per_module[parts[1]] = sum(counts.values())
+        if len(parts) >= 2:
+            by_child[parts[1]][len(parts)] += sum(counts.values())
+    per_module = {child: depths[min(depths)] for child, depths in by_child.items()}
     return counter.get_total_flops(), per_module
 
 
@@ -38,13 +41,12 @@ def parameter_table(model: torch.nn.Module) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for name, param in model.named_parameters():
         parts = name.split(".")
-        key = (
-            ".".join(parts[:3])
-            if parts[0] == "front_end" and parts[1] == "hierarchy"
-            else ".".join(parts[:2])
-            if parts[0] == "front_end"
-            else parts[0]
-        )
+        if parts[0] != "front_end":
+            key = parts[0]
+        elif parts[1] == "hierarchy":  # one row per level
+            key = ".".join(parts[:4])
+        else:
+            key = ".".join(parts[:2])
         counts[key] += param.numel()
     return dict(counts)
 

@@ -142,6 +142,12 @@ class HeadParallelLevel(nn.Module):
         partial = self.level(copy_to_tp(tokens, self.group))
         return reduce_from_tp(partial, self.group) + self.proj_bias[0]
 
+    def forward_fused(self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """As the first level, straight from pixels (see HierarchyLevel.forward_fused): the tokenizer's
+        weight and shift enter through `copy_to_tp`, since each rank's heads give part of their gradient."""
+        partial = self.level.forward_fused(x, copy_to_tp(weight, self.group), copy_to_tp(shift, self.group))
+        return reduce_from_tp(partial, self.group) + self.proj_bias[0]
+
 
 class ParallelFrontEnd(nn.Module):
     """What one TP rank runs of the front end; input: only this rank's channels [B, C_r, H, W]."""
@@ -248,9 +254,14 @@ class ParallelFrontEnd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_r, H, W] (this rank's channels) -> [B, L, D] (the same on every rank)."""
-        tokens = self.distributed_part(x)  # [B, M, L, D]
-        for level in self.shared_levels:
+        levels = [*self.shared_levels, *([self.final] if self.final is not None else [])]
+        if self.fused and not self.local_levels and not self.gathered_counts:
+            # replicated baseline: the first level sees every channel here, so it can run fused too
+            weight, shift = self.tokenizer.channel_params(None)
+            tokens = levels[0].forward_fused(x, weight, shift)  # [B, G*k, L, D]
+            levels = levels[1:]
+        else:
+            tokens = self.distributed_part(x)  # [B, M, L, D]
+        for level in levels:
             tokens = level(tokens)
-        if self.final is not None:
-            tokens = self.final(tokens)  # [B, 1, L, D]
         return rearrange(tokens, "b 1 l d -> b l d")
