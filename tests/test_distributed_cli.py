@@ -59,6 +59,10 @@ def test_torchrun_four_ranks_match_the_single_device_loss_curve(tmp_path):
     assert len(dist_curve) == len(single_curve) == 20
     worst = max(abs(a - b) / abs(b) for a, b in zip(dist_curve, single_curve))
     assert worst <= 1e-4, (dist_curve, single_curve)
+    # the clipping norm too (it counts TP-split, FSDP-split and replicated gradients each once)
+    dist_norms = [r["grad_norm"] for r in read_metrics(tmp_path / "dist/metrics.jsonl")]
+    single_norms = [r["grad_norm"] for r in read_metrics(tmp_path / "single/metrics.jsonl")]
+    assert max(abs(a - b) / b for a, b in zip(dist_norms, single_norms)) <= 1e-4
 
     ckpt = load_checkpoint(tmp_path / "dist/checkpoint.pt")
     model = build_model(cfg)

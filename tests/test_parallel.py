@@ -30,6 +30,10 @@ EXTRA_4 = {
         ],
         "none",
     ),
+    "tree-two-local-levels/tp4": (
+        ["model.hierarchy.preset=tree", "model.hierarchy.groups=4", "data.channels=18", "parallel.tp=4"],
+        "none",
+    ),
     "naive/flat/tp4": (
         ["model.hierarchy.preset=flat", "data.channels=10", "parallel.mode=naive", "parallel.tp=4"],
         "none",

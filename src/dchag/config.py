@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,14 +177,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}={value!r} has the wrong type (expected {_type_name(tp)})")
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
@@ -233,17 +233,17 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`model.embed_dim=256` -> (["model", "embed_dim"], 256); the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; users mean a number
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if isinstance(value, str) and _FLOAT_RE.match(value):  # YAML 1.1 reads "1e-3" as a string
+        value = float(value)
     return key.strip().split("."), value
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +63,9 @@ class ChannelPlacement:
 
 
 def _ranges(sizes: list[int]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for size in sizes:
-        out.append((start, start + size))
-        start += size
-    return out
+    """[2, 1, 3] -> [(0, 2), (2, 3), (3, 6)]."""
+    bounds = [0, *accumulate(sizes)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def place_channels(front_end: FrontEnd, tp: int, mode: str) -> ChannelPlacement:
@@ -95,14 +94,14 @@ def place_channels(front_end: FrontEnd, tp: int, mode: str) -> ChannelPlacement:
             f"at least one group; set model.hierarchy.groups >= {tp}"
         )
     group_ranges = [_ranges(split_sizes(first.groups, tp))]
-    starts = [0] + list(torch.tensor(first.sizes).cumsum(0).tolist())
+    starts = [0, *accumulate(first.sizes)]
     channel_ranges = [(starts[g0], starts[g1]) for g0, g1 in group_ranges[0]]
     owned = [((g1 - g0) * first.tokens) for g0, g1 in group_ranges[0]]  # tokens per rank after level 1
 
     local = 1
     for level in levels[1:-1]:  # a level is rank-local when its groups never straddle two ranks
-        bounds = [0] + list(torch.tensor(level.sizes).cumsum(0).tolist())
-        rank_bounds = [0] + list(torch.tensor(owned).cumsum(0).tolist())
+        bounds = [0, *accumulate(level.sizes)]
+        rank_bounds = [0, *accumulate(owned)]
         if not set(rank_bounds) <= set(bounds):
             break
         ranges = [(bounds.index(a), bounds.index(b)) for a, b in zip(rank_bounds[:-1], rank_bounds[1:])]

@@ -5,6 +5,7 @@ Ranks rendezvous through a file (no fixed ports) and hand their return values ba
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
@@ -30,10 +31,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, a
     except BaseException as err:  # report the failure to the parent with its traceback
         result, error = None, f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}"
     finally:
-        try:
+        with contextlib.suppress(Exception):  # a failed rank may leave the group half torn down
             dist.destroy_process_group()
-        except Exception:
-            pass
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps((result, error)))
 
 

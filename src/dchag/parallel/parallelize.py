@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.checkpoint import checkpoint
 
@@ -96,7 +96,10 @@ class ParallelPlan:
             grad, dp_split, tp_split = param.grad, False, False
             if isinstance(grad, DTensor):
                 names = grad.device_mesh.mesh_dim_names or ()
-                sharded = {names[i] for i, pl in enumerate(grad.placements) if isinstance(pl, Shard) and i < len(names)}
+                # any placement that is neither replicated nor partial splits the tensor (Shard, and the
+                # _StridedShard FSDP2 uses on top of TP, which is not a Shard subclass)
+                split = [not (pl.is_replicate() or pl.is_partial()) for pl in grad.placements]
+                sharded = {name for name, is_split in zip(names, split) if is_split}
                 dp_split, tp_split = "dp_shard" in sharded, "tp" in sharded
                 grad = grad.to_local()
             spec = self.specs.get(name)
