@@ -86,35 +86,35 @@ class ParallelPlan:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients, each logical element counted once.
 
-        Squared sums go to four buckets by (split over dp_shard?, split over TP?); every rank reduces all
-        four, in the same order, so the collectives match even where ranks hold different parameters.
+        Squared sums go to four buckets by (split over dp_shard?, split over TP?); every rank reduces the
+        dp-split pair over dp_shard, then the tp-split pair over TP, so the collectives match even where
+        ranks hold different parameters.
         """
-        buckets = torch.zeros(2, 2, dtype=torch.float64)  # [dp-split, tp-split]
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        buckets = torch.zeros(2, 2, dtype=torch.float64, device=device)  # [dp-split, tp-split]
         for name, param in self.model.named_parameters():
             if param.grad is None:
                 continue
             grad, dp_split, tp_split = param.grad, False, False
             if isinstance(grad, DTensor):
-                names = grad.device_mesh.mesh_dim_names or ()
-                # any placement that is neither replicated nor partial splits the tensor (Shard, and the
-                # _StridedShard FSDP2 uses on top of TP, which is not a Shard subclass)
-                split = [not (pl.is_replicate() or pl.is_partial()) for pl in grad.placements]
-                sharded = {name for name, is_split in zip(names, split) if is_split}
-                dp_split, tp_split = "dp_shard" in sharded, "tp" in sharded
+                dims = grad.device_mesh.mesh_dim_names or ()
+                # a placement that is neither replicated nor partial splits the tensor: Shard, and the
+                # _StridedShard that FSDP2 uses on top of TP (not a Shard subclass)
+                split = {dim for dim, pl in zip(dims, grad.placements) if not (pl.is_replicate() or pl.is_partial())}
+                dp_split, tp_split = "dp_shard" in split, "tp" in split
                 grad = grad.to_local()
             spec = self.specs.get(name)
             if spec is not None and spec.dim is not None and spec.tp_disjoint:
                 tp_split = True
-            buckets[int(dp_split), int(tp_split)] += grad.detach().double().square().sum().cpu()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        buckets = buckets.to(device)
-        dp_group, tp_group = self.mesh["dp_shard"].get_group(), self.tp_group
-        for dp_split in (0, 1):
-            for tp_split in (0, 1):
-                if dp_split and self.mesh["dp_shard"].size() > 1:
-                    dist.all_reduce(buckets[dp_split, tp_split], group=dp_group)
-                if tp_split and self.tp > 1:
-                    dist.all_reduce(buckets[dp_split, tp_split], group=tp_group)
+            buckets[int(dp_split), int(tp_split)] += grad.detach().to(device, torch.float64).square().sum()
+        if self.mesh["dp_shard"].size() > 1:
+            dp_pair = buckets[1].clone()
+            dist.all_reduce(dp_pair, group=self.mesh["dp_shard"].get_group())
+            buckets[1] = dp_pair
+        if self.tp > 1:
+            tp_pair = buckets[:, 1].clone()
+            dist.all_reduce(tp_pair, group=self.tp_group)
+            buckets[:, 1] = tp_pair
         return buckets.sum().cpu().sqrt()
 
     def clip_grad_norm_(self, max_norm: float) -> float:
