@@ -50,7 +50,7 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from dchag.bench.report import fused_table, write_json
+    from dchag.bench.report import write_json
     from dchag.bench.sweeps import SWEEPS, sweep_size
 
     if args.sweep not in SWEEPS:
@@ -66,7 +66,7 @@ def cmd_bench(args) -> int:
         "threads": torch.get_num_threads(),
     }
     write_json(records, args.json, meta)
-    table = fused_table(records)
+    table = SWEEPS[args.sweep][2](records)
     print(table)
     if args.table:
         from pathlib import Path
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="run a benchmark sweep: JSON records and a table of ratios")
-    p.add_argument("--sweep", required=True, help="fused-cpu")
+    p.add_argument("--sweep", required=True, help="fused-cpu | channel-parallel-cpu")
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--table", help="also write the Markdown table here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="sweep size, e.g. channels=128 repeats=5")
