@@ -75,3 +75,19 @@ def test_grouped_convolution_backward_flops_equal_two_forwards():
     assert forward == 2 * 2 * 8 * 16 * 16  # 2 FLOPs per input pixel: every pixel meets one filter tap
     total = count_flops(lambda: torch.nn.functional.conv2d(x, w, stride=4, groups=8).sum().backward())
     assert total == 3 * forward
+
+
+def test_channel_parallel_sweep_measures_every_rank_and_shows_dchag_holds_less(tmp_path, capsys):
+    out = tmp_path / "cp.json"
+    rc = main(["bench", "--sweep", "channel-parallel-cpu", "--json", str(out), "--set", "channels=16", "embed_dim=32",
+               "heads=4", "img_size=[16, 16]", "tp=[2]"])  # fmt: skip
+    assert rc == 0
+    records = json.loads(out.read_text())["records"]
+    by = {(r["variant"], r["rank"]): r for r in records}
+    assert {rank for _, rank in by} == {0, 1}
+    for rank in (0, 1):
+        base, dchag = by[("baseline", rank)], by[("dchag-L fused", rank)]
+        assert dchag["rank_channels"] == 8 and base["rank_channels"] == 16  # each rank loads only its channels
+        assert dchag["front_end_param_bytes"] < base["front_end_param_bytes"]
+        assert dchag["front_end_peak_mem_bytes"] < base["front_end_peak_mem_bytes"]
+    assert "baseline / this" in capsys.readouterr().out
