@@ -187,7 +187,8 @@ class ParallelFrontEnd(nn.Module):
         if self.gathered_counts and len(set(self.gathered_counts)) > 1:  # drop the padding after the gather
             n_max = max(self.gathered_counts)
             keep = [r * n_max + j for r, n in enumerate(self.gathered_counts) for j in range(n)]
-            self.register_buffer("gather_keep", torch.tensor(keep), persistent=False)
+            device = front_end.channel_index.device
+            self.register_buffer("gather_keep", torch.tensor(keep, device=device), persistent=False)
         else:
             self.gather_keep = None
 
