@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dchag.data.synthetic_hyperspectral import SyntheticHyperspectral
@@ -36,9 +38,13 @@ def batch_indices(
     """
     global_batch = batch_size * world
     start = step * global_batch + rank * batch_size
-    out = []
-    for pos in range(start, start + batch_size):
-        epoch, offset = divmod(pos, num_samples)
-        perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 65_537 + epoch))
-        out.append(int(perm[offset]))
-    return out
+    return [
+        _epoch_order(num_samples, seed, pos // num_samples)[pos % num_samples]
+        for pos in range(start, start + batch_size)
+    ]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_samples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The seeded sample order of one epoch."""
+    return tuple(torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 65_537 + epoch)).tolist())
