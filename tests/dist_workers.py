@@ -212,3 +212,10 @@ def bf16_parameters_step(*overrides) -> dict:
         if p.grad is not None
     )
     return {"loss_rel": float((mean - expected).abs() / expected.abs()), "finite": finite}
+
+
+def fail_on_rank_one() -> int:
+    if dist.get_rank() == 1:
+        raise ValueError("boom on rank 1")
+    dist.barrier()
+    return dist.get_rank()

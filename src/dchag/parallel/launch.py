@@ -5,11 +5,12 @@ Ranks rendezvous through a file (no fixed ports) and hand their return values ba
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
+import sys
 import tempfile
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,16 +25,21 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, a
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(minutes=10)
+    )
     try:
         result = fn(*args)
         error = None
+        dist.barrier()  # every rank is done with every collective before any rank leaves
     except BaseException as err:  # report the failure to the parent with its traceback
         result, error = None, f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}"
-    finally:
-        with contextlib.suppress(Exception):  # a failed rank may leave the group half torn down
-            dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps((result, error)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter teardown: gloo's worker threads can abort the process from C++ static
+    # destructors ("terminate called without an active exception") after the work is done and written.
+    os._exit(0)
 
 
 def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
@@ -56,6 +62,7 @@ def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
             results.append(result)
             if error:
                 errors.append(error)
-        if errors:
+        if errors:  # the rank that failed first, not the peers that lost their connection to it
+            errors.sort(key=lambda e: any(s in e for s in ("Connection reset", "Connection closed", "Broken pipe")))
             raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
         return results
