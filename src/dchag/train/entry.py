@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch.distributed as dist
 
 from dchag.config import Config
@@ -9,11 +12,16 @@ from dchag.train.loop import summary_line, train
 
 
 def run_training(cfg: Config, out_dir: str, *, progress: bool = True) -> int:
-    try:
-        summary = train(cfg, out_dir, progress=progress)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(summary_line(summary), flush=True)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    summary = train(cfg, out_dir, progress=progress)
+    if not dist.is_initialized():
+        print(summary_line(summary), flush=True)
+        return 0
+    if dist.get_rank() == 0:
+        print(summary_line(summary), flush=True)
+    dist.barrier()  # every rank has finished every collective and file write
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter teardown: gloo's worker threads can abort a finished process from C++
+    # static destructors ("terminate called without an active exception"), which torchrun reports as a
+    # failed run.
+    os._exit(0)
