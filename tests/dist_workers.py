@@ -6,8 +6,6 @@ assert on the results, so process start-up is paid a few times, not once per cas
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
@@ -16,7 +14,7 @@ from dchag.config import load_config
 from dchag.model import build_model
 from dchag.parallel import ParallelDims, build_mesh, parallelize
 from dchag.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
-from dchag.parallel.parity import randomize_parameters_, run_parity
+from dchag.parallel.parity import reference_and_parallel, run_parity
 from dchag.parallel.state import logical_state_dict
 from dchag.train.loop import mask_noise_for_step, seed_dropout
 
@@ -93,20 +91,10 @@ def collectives_both_directions() -> dict:
     }
 
 
-def _parallel_copy(cfg, seed=0):
-    mesh = build_mesh(ParallelDims.from_config(cfg.parallel))
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    randomize_parameters_(model, seed + 1)
-    reference = copy.deepcopy(model)
-    plan = parallelize(model, cfg, mesh)
-    return reference, plan
-
-
 def front_end_communication(*overrides) -> dict:
     """Collectives the D-CHAG part of the front end issues, forward and backward (CommDebugMode)."""
     cfg = config(*overrides)
-    _, plan = _parallel_copy(cfg)
+    _, plan = reference_and_parallel(cfg)
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
     x = torch.randn(2, len(cfg.channels), 16, 32)[:, c0:c1]
     with CommDebugMode() as forward:
@@ -126,7 +114,7 @@ def front_end_communication(*overrides) -> dict:
 def front_end_parameter_share(*overrides) -> dict:
     """Tokenizer + level-1 parameters on this rank vs the single-device model."""
     cfg = config(*overrides)
-    reference, plan = _parallel_copy(cfg)
+    reference, plan = reference_and_parallel(cfg)
     single = sum(p.numel() for p in reference.front_end.tokenizer.parameters()) + sum(
         p.numel() for p in reference.front_end.hierarchy.levels[0].parameters()
     )
@@ -138,7 +126,7 @@ def front_end_parameter_share(*overrides) -> dict:
 def random_state_consistency(*overrides) -> dict:
     """Dropout outputs and MAE masks on a (dp_shard=2, tp=2) mesh, same input on every rank."""
     cfg = config(*overrides)
-    _, plan = _parallel_copy(cfg)
+    _, plan = reference_and_parallel(cfg)
     model = plan.model.train()
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
     x = torch.randn(2, len(cfg.channels), 16, 32, generator=torch.Generator().manual_seed(5))[:, c0:c1]
@@ -153,7 +141,7 @@ def layout_round_trip() -> dict:
     """Weights changed under (dp_shard=2, tp=2) are saved in the logical layout and load at tp=4 and tp=1."""
     split = ["model.hierarchy.preset=dchag-C", *SPLITS["uneven"]]
     cfg = config(*split, "parallel.tp=2", "parallel.dp_shard=2")
-    _, plan = _parallel_copy(cfg)
+    _, plan = reference_and_parallel(cfg)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # a stand-in for training: every local shard changes differently
         for p in plan.model.parameters():
@@ -195,7 +183,7 @@ def layout_round_trip() -> dict:
 def bf16_parameters_step(*overrides) -> dict:
     """One forward/backward with FSDP2 bf16 parameters against the fp32 single-device loss."""
     cfg = config(*overrides, "parallel.bf16_params=true")
-    reference, plan = _parallel_copy(cfg)
+    reference, plan = reference_and_parallel(cfg)
     x = torch.randn(4, len(cfg.channels), 16, 32, generator=torch.Generator().manual_seed(1))
     lead = torch.tensor([6.0, 12.0, 18.0, 24.0])
     expected = reference(x, lead).pred.float().square().mean()

@@ -276,12 +276,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
-    cfg = _from_dict(Config, data)
-    validate(cfg)
-    return cfg
-
-
 # ---------------------------------------------------------------------------------------------------
 # validation
 

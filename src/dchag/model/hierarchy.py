@@ -63,7 +63,7 @@ class HierarchyLevel(nn.Module):
         if self.kind == "linear":  # padding width follows the largest group kept
             state["weight"] = state["weight"][..., : max(sub.sizes)]
         sub.aggregator.load_state_dict(state)
-        return sub.to(agg.wq.device if self.kind == "cross_attention" else agg.weight.device)
+        return sub.to(next(agg.parameters()).device)
 
     def group(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, M, L, D] -> [B, G, n, L, D]; a free reshape when the groups are even."""

@@ -49,6 +49,18 @@ def randomize_parameters_(model: torch.nn.Module, seed: int, scale: float = 0.05
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def reference_and_parallel(cfg, seed: int = 0):
+    """(single-device reference, ParallelPlan of an identical copy) with the same random weights on every
+    rank; the mesh comes from `cfg.parallel`. The reference lives on the mesh's device type."""
+    mesh = build_mesh(ParallelDims.from_config(cfg.parallel))
+    torch.manual_seed(seed)
+    reference = build_model(cfg)
+    randomize_parameters_(reference, seed + 1)
+    reference.to(mesh.device_type)
+    plan = parallelize(copy.deepcopy(reference), cfg, mesh)
+    return reference, plan
+
+
 def _inject(fault: str, plan):
     """Deliberate bugs that a parity check must catch; returns a function that undoes the fault."""
     if fault == "gather-reduce-scatter":
@@ -92,13 +104,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     with the plain reference implementation.
     """
     dims = ParallelDims.from_config(cfg.parallel)
-    mesh = build_mesh(dims)
-    device = mesh.device_type
-    torch.manual_seed(seed)
-    reference = build_model(cfg)
-    randomize_parameters_(reference, seed + 1)
-    reference.to(device)
-    parallel_model = copy.deepcopy(reference)
+    reference, plan = reference_and_parallel(cfg, seed)
+    device = plan.mesh.device_type
     if reference_materializing:
         reference.front_end.fused = False
 
@@ -115,7 +122,6 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     ref_loss.backward()
     ref_grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in reference.named_parameters()}
 
-    plan = parallelize(parallel_model, cfg, mesh)
     restore = _inject(fault, plan) if fault == "gather-reduce-scatter" else None
     rows = slice(plan.dp_rank * batch_size, (plan.dp_rank + 1) * batch_size)
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]

@@ -41,7 +41,8 @@ def logical_tensors(plan, getter: Callable[[torch.nn.Parameter], torch.Tensor | 
     pieces: dict[str, list] = defaultdict(list)
     for name, param in plan.model.named_parameters():
         value = getter(param)
-        value = _full(value).detach() if value is not None else torch.zeros(_full(param.detach()).shape)
+        # no gradient: zeros of the parameter's global shape (a DTensor's .shape is already global)
+        value = _full(value).detach() if value is not None else torch.zeros(param.shape)
         value = value.cpu()
         spec = plan.specs.get(name)
         if spec is None:
