@@ -91,23 +91,45 @@ def collectives_both_directions() -> dict:
     }
 
 
+def _counts(mode) -> dict:
+    """{op name: count} from a CommDebugMode, without namespaces."""
+    return {str(k).split(".")[-1]: v for k, v in mode.get_comm_counts().items()}
+
+
 def front_end_communication(*overrides) -> dict:
-    """Collectives the D-CHAG part of the front end issues, forward and backward (CommDebugMode)."""
+    """Collectives of the front end's forward and backward (CommDebugMode), and of the D-CHAG part alone."""
     cfg = config(*overrides)
     _, plan = reference_and_parallel(cfg)
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
     x = torch.randn(2, len(cfg.channels), 16, 32)[:, c0:c1]
+    with CommDebugMode() as part:
+        plan.model.front_end.distributed_part(x)
     with CommDebugMode() as forward:
-        tokens = plan.model.front_end.distributed_part(x)
+        z = plan.model.front_end(x)
     with CommDebugMode() as backward:
-        tokens.square().sum().backward()
-    with CommDebugMode() as whole:
-        plan.model.front_end(x)
-    name = lambda counts: {str(k).split(".")[-1]: v for k, v in counts.items()}  # noqa: E731
+        z.square().sum().backward()
+    return {"part_forward": _counts(part), "forward": _counts(forward), "backward": _counts(backward)}
+
+
+def step_communication(*overrides) -> dict:
+    """Collectives of one training step (after a warm-up step) and of one ViT block's forward + backward."""
+    from dchag.bench.comm import CommBytesMode, summarize
+    from dchag.bench.tp_comm_sweep import _training_step
+    from dchag.data import build_source
+
+    cfg = config(*overrides)
+    _, plan = reference_and_parallel(cfg)
+    source = build_source(cfg, channels=plan.input_channels)
+    _training_step(plan, cfg, source, 0)
+    with CommBytesMode() as step_mode:
+        _training_step(plan, cfg, source, 1)
+    x = torch.randn(2, plan.model.num_patches, cfg.model.embed_dim, requires_grad=True)
+    with CommBytesMode() as block_mode:
+        plan.model.blocks[0](x).square().sum().backward()
+    group = str(plan.tp_group.group_name)
     return {
-        "forward": name(forward.get_comm_counts()),
-        "backward": name(backward.get_comm_counts()),
-        "whole_forward": name(whole.get_comm_counts()),
+        "step": summarize(step_mode.records, group)["by_op"],
+        "block": summarize(block_mode.records, group)["by_op"],
     }
 
 
@@ -124,7 +146,8 @@ def front_end_parameter_share(*overrides) -> dict:
 
 
 def random_state_consistency(*overrides) -> dict:
-    """Dropout outputs and MAE masks on a (dp_shard=2, tp=2) mesh, same input on every rank."""
+    """The encoder's output (a replicated activation, after every dropout) and MAE masks on a
+    (dp_shard=2, tp=2) mesh, same input on every rank."""
     cfg = config(*overrides)
     _, plan = reference_and_parallel(cfg)
     model = plan.model.train()
@@ -133,8 +156,11 @@ def random_state_consistency(*overrides) -> dict:
     seed_dropout(cfg, plan.dp_rank)
     rows = slice(plan.dp_rank * 2, plan.dp_rank * 2 + 2)
     noise = mask_noise_for_step(cfg, 3, 4, model.num_patches)[rows]
+    latent = []
+    hook = model.norm.register_forward_hook(lambda module, args, out: latent.append(out.detach()))
     out = model(x, mask_noise=noise)
-    return {"tp_rank": plan.tp_rank, "dp_rank": plan.dp_rank, "pred": out.pred.detach(), "mask": out.mask}
+    hook.remove()
+    return {"tp_rank": plan.tp_rank, "dp_rank": plan.dp_rank, "latent": latent[0], "mask": out.mask}
 
 
 def layout_round_trip() -> dict:
@@ -207,3 +233,125 @@ def fail_on_rank_one() -> int:
         raise ValueError("boom on rank 1")
     dist.barrier()
     return dist.get_rank()
+
+
+def attention_dropout_streams() -> dict:
+    """`attend` on the same q/k/v on every rank: rank r's heads (block r of T) against the single-device
+    call that draws T blocks, and against the other ranks."""
+    from dchag.model.vit import attend
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2 * world, 6, 4, generator=g) for _ in range(3))  # [B, H, L, e]
+    heads = slice(2 * rank, 2 * rank + 2)
+    torch.manual_seed(11)
+    mine = attend(q[:, heads], k[:, heads], v[:, heads], 0.5, (rank, 1))
+    after_mine = torch.rand(3)  # the global generator after the call: must be in step on every rank
+    torch.manual_seed(11)
+    single = attend(q, k, v, 0.5, (0, world))
+    after_single = torch.rand(3)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine.contiguous())
+    return {
+        "equals_single_device_block": torch.equal(mine, single[:, heads]),
+        "differs_from_rank0": rank == 0 or not torch.equal(mine, everyone[0]),
+        "generator_in_step": torch.equal(after_mine, after_single),
+    }
+
+
+def replica_check(*overrides) -> dict:
+    """Training steps keep replicas identical (the check passes); a divergence injected on TP rank 1
+    ends every rank with the same message."""
+    from dchag.data import build_source
+    from dchag.parallel.parallelize import ReplicaDivergence
+    from dchag.train.loop import Layout, train_step
+    from dchag.train.optim import build_optimizer
+
+    cfg = config(*overrides)
+    _, plan = reference_and_parallel(cfg)
+    source = build_source(cfg, channels=plan.input_channels)
+    optimizer = build_optimizer(plan.model, cfg.train)
+    seed_dropout(cfg, plan.dp_rank)
+    for step in range(3):
+        batch = source.batch(list(range(step * 4, step * 4 + 4))[plan.dp_rank * 2 : plan.dp_rank * 2 + 2])
+        train_step(Layout(plan.model, plan), optimizer, batch, cfg, step, source.lat_weights(), None, source.channels)
+        plan.check_replicas(step)
+    names, _ = plan.replica_checksums()
+    target = "blocks.0.norm1.weight"
+    assert target in names
+    if plan.tp_rank == 1:
+        with torch.no_grad():
+            dict(plan.model.named_parameters())[target].to_local()[0] += 1e-6
+    try:
+        plan.check_replicas(3)
+        message = None
+    except ReplicaDivergence as err:
+        message = str(err)
+    return {"message": message, "replicated": len(names)}
+
+
+def nan_in_one_rank(*overrides, bad_rank: int = 2) -> dict:
+    """NaN in one input channel of one TP rank: every rank stops in the same step with the same message."""
+    import time
+
+    from dchag.data import build_source
+    from dchag.train.guards import TrainingFailure
+    from dchag.train.loop import Layout, train_step
+    from dchag.train.optim import build_optimizer
+
+    cfg = config(*overrides)
+    _, plan = reference_and_parallel(cfg)
+    source = build_source(cfg, channels=plan.input_channels)
+    optimizer = build_optimizer(plan.model, cfg.train)
+    start = time.perf_counter()
+    for step in range(3):
+        batch = source.batch([0, 1, 2, 3])
+        if step == 1 and dist.get_rank() == bad_rank:
+            batch["x"][1, 1, 2, 3] = float("nan")  # the second channel this rank holds
+        try:
+            train_step(
+                Layout(plan.model, plan), optimizer, batch, cfg, step, source.lat_weights(), None, source.channels
+            )
+        except TrainingFailure as err:
+            return {
+                "step": step,
+                "message": str(err),
+                "seconds": time.perf_counter() - start,
+                "channels": source.channels,
+            }
+    return {"step": None, "message": None, "seconds": time.perf_counter() - start, "channels": source.channels}
+
+
+def optimizer_steps_match(*overrides, steps: int = 3) -> dict:
+    """`steps` training steps (AdamW with weight decay, the config's clipping) single-device and parallel
+    on the same batches: logical weights afterwards, and whether clipping engaged."""
+    from dchag.data import batch_indices, build_source
+    from dchag.parallel.state import logical_state_dict
+    from dchag.train.loop import Layout, train_step
+    from dchag.train.optim import build_optimizer
+
+    cfg = config(*overrides)
+    reference, plan = reference_and_parallel(cfg)
+    full_source = build_source(cfg)
+    local_source = build_source(cfg, channels=plan.input_channels)
+    ref_opt, opt = build_optimizer(reference, cfg.train), build_optimizer(plan.model, cfg.train)
+    local = 4 // plan.dp_size
+    rows = slice(plan.dp_rank * local, (plan.dp_rank + 1) * local)
+    lat = full_source.lat_weights() if cfg.train.task == "forecast" else None
+    norms = []
+    for step in range(steps):
+        indices = batch_indices(full_source.num_samples, 4, step, 0)
+        ref_batch, batch = full_source.batch(indices), local_source.batch(indices[rows])
+        noise = mask_noise_for_step(cfg, step, 4, reference.num_patches) if cfg.train.task == "mae" else None
+        _, ref_norm = train_step(Layout(reference), ref_opt, ref_batch, cfg, step, lat, noise, full_source.channels)
+        local_noise = noise[rows] if noise is not None else None
+        train_step(Layout(plan.model, plan), opt, batch, cfg, step, lat, local_noise, local_source.channels)
+        norms.append(float(ref_norm))
+    got, expected = logical_state_dict(plan), reference.state_dict()
+    rel = {k: float((got[k] - v).abs().max() / v.abs().max().clamp(min=1e-12)) for k, v in expected.items()}
+    return {
+        "worst": max(rel.values()),
+        "worst_name": max(rel, key=rel.get),
+        "norms": norms,
+        "clip": cfg.train.grad_clip,
+    }

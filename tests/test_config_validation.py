@@ -115,3 +115,18 @@ def test_shipped_configs_validate():
 
     for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_a_torch_older_than_the_floor_is_refused_in_one_line(monkeypatch, capsys):
+    import torch
+
+    from dchag import MIN_TORCH, torch_too_old
+    from dchag.cli import main
+
+    assert MIN_TORCH == (2, 8)
+    assert torch_too_old("2.13.0+cpu") is None and torch_too_old("2.8.0") is None
+    assert "torch >= 2.8" in torch_too_old("2.7.1")
+    monkeypatch.setattr(torch, "__version__", "2.6.0")
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "2.6.0" in err and ">= 2.8" in err

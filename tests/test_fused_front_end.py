@@ -118,3 +118,26 @@ def test_fused_path_never_builds_channel_tokens():
             level.forward_fused(x, weight, shift).sum().backward()
         token_numel = b * c * (32 // patch) ** 2 * d
         assert mode.largest <= token_numel / 4, (kind, mode.largest, token_numel)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("preset", ["flat", "dchag-L", "dchag-C"])
+def test_fused_front_end_trains_under_autocast(preset, dtype):
+    """The fused custom autograd function computes forward and backward in autocast's dtype (its backward
+    runs outside autocast) and hands back gradients in the parameters' dtype, close to fp32's."""
+    cfg = small_config(f"model.hierarchy.preset={preset}")
+    model = randomize_(build_model(cfg), 3, scale=0.1)
+    x = torch.randn(2, 10, 16, 32, generator=torch.Generator().manual_seed(4))
+    lead = torch.tensor([6.0, 12.0])
+    model(x, lead).pred.square().mean().backward()
+    fp32 = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        low = model(x, lead).pred
+    assert low.dtype == dtype
+    scale = 2.0**12 if dtype == torch.float16 else 1.0  # fp16 needs loss scaling (GradScaler) against underflow
+    (low.float().square().mean() * scale).backward()
+    grads = {n: p.grad / scale for n, p in model.named_parameters()}
+    assert all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads.values())
+    tokenizer = "front_end.tokenizer.weight"
+    assert rel(grads[tokenizer], fp32[tokenizer]) < 64 * torch.finfo(dtype).eps, rel(grads[tokenizer], fp32[tokenizer])

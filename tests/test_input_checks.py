@@ -1,21 +1,44 @@
-"""Bad input batches are refused with the channel that is broken, before they reach the model."""
+"""Bad values stop training with a message that names what is broken (one rank: see test_tp_reliability
+for the same decision taken by every rank of a distributed job)."""
 
 import pytest
 import torch
 
-from dchag.train.batches import check_finite
+from dchag.train.guards import GRAD, INPUT, LOSS, TARGET, TrainingFailure, decide, findings, first_bad_channel
+
+
+def test_first_bad_channel_is_found_without_a_host_sync():
+    x = torch.zeros(2, 5, 4, 4)
+    assert int(first_bad_channel(x)) == 0
+    x[1, 3, 0, 0] = float("nan")
+    x[0, 4, 1, 1] = float("inf")
+    assert int(first_bad_channel(x)) == 4  # 1 + index of the first broken channel (3)
+
+
+def test_findings_flag_input_target_loss_and_gradient_separately():
+    x = torch.zeros(1, 2, 2, 2)
+    batch = {"x": x, "y": torch.full((1, 1, 2, 2), float("inf")), "lead_hours": torch.tensor([6.0])}
+    found = findings(batch, torch.tensor(float("nan")), torch.tensor(1.0))
+    assert found.tolist()[INPUT] == 0 and found[TARGET] == 1 and found[LOSS] == 1 and found[GRAD] == 0
 
 
 def test_nan_in_an_input_channel_is_named():
     x = torch.zeros(2, 3, 4, 4)
     x[1, 2, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"step 7: channel 'v10' has 1 NaN/Inf"):
-        check_finite({"x": x}, 7, ["t2m", "u10", "v10"])
+    model = torch.nn.Linear(1, 1)
+    with pytest.raises(TrainingFailure, match=r"step 7: rank 0: input channel 'v10' holds NaN/Inf.*data source"):
+        decide(
+            findings({"x": x}, torch.tensor(1.0), torch.tensor(1.0)), 7, ["t2m", "u10", "v10"], model, distributed=False
+        )
 
 
-def test_inf_in_target_is_refused():
-    with pytest.raises(ValueError, match="'y'"):
-        check_finite({"x": torch.zeros(1, 1, 2, 2), "y": torch.full((1, 1, 2, 2), float("inf"))}, 0, ["a"])
+def test_non_finite_gradient_names_the_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model(torch.ones(1, 2)).sum().backward()
+    model[1].weight.grad[0, 0] = float("inf")
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    with pytest.raises(TrainingFailure, match=r"non-finite gradients in 1\.weight.*lower train.lr"):
+        decide(findings({"x": torch.zeros(1, 1, 1, 1)}, torch.tensor(1.0), norm), 0, ["a"], model, distributed=False)
 
 
 def test_nan_batch_stops_training_with_that_message(monkeypatch, tmp_path):
@@ -32,5 +55,5 @@ def test_nan_batch_stops_training_with_that_message(monkeypatch, tmp_path):
         return batch
 
     monkeypatch.setattr(SyntheticWeather, "batch", broken)
-    with pytest.raises(ValueError, match="channel 'u10'"):
+    with pytest.raises(TrainingFailure, match="input channel 'u10'"):
         train(small_config("train.steps=2"), tmp_path, progress=False)

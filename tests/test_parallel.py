@@ -17,6 +17,10 @@ FAULTS = {
         ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.tp=4"],
         "gather-reduce-scatter",
     ),
+    "fault/gather-own-slice": (
+        ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.tp=4"],
+        "gather-own-slice",
+    ),
     "fault/grad-scale": (["model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "parallel.tp=4"], "grad-scale"),
 }
 EXTRA_4 = {
@@ -116,6 +120,11 @@ def _four_rank_suite():
             {"tp4": ["parallel.tp=4"], "fsdp2x2": ["parallel.tp=2", "parallel.dp_shard=2"]}, {**EXTRA_4, **FAULTS}
         ),
         "comm": W.front_end_communication("model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "parallel.tp=4"),
+        "comm_linear_last": W.front_end_communication(
+            "data.channels=16",
+            "model.hierarchy.levels=[{kind: cross_attention, groups: 4}, {kind: linear, groups: 1}]",
+            "parallel.tp=4",
+        ),
         "share": W.front_end_parameter_share("model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "parallel.tp=4"),
         "rng": W.random_state_consistency(
             "model.hierarchy.preset=dchag-C",
@@ -195,11 +204,20 @@ def test_fused_distributed_front_end_equals_the_materializing_reference(world, r
 
 
 def test_gather_with_reduce_scatter_backward_is_caught(four):
-    """torch's autograd all-gather (reduce-scatter backward) multiplies front-end gradients by tp."""
+    """torch's autograd all-gather (reduce-scatter backward) where the gradient is already complete
+    multiplies front-end gradients by tp."""
     worst, tensors, output_rel = four[0]["parity"]["fault/gather-reduce-scatter"]
     assert output_rel <= TOL  # the forward is right ...
     assert worst > 1.0, tensors  # ... and the gradient is (tp - 1) = 3 times off
     assert any(name.startswith("front_end.tokenizer") for name, _ in tensors)
+
+
+def test_gather_with_own_slice_backward_into_the_head_parallel_level_is_caught(four):
+    """The opposite mistake: not summing the head-parallel level's partial input gradients."""
+    worst, tensors, output_rel = four[0]["parity"]["fault/gather-own-slice"]
+    assert output_rel <= TOL
+    assert worst > 0.1, tensors
+    assert all(name.startswith("front_end.") for name, _ in tensors)
 
 
 def test_wrong_gradient_scale_is_caught(four):
@@ -212,13 +230,21 @@ def test_collectives_work_in_both_directions(two):
         assert all(rank_result["collectives"].values()), rank_result["collectives"]
 
 
-def test_dchag_front_end_does_one_all_gather_forward_and_no_collective_backward(four):
+def test_dchag_front_end_needs_one_all_gather_one_all_reduce_forward_and_one_reduce_scatter_backward(four):
     for rank_result in four:
         comm = rank_result["comm"]
+        assert comm["part_forward"] == {"allgather_": 1}  # D-CHAG proper: one gather of a few tokens
+        # the head-parallel last level adds one all-reduce forward; in backward the gather's
+        # reduce-scatter is the only collective (it sums that level's partial input gradients)
+        assert comm["forward"] == {"allgather_": 1, "allreduce_": 1}
+        assert comm["backward"] == {"_reduce_scatter_base_": 1}
+
+
+def test_gather_before_a_level_that_runs_whole_has_no_backward_collective(four):
+    for rank_result in four:
+        comm = rank_result["comm_linear_last"]
         assert comm["forward"] == {"allgather_": 1}
         assert comm["backward"] == {}
-        # the head-parallel last level adds exactly one all-reduce to the whole front end's forward
-        assert comm["whole_forward"] == {"allgather_": 1, "allreduce_": 1}
 
 
 def test_each_rank_holds_one_tp_th_of_tokenizer_and_level1_parameters(four):
@@ -227,12 +253,12 @@ def test_each_rank_holds_one_tp_th_of_tokenizer_and_level1_parameters(four):
         assert share["local"] * share["tp"] == share["single"]
 
 
-def test_dropout_and_mae_masks_agree_within_tp_and_differ_across_dp(four):
+def test_dropout_keeps_replicated_activations_bit_identical_within_tp_and_mae_masks_differ_across_dp(four):
     by_rank = {(r["rng"]["dp_rank"], r["rng"]["tp_rank"]): r["rng"] for r in four}
     for dp in (0, 1):
-        assert torch.equal(by_rank[(dp, 0)]["pred"], by_rank[(dp, 1)]["pred"])
+        assert torch.equal(by_rank[(dp, 0)]["latent"], by_rank[(dp, 1)]["latent"])
         assert torch.equal(by_rank[(dp, 0)]["mask"], by_rank[(dp, 1)]["mask"])
-    assert not torch.equal(by_rank[(0, 0)]["pred"], by_rank[(1, 0)]["pred"])
+    assert not torch.equal(by_rank[(0, 0)]["latent"], by_rank[(1, 0)]["latent"])
     assert not torch.equal(by_rank[(0, 0)]["mask"], by_rank[(1, 0)]["mask"])
 
 

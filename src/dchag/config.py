@@ -134,6 +134,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     bf16_params: bool = False  # FSDP2 MixedPrecisionPolicy(param_dtype=bf16)
+    check_replicas_every: int = 100  # steps between checks that TP-replicated weights agree (0: never)
 
 
 @dataclass
@@ -397,6 +398,10 @@ def validate(cfg: Config) -> None:
 
     for name in ("tp", "dp_shard", "dp_replicate"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+    _check(
+        p.check_replicas_every >= 0,
+        f"parallel.check_replicas_every={p.check_replicas_every} must be >= 0 (0 switches the check off)",
+    )
     _check(p.mode in PARALLEL_MODES, f"parallel.mode={p.mode!r} is unknown; use one of {PARALLEL_MODES}")
     _check(
         m.num_heads % p.tp == 0,

@@ -10,11 +10,13 @@ from typing import Callable
 from dchag.bench.channel_parallel_sweep import ChannelParallelSize, channel_parallel_cpu, channel_parallel_table
 from dchag.bench.fused_sweep import FusedSweepSize, fused_cpu
 from dchag.bench.report import fused_table
+from dchag.bench.tp_comm_sweep import TPCommSize, tp_comm_cpu, tp_comm_table
 
 # name -> (size dataclass, run(size) -> records, table(records) -> Markdown)
 SWEEPS: dict[str, tuple[type, Callable, Callable]] = {
     "fused-cpu": (FusedSweepSize, fused_cpu, fused_table),
     "channel-parallel-cpu": (ChannelParallelSize, channel_parallel_cpu, channel_parallel_table),
+    "tp-comm-cpu": (TPCommSize, tp_comm_cpu, tp_comm_table),
 }
 
 

@@ -28,6 +28,17 @@ from einops import rearrange
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 
+def compute_dtype(device_type: str, *tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a custom autograd function computes in: autocast's where autocast is on (its backward
+    runs outside autocast, so the choice must be made and remembered in forward), else the promoted type."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _upsample(a: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, C, h, w] per-patch values -> [B, C, h*p, w*p] constant over each patch."""
     return a.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
@@ -48,6 +59,12 @@ class _AttentionWeightedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attn, x, ve, patch, grid_w):
+        # Under autocast the inputs arrive in mixed dtypes and backward runs outside autocast: compute
+        # both passes in one explicit dtype (the autocast dtype, else the inputs' common type) and hand
+        # every gradient back in its input's dtype.
+        ctx.in_dtypes = (attn.dtype, x.dtype, ve.dtype)
+        dtype = compute_dtype(x.device.type, attn, x, ve)
+        attn, x, ve = attn.to(dtype), x.to(dtype), ve.to(dtype)
         b, g, l, heads, tokens, n = attn.shape
         e = ve.shape[2]
         out = attn.new_empty(b, g, l, heads, tokens, e)
@@ -65,6 +82,7 @@ class _AttentionWeightedConv(torch.autograd.Function):
     def backward(ctx, grad):
         attn, x, ve = ctx.saved_tensors
         patch, grid_w = ctx.patch, ctx.grid_w
+        grad = grad.to(x.dtype)
         b, g, l, heads, tokens, n = attn.shape
         e = ve.shape[2]
         need_attn, need_x, need_ve = ctx.needs_input_grad[:3]
@@ -86,6 +104,7 @@ class _AttentionWeightedConv(torch.autograd.Function):
                 if need_ve:
                     d_filters = conv2d_weight(x * a_up, filters.shape, g_out, stride=patch, groups=g)
                     d_ve[:, h] += d_filters.view(g, e, n, patch, patch)
+        d_attn, d_x, d_ve = (d if d is None else d.to(t) for d, t in zip((d_attn, d_x, d_ve), ctx.in_dtypes))
         return d_attn, d_x, d_ve, None, None
 
 

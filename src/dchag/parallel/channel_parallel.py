@@ -30,7 +30,7 @@ from dchag.config import ConfigError, split_sizes
 from dchag.model.front_end import FrontEnd, tokenize_and_aggregate
 from dchag.model.hierarchy import HierarchyLevel
 from dchag.model.tokenizer import ChannelTokenizer
-from dchag.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from dchag.parallel.collectives import copy_to_tp, gather_from_tp, gather_to_tp, reduce_from_tp
 
 
 @dataclass
@@ -137,8 +137,10 @@ class HeadParallelLevel(nn.Module):
         local.proj_bias = None
         self.group = group
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, M, L, D] -> [B, k, L, D]
-        partial = self.level(copy_to_tp(tokens, self.group))
+    def forward(self, tokens: torch.Tensor, entered: bool = False) -> torch.Tensor:  # [B, M, L, D] -> [B, k, L, D]
+        """`entered`: the tokens already come through a `*_to_tp` collective (the D-CHAG gather), which
+        sums their gradient over the TP group; otherwise `copy_to_tp` does."""
+        partial = self.level(tokens if entered else copy_to_tp(tokens, self.group))
         return reduce_from_tp(partial, self.group) + self.proj_bias[0]
 
     def forward_fused(self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -212,6 +214,11 @@ class ParallelFrontEnd(nn.Module):
         else:  # linear last level, or tp == 1: run it whole on every rank
             self.final = copy.deepcopy(final)
             self._spec_rest(self.final, "final", logical, partial=False)
+        # the gather feeds the head-parallel last level directly: one reduce-scatter in backward replaces
+        # the last level's all-reduce plus the gather's own-slice copy
+        self.gather_into_final = (
+            bool(self.gathered_counts) and not len(self.shared_levels) and isinstance(self.final, HeadParallelLevel)
+        )
 
     def _tokenizer_rows(
         self, tok: ChannelTokenizer, rows: torch.Tensor, name: str, prefix: str, disjoint: bool = True
@@ -234,13 +241,15 @@ class ParallelFrontEnd(nn.Module):
         """[B, n_r, L, D] on each rank -> [B, sum_r n_r, L, D] on every rank."""
         n_max = max(self.gathered_counts)
         padded = F.pad(tokens, (0, 0, 0, 0, 0, n_max - tokens.shape[1])) if tokens.shape[1] < n_max else tokens
-        gathered = gather_from_tp(padded, self.group, dim=1)  # [B, T*n_max, L, D]
+        gather = gather_to_tp if self.gather_into_final else gather_from_tp
+        gathered = gather(padded, self.group, dim=1)  # [B, T*n_max, L, D]
         return gathered if self.gather_keep is None else gathered.index_select(1, self.gather_keep)
 
     def distributed_part(self, x: torch.Tensor) -> torch.Tensor:
         """Tokenize this rank's channels, run the rank-local levels, gather: [B, C_r, H, W] -> [B, M, L, D].
 
-        This is D-CHAG proper: one all-gather forward, no communication backward.
+        This is D-CHAG proper: one all-gather forward; backward either no communication (own slice) or,
+        straight into the head-parallel last level, the one reduce-scatter that level needs anyway.
         """
         if self.local_levels:  # tokenizer + level 1, fused unless configured off
             tokens = tokenize_and_aggregate(self.tokenizer, self.local_levels[0], x, None, self.fused)
@@ -262,6 +271,9 @@ class ParallelFrontEnd(nn.Module):
             levels = levels[1:]
         else:
             tokens = self.distributed_part(x)  # [B, M, L, D]
+        if self.gather_into_final:
+            tokens = self.final(tokens, entered=True)
+            levels = []
         for level in levels:
             tokens = level(tokens)
         return rearrange(tokens, "b 1 l d -> b l d")

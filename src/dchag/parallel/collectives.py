@@ -5,11 +5,18 @@
 | `copy_to_tp`         | identity                        | all-reduce (sum)                  |
 | `reduce_from_tp`     | all-reduce (sum)                | identity                          |
 | `gather_from_tp`     | all-gather, concatenate on dim  | keep this rank's slice (no comm)  |
+| `gather_to_tp`       | all-gather, concatenate on dim  | reduce-scatter (sum, own slice)   |
 
-`gather_from_tp` is D-CHAG's gather: the gradient that reaches it is already complete on every rank
-(the next module's input gradient is all-reduced by `copy_to_tp`), so each rank keeps its own slice.
-The autograd all-gathers in torch (`torch.distributed.nn.functional.all_gather`, functional
-collectives) reduce-scatter in backward instead, which multiplies these gradients by the TP size.
+`*_to_tp` enter a region whose ranks each compute part of the result (heads, columns): the gradient
+that comes back is a per-rank partial sum, so backward sums it. `*_from_tp` leave such a region.
+
+D-CHAG's gather has two forms. When the module after it runs whole on every rank (its input gradient
+is complete everywhere), `gather_from_tp` keeps the own slice. When the module after it is the
+head-parallel last level (its input gradient is partial), `gather_to_tp` reduce-scatters: this is
+`copy_to_tp` followed by `gather_from_tp` in one collective that moves half the bytes of an all-reduce.
+Using `gather_to_tp` where the gradient is already complete (what torch's autograd all-gathers,
+`torch.distributed.nn.functional.all_gather` and functional collectives, always do) multiplies the
+gradients by the TP size: the parity checks inject exactly that fault.
 
 All work on gloo (CPU) and NCCL; tensors gathered must have the same shape on every rank (pad first).
 """
@@ -18,6 +25,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+# torch >= 2.12 renames reduce_scatter_tensor (and warns on the old name); 2.8 has only the old one
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
@@ -67,6 +77,27 @@ class _GatherFromTP(torch.autograd.Function):
         return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size).contiguous(), None, None
 
 
+class _GatherToTP(torch.autograd.Function):
+    """Forward: all-gather and concatenate along `dim` in rank order. Backward: reduce-scatter (sum the
+    partial gradients over the TP group, keep this rank's slice)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        world = dist.get_world_size(group)
+        ctx.group, ctx.dim = group, dim
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        world = dist.get_world_size(ctx.group)
+        full = grad.movedim(ctx.dim, 0).contiguous()  # reduce_scatter_tensor splits dim 0
+        own = full.new_empty(full.shape[0] // world, *full.shape[1:])
+        _reduce_scatter(own, full, group=ctx.group)
+        return own.movedim(0, ctx.dim).contiguous(), None, None
+
+
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward, all-reduce backward: enter a region whose ranks each hold part of a computation."""
     return _CopyToTP.apply(x, group)
@@ -78,5 +109,12 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def gather_from_tp(x: torch.Tensor, group, dim: int) -> torch.Tensor:
-    """All-gather forward along `dim`, own-slice backward (the D-CHAG gather)."""
+    """All-gather forward along `dim`, own-slice backward (the D-CHAG gather before modules that run
+    whole on every rank)."""
     return _GatherFromTP.apply(x, group, dim)
+
+
+def gather_to_tp(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """All-gather forward along `dim`, reduce-scatter backward (the D-CHAG gather straight into the
+    head-parallel last level)."""
+    return _GatherToTP.apply(x, group, dim)

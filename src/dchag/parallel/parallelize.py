@@ -8,7 +8,6 @@ this rank loads, how to finish gradients and clip them, how to get the logical (
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,15 +15,27 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
 from torch.utils.checkpoint import checkpoint
 
 from dchag.parallel.channel_parallel import ChannelPlacement, ParallelFrontEnd, ShardSpec, place_channels
 from dchag.parallel.collectives import copy_to_tp, reduce_from_tp
 from dchag.parallel.mesh import ParallelDims, dp_mesh, dp_rank_and_size
 
+# One ViT block under TP needs one all-reduce forward and one backward per sub-layer (attention, MLP).
+# q, k and v read the same input: PrepareModuleInput turns it into one replicated DTensor at the
+# attention's entrance, so their three partial input gradients are summed locally and all-reduced once
+# (without it each ColwiseParallel all-reduces its own: three backward all-reduces instead of one).
 BLOCK_TP_PLAN = {
+    "attn": PrepareModuleInput(
+        input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
+    ),
     "attn.wq": ColwiseParallel(),
     "attn.wk": ColwiseParallel(),
     "attn.wv": ColwiseParallel(),
@@ -36,19 +47,35 @@ BLOCK_TP_PLAN = {
 
 @dataclass
 class ChannelShard:
-    """This rank's slice [start, stop) of `total` channels, for losses over all channels (MAE)."""
+    """This rank's slice [start, stop) of `total` channels, for losses over all channels (MAE): the
+    model predicts only these channels, and per-patch errors are summed over the TP group."""
 
     start: int
     stop: int
     total: int
     group: object
 
-    def enter(self, full: torch.Tensor) -> torch.Tensor:
-        """A replicated full-channel prediction -> its local channels (gradient summed over TP)."""
-        return copy_to_tp(full, self.group)[:, self.start : self.stop]
-
     def sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
         return reduce_from_tp(partial, self.group)
+
+
+class ChannelColumnLinear(nn.Linear):
+    """The rows [`rows`] of a linear layer whose outputs are per-channel pixels: this rank's channels.
+
+    Its input enters through `copy_to_tp` (every rank's rows contribute to the input's gradient), so
+    backward all-reduces a [B, L, d_in] gradient instead of a full-channel [B, C, H, W] one.
+    """
+
+    def __init__(self, full: nn.Linear, rows: torch.Tensor, group):
+        super().__init__(full.in_features, len(rows), bias=full.bias is not None, device=full.weight.device)
+        with torch.no_grad():
+            self.weight.copy_(full.weight[rows])
+            if full.bias is not None:
+                self.bias.copy_(full.bias[rows])
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(copy_to_tp(x, self.group))
 
 
 @dataclass
@@ -74,24 +101,89 @@ class ParallelPlan:
         return self.mesh["tp"].get_group()
 
     def finish_gradients(self) -> None:
-        """Sum over TP the gradients that each TP rank computed only in part (see ShardSpec.partial_grad)."""
+        """Make the gradients those of the single-device model, in the local layout.
+
+        1. A parameter without a gradient gets zeros, as on one device, where every parameter takes part
+           (vocabulary rows no channel uses, kept on TP rank 0 only, would otherwise skip AdamW's weight
+           decay and drift from the single-device model).
+        2. Gradients that each TP rank computed only in part (ShardSpec.partial_grad) are summed over TP,
+           all in one flat all-reduce.
+        """
+        partial = []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            spec = self.specs.get(name)
+            if self.tp > 1 and spec is not None and spec.partial_grad:
+                partial.append(param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad)
+        if partial:
+            flat = torch.cat([g.reshape(-1) for g in partial])
+            dist.all_reduce(flat, group=self.tp_group)
+            torch._foreach_copy_(
+                partial, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in partial]), partial)]
+            )
+
+    def _tp_replicated(self, name: str, param: torch.Tensor) -> bool:
+        """Whether every TP rank holds the same values of this (local) parameter."""
+        if isinstance(param, DTensor):
+            dims = param.device_mesh.mesh_dim_names or ()
+            if "tp" in dims and not param.placements[dims.index("tp")].is_replicate():
+                return False
+        spec = self.specs.get(name)
+        return spec is None or spec.dim is None or not spec.tp_disjoint
+
+    def replica_checksums(self) -> tuple[list[str], torch.Tensor]:
+        """Names and checksums [N, 2] (L1 and L2 norm, float64) of the TP-replicated parameters, from two
+        foreach kernels. Replicas receive bit-identical updates, so their checksums agree exactly."""
+        names, tensors = [], []
+        for name, param in self.model.named_parameters():
+            if self._tp_replicated(name, param):
+                names.append(name)
+                tensors.append((param.to_local() if isinstance(param, DTensor) else param).detach())
+        if not tensors:
+            return names, torch.zeros(0, 2, dtype=torch.float64)
+        l1 = torch.stack(torch._foreach_norm(tensors, 1))
+        l2 = torch.stack(torch._foreach_norm(tensors, 2))
+        return names, torch.stack([l1, l2], dim=1).double()
+
+    def check_replicas(self, step: int) -> None:
+        """Compare replica checksums across the TP group (one small all-gather) and agree over all ranks
+        (one all-reduce of a flag); on any difference every rank raises the same `ReplicaDivergence`,
+        naming the first parameter and the ranks, so no rank is left waiting in a collective."""
         if self.tp == 1:
             return
-        for name, param in self.model.named_parameters():
-            spec = self.specs.get(name)
-            if spec is not None and spec.partial_grad and param.grad is not None:
-                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-                dist.all_reduce(grad, group=self.tp_group)
+        names, sums = self.replica_checksums()
+        everyone = [torch.empty_like(sums) for _ in range(self.tp)]
+        dist.all_gather(everyone, sums, group=self.tp_group)
+        stacked = torch.stack(everyone)  # [T, N, 2]
+        differs = (stacked != stacked[:1]).any(dim=2).any(dim=0)  # [N]
+        flag = differs.any().to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank, every TP group, the same decision
+        if not bool(flag):
+            return
+        message = ""
+        if bool(differs.any()):
+            i = int(differs.nonzero()[0, 0])
+            ranks = [r for r in range(self.tp) if not torch.equal(stacked[r, i], stacked[0, i])]
+            message = (
+                f"step {step}: parameter {names[i]!r} (and {int(differs.sum()) - 1} more) differs between TP "
+                f"rank 0 and TP rank(s) {ranks} (L1 norm {stacked[0, i, 0]:.9g} vs {stacked[ranks[0], i, 0]:.9g})"
+            )
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        found = [m for m in messages if m]
+        groups = f" (in {len(found)} TP groups)" if len(found) > 1 else ""
+        raise ReplicaDivergence(
+            f"{found[0]}{groups}; replicated weights must stay identical: check for rank-dependent randomness "
+            "or data, then resume from the last checkpoint"
+        )
 
-    def grad_norm(self) -> torch.Tensor:
-        """Global L2 norm of all gradients, each logical element counted once.
-
-        Squared sums go to four buckets by (split over dp_shard?, split over TP?); every rank reduces the
-        dp-split pair over dp_shard, then the tp-split pair over TP, so the collectives match even where
-        ranks hold different parameters.
-        """
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        buckets = torch.zeros(2, 2, dtype=torch.float64, device=device)  # [dp-split, tp-split]
+    def _local_grads(self) -> dict[tuple[bool, bool], list[torch.Tensor]]:
+        """This rank's gradient tensors (local shards of DTensors), bucketed by (split over dp_shard?,
+        split over TP?): the buckets whose elements live on one rank only are summed across ranks."""
+        buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {}
         for name, param in self.model.named_parameters():
             if param.grad is None:
                 continue
@@ -106,25 +198,45 @@ class ParallelPlan:
             spec = self.specs.get(name)
             if spec is not None and spec.dim is not None and spec.tp_disjoint:
                 tp_split = True
-            buckets[int(dp_split), int(tp_split)] += grad.detach().to(device, torch.float64).square().sum()
-        if self.mesh["dp_shard"].size() > 1:
-            dp_pair = buckets[1].clone()
-            dist.all_reduce(dp_pair, group=self.mesh["dp_shard"].get_group())
-            buckets[1] = dp_pair
-        if self.tp > 1:
-            tp_pair = buckets[:, 1].clone()
-            dist.all_reduce(tp_pair, group=self.tp_group)
-            buckets[:, 1] = tp_pair
-        return buckets.sum().cpu().sqrt()
+            buckets.setdefault((dp_split, tp_split), []).append(grad.detach())
+        return buckets
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        norm = float(self.grad_norm())
-        if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-            scale = max_norm / (norm + 1e-6)
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of all gradients, each logical element counted once, as a 0-d float64 tensor on
+        the model's device (no host synchronisation).
+
+        Each bucket's squared norm comes from one foreach kernel; every rank reduces the dp-split pair
+        over dp_shard, then the tp-split pair over TP, so the collectives match even where ranks hold
+        different parameters.
+        """
+        device = next(self.model.parameters()).device
+        sums = torch.zeros(2, 2, dtype=torch.float64, device=device)  # [dp-split, tp-split]
+        for (dp_split, tp_split), grads in self._local_grads().items():
+            norms = torch._foreach_norm(grads)
+            sums[int(dp_split), int(tp_split)] = torch.stack(norms).to(device, torch.float64).square().sum()
+        if self.mesh["dp_shard"].size() > 1:
+            dp_pair = sums[1].clone()
+            dist.all_reduce(dp_pair, group=self.mesh["dp_shard"].get_group())
+            sums[1] = dp_pair
+        if self.tp > 1:
+            tp_pair = sums[:, 1].clone()
+            dist.all_reduce(tp_pair, group=self.tp_group)
+            sums[:, 1] = tp_pair
+        return sums.sum().sqrt()
+
+    def clip_grad_norm_(self, max_norm: float, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Scale all gradients so that their global norm is at most `max_norm` (0: no clipping); returns
+        the norm before clipping. No host synchronisation: the scale stays a tensor."""
+        norm = self.grad_norm() if norm is None else norm
+        if max_norm > 0:
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for grads in self._local_grads().values():
+                torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         return norm
+
+
+class ReplicaDivergence(RuntimeError):
+    """Parameters that must be identical on every TP rank are not (raised on every rank alike)."""
 
 
 def _checkpointed(module: nn.Module) -> None:
@@ -151,10 +263,21 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
     channels = cfg.channels
     shard = ChannelShard(c0, c1, len(channels), tp_group) if (c1 - c0) < len(channels) else None
 
-    # 2. tensor parallelism for the ViT blocks (heads and MLP columns sharded)
+    # 2. tensor parallelism for the ViT blocks (heads and MLP columns sharded); each rank's heads draw
+    #    their attention-dropout masks from their own stream (see model.vit.attend)
     if dims.tp > 1:
         for block in model.blocks:
             parallelize_module(block, tp_mesh, BLOCK_TP_PLAN)
+            block.attn.dropout_streams = (tp_rank, 1)
+    # MAE under channel parallelism: each rank predicts only its own channels (the decoder's output rows
+    # for them), so the reconstruction and its gradient never exist at full channel width
+    if shard is not None and cfg.train.task == "mae":
+        patch_px = cfg.model.patch_size**2
+        rows = torch.arange(c0 * patch_px, c1 * patch_px)
+        model.head.pred = ChannelColumnLinear(model.head.pred, rows, tp_group)
+        model.head.channels = c1 - c0
+        specs["head.pred.weight"] = ShardSpec("head.pred.weight", 0, rows)
+        specs["head.pred.bias"] = ShardSpec("head.pred.bias", 0, rows)
     # 3. activation checkpointing and compilation, per block
     for block in model.blocks:
         if p.activation_checkpointing:

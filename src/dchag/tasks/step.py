@@ -12,8 +12,8 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
     """Returns (loss, ModelOutput) for the configured task.
 
     `batch` holds x [B, C, H, W] (and, for forecasting, y [B, C_out, H, W] and lead_hours [B]).
-    `channel_shard` (from a `ParallelPlan`) is set when x holds only this rank's channels: the MAE loss
-    then compares this rank's channels and sums the errors over ranks.
+    `channel_shard` (from a `ParallelPlan`) is set when x holds only this rank's channels: the MAE model
+    then reconstructs only those, and the loss sums the per-patch errors over ranks.
     """
     if cfg.train.task == "forecast":
         out = model(batch["x"], batch["lead_hours"])
@@ -23,9 +23,8 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
     patch, loss_on = cfg.model.patch_size, cfg.train.mae_loss_on
     if channel_shard is None:
         return mae_loss(out.pred, batch["x"], out.mask, patch, loss_on), out
-    local_pred = channel_shard.enter(out.pred)  # [B, C_r, H, W]
     loss = mae_loss(
-        local_pred,
+        out.pred,  # [B, C_r, H, W]: a channel-parallel model predicts only this rank's channels
         batch["x"],
         out.mask,
         patch,

@@ -21,8 +21,8 @@ from dchag.config import Config, ConfigError, to_dict
 from dchag.data import batch_indices, build_source
 from dchag.model import build_model
 from dchag.tasks import compute_loss
-from dchag.train.batches import check_finite
 from dchag.train.checkpoint import save_atomic
+from dchag.train.guards import decide, findings
 from dchag.train.metrics import MetricsLog
 from dchag.train.optim import build_optimizer, lr_at, set_lr
 
@@ -59,26 +59,30 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or dist.is_initialized()
 
 
-class _Layout:
-    """What the loop needs of the parallel layout; single-process runs get the trivial one."""
+class Layout:
+    """What the loop needs of the parallel layout: a `ParallelPlan`, or None for one process."""
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device):
-        self.plan = None
-        self.rank, self.dp_rank, self.dp_size = 0, 0, 1
+    def __init__(self, model: torch.nn.Module, plan=None):
+        self.model, self.plan = model, plan
+        self.rank = dist.get_rank() if plan is not None else 0
+        self.dp_rank, self.dp_size = (plan.dp_rank, plan.dp_size) if plan is not None else (0, 1)
+
+    @classmethod
+    def for_run(cls, cfg: Config, model: torch.nn.Module, device: torch.device) -> "Layout":
+        """Parallelize `model` in place when launched on several ranks (torchrun), else keep it whole."""
+        n = cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate
         if launched_distributed():
             from dchag.parallel import ParallelDims, build_mesh, parallelize
             from dchag.parallel.mesh import init_distributed
 
             init_distributed()
             mesh = build_mesh(ParallelDims.from_config(cfg.parallel), device.type)
-            self.plan = parallelize(model, cfg, mesh)
-            self.rank, self.dp_rank, self.dp_size = dist.get_rank(), self.plan.dp_rank, self.plan.dp_size
-        elif cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate > 1:
-            n = cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate
+            return cls(model, parallelize(model, cfg, mesh))
+        if n > 1:
             raise ConfigError(
                 f"parallel.* asks for {n} ranks; launch with: torchrun --nproc-per-node {n} -m dchag train ..."
             )
-        self.model = model
+        return cls(model)
 
     @property
     def is_main(self) -> bool:
@@ -91,12 +95,24 @@ class _Layout:
         dist.all_reduce(v)
         return float(v) / dist.get_world_size()
 
-    def clip(self, max_norm: float) -> float:
+    @property
+    def distributed(self) -> bool:
+        return self.plan is not None
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global gradient norm as a tensor (no host synchronisation)."""
         if self.plan is not None:
-            return self.plan.clip_grad_norm_(max_norm)
-        return float(
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else float("inf"))
-        )
+            return self.plan.grad_norm()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+    def clip(self, max_norm: float, norm: torch.Tensor) -> None:
+        if max_norm <= 0:
+            return
+        if self.plan is not None:
+            self.plan.clip_grad_norm_(max_norm, norm)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, norm, foreach=True)
 
     def logical_state(self) -> dict:
         if self.plan is None:
@@ -113,7 +129,7 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
     device = pick_device(t.device)
     torch.manual_seed(t.seed)  # same initial weights on every rank
     model = build_model(cfg).to(device)
-    layout = _Layout(cfg, model, device)
+    layout = Layout.for_run(cfg, model, device)
     plan = layout.plan
     source = build_source(cfg, channels=plan.input_channels if plan else None)
     local_batch = t.batch_size // layout.dp_size
@@ -143,39 +159,22 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
         indices = batch_indices(
             source.num_samples, local_batch, step, cfg.data.seed, rank=layout.dp_rank, world=layout.dp_size
         )
-        batch = source.batch(indices)
-        check_finite(batch, step, source.channels)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in source.batch(indices).items()}
         noise = (
             mask_noise_for_step(cfg, step, t.batch_size, model.num_patches)[rows].to(device)
             if t.task == "mae"
             else None
         )
-        with autocast(cfg, device):
-            loss, _ = compute_loss(
-                model,
-                batch,
-                cfg,
-                lat_weights=lat_weights,
-                mask_noise=noise,
-                channel_shard=plan.channel_shard if plan else None,
-            )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss became {loss.item()} at step {step}; lower train.lr={t.lr} or enable train.grad_clip"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        (loss / layout.dp_size).backward()  # gradients are summed over DP ranks: this makes them a mean
-        if plan is not None:
-            plan.finish_gradients()
-        grad_norm = layout.clip(t.grad_clip)
-        optimizer.step()
+        loss, grad_norm = train_step(layout, optimizer, batch, cfg, step, lat_weights, noise, source.channels)
+        every = cfg.parallel.check_replicas_every
+        if plan is not None and every and (step % every == 0 or step == t.steps - 1):
+            plan.check_replicas(step)
         if step % t.log_every == 0 or step == t.steps - 1:
             record = {
                 "step": step,
                 "loss": layout.mean_over_ranks(loss),
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": float(grad_norm),
                 "elapsed_s": round(time.perf_counter() - start, 3),
             }
             history.append(record)
@@ -201,6 +200,33 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
             summary["checkpoint"] = str(save_atomic(state, out / "checkpoint.pt"))
             (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     return summary
+
+
+def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, lat_weights, noise, channels):
+    """Forward, backward, gradient finishing, one failure decision shared by all ranks, clipping and the
+    optimizer step (skipped when `optimizer` is None). Returns (loss, gradient norm before clipping),
+    both as tensors: nothing here waits for the device except the failure decision."""
+    model, plan = layout.model, layout.plan
+    with autocast(cfg, batch["x"].device):
+        loss, _ = compute_loss(
+            model,
+            batch,
+            cfg,
+            lat_weights=lat_weights,
+            mask_noise=noise,
+            channel_shard=plan.channel_shard if plan else None,
+        )
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    (loss / layout.dp_size).backward()  # gradients are summed over DP ranks: this makes them a mean
+    if plan is not None:
+        plan.finish_gradients()
+    grad_norm = layout.grad_norm()
+    decide(findings(batch, loss, grad_norm), step, channels, model, distributed=layout.distributed)
+    layout.clip(cfg.train.grad_clip, grad_norm)
+    if optimizer is not None:
+        optimizer.step()
+    return loss, grad_norm
 
 
 def checkpoint_state(weights: dict, cfg: Config, step: int) -> dict:

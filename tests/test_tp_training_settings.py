@@ -1,0 +1,186 @@
+"""Tensor parallelism in the settings users train with: bf16, dropout, clipping, long runs, bad data.
+
+One 4-rank gloo launch computes everything (module-scoped fixture); the tests read its results.
+"""
+
+from __future__ import annotations
+
+import dist_workers as W
+import pytest
+
+from dchag.parallel.launch import spawn
+from dchag.parallel.parity import BF16_TOLERANCE, FP32_TOLERANCE
+
+LAYOUTS = {"tp4": ["parallel.tp=4"], "fsdp2x2": ["parallel.tp=2", "parallel.dp_shard=2"]}
+FUSED = {"fused": "model.fused_front_end=true", "materializing": "model.fused_front_end=false"}
+
+
+def _bf16_cases() -> dict:
+    cases = {}
+    for lname, layout in LAYOUTS.items():
+        for kind, kind_set in W.KINDS.items():
+            for fname, fused in FUSED.items():
+                cases[f"bf16/{lname}/{kind}/{fname}"] = (
+                    [kind_set, *W.SPLITS["uneven"], fused, *layout, "train.bf16=true"],
+                    "none",
+                )
+    cases["bf16/tp4/mae/C"] = (
+        ["model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "train.task=mae", "parallel.tp=4", "train.bf16=true"],
+        "none",
+    )
+    cases["fault/bf16/grad-scale"] = (
+        ["model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "parallel.tp=4", "train.bf16=true"],
+        "grad-scale",
+    )
+    return cases
+
+
+def _dropout_cases() -> dict:
+    cases = {}
+    for kind, kind_set in W.KINDS.items():
+        for fname, fused in FUSED.items():
+            cases[f"dropout/tp4/{kind}/{fname}"] = (
+                [kind_set, *W.SPLITS["uneven"], fused, "parallel.tp=4", "model.drop_rate=0.3"],
+                "none",
+            )
+    cases["dropout/tp4/mae/L"] = (
+        ["model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "train.task=mae", "parallel.tp=4", "model.drop_rate=0.3"],
+        "none",
+    )
+    cases["dropout+bf16/tp4/C"] = (
+        [
+            "model.hierarchy.preset=dchag-C",
+            *W.SPLITS["even"],
+            "parallel.tp=4",
+            "model.drop_rate=0.3",
+            "train.bf16=true",
+        ],
+        "none",
+    )
+    return cases
+
+
+def _suite():
+    dchag_c = ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"]]
+    spare_vocab = [
+        "model.hierarchy.preset=dchag-C",
+        "data.channels=[t2m, u10, v10, z_500, t_850, q_850, z_250]",
+        "model.vocabulary=[q_500, t2m, u10, v10, z_500, t_850, q_850, z_250, z_50]",
+        "model.hierarchy.groups=4",
+    ]
+    return {
+        "parity": W.parity_matrix({}, {**_bf16_cases(), **_dropout_cases()}),
+        "step_comm": W.step_communication(*dchag_c, "parallel.tp=4"),
+        "step_comm_mae": W.step_communication(
+            "model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "train.task=mae", "parallel.tp=4"
+        ),
+        "streams": W.attention_dropout_streams(),
+        "replicas": W.replica_check(*dchag_c, "model.drop_rate=0.2", "parallel.tp=2", "parallel.dp_shard=2"),
+        "nan": W.nan_in_one_rank(*dchag_c, "parallel.tp=4"),
+        # clipping engaged (threshold far below the gradient norm), spare vocabulary rows, FSDP2 + TP
+        "steps_fsdp": W.optimizer_steps_match(
+            *spare_vocab, "train.grad_clip=0.01", "parallel.tp=2", "parallel.dp_shard=2"
+        ),
+        "steps_tp4": W.optimizer_steps_match(*spare_vocab, "train.grad_clip=0.01", "parallel.tp=4"),
+        "steps_mae": W.optimizer_steps_match(
+            "model.hierarchy.preset=dchag-L",
+            *W.SPLITS["even"],
+            "train.task=mae",
+            "train.grad_clip=0.01",
+            "parallel.tp=4",
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def four():
+    return spawn(_suite, 4)
+
+
+def test_bf16_parallel_equals_bf16_single_device_within_eight_unit_roundoffs(four):
+    """Both sides in bf16 autocast: differences are rounding (a few bf16 unit roundoffs), for L and C,
+    fused and materializing, under TP and TP x FSDP2."""
+    cases = {k: v for k, v in four[0]["parity"].items() if k.startswith("bf16/")}
+    assert len(cases) == 9
+    bad = {k: v for k, v in cases.items() if v[0] > BF16_TOLERANCE}
+    assert not bad, bad
+
+
+def test_bf16_check_still_catches_a_wrong_gradient_scale(four):
+    worst, _, _ = four[0]["parity"]["fault/bf16/grad-scale"]
+    assert worst == pytest.approx(3.0, rel=0.05)  # (tp - 1): about 100 times the bf16 tolerance
+
+
+def test_dropout_under_tp_draws_exactly_the_single_device_masks_of_a_tp_way_layout(four):
+    """With dropout on (attention and residual), the parallel step equals the single-device step whose
+    attention heads draw their masks per block of H/tp heads: to fp32 rounding, not just in distribution."""
+    cases = {k: v for k, v in four[0]["parity"].items() if k.startswith("dropout/")}
+    assert len(cases) == 5
+    bad = {k: v for k, v in cases.items() if v[0] > FP32_TOLERANCE}
+    assert not bad, bad
+    worst, tensors, _ = four[0]["parity"]["dropout+bf16/tp4/C"]
+    assert worst <= BF16_TOLERANCE, tensors
+
+
+def test_attention_dropout_masks_differ_across_tp_ranks_and_match_the_single_device_blocks(four):
+    for rank_result in four:
+        streams = rank_result["streams"]
+        assert streams["equals_single_device_block"]
+        assert streams["differs_from_rank0"]  # head h and head h + H/T do not share a mask
+        assert streams["generator_in_step"]  # everything outside attention keeps identical masks
+
+
+def test_a_vit_block_needs_two_all_reduces_forward_and_two_backward(four):
+    for rank_result in four:
+        block = rank_result["step_comm"]["block"]
+        assert {k: v["count"] for k, v in block.items()} == {"forward/all_reduce": 2, "backward/all_reduce": 2}
+
+
+def test_training_step_collectives_are_pinned(four):
+    """depth 1: the front end's gather and last-level all-reduce, the block's four all-reduces, one
+    flat all-reduce of partial gradients, one for the gradient norm, one for the failure decision."""
+    for rank_result in four:
+        step = {k: v["count"] for k, v in rank_result["step_comm"]["step"].items()}
+        assert step == {
+            "forward/allgather_": 1,
+            "forward/allreduce_": 4,  # last level; then (after backward) partial grads, norm, decision
+            "forward/all_reduce": 2,
+            "backward/all_reduce": 2,
+            "backward/_reduce_scatter_base_": 1,
+        }
+
+
+def test_channel_parallel_mae_never_moves_a_full_channel_reconstruction(four):
+    """The decoder's output rows are split by channel: the largest collective of an MAE step is the
+    gather's [B, T, L, D] reduce-scatter, not the [B, C, H, W] reconstruction gradient."""
+    for rank_result in four:
+        step = rank_result["step_comm_mae"]["step"]
+        image_bytes = 4 * 16 * 16 * 32 * 4  # [B, C, H, W] fp32 of the test config
+        assert max(v["bytes"] / v["count"] for v in step.values()) <= image_bytes / 2, step
+
+
+def test_replicated_weights_stay_identical_and_a_divergence_is_caught_on_every_rank(four):
+    messages = {r["replicas"]["message"] for r in four}
+    assert len(messages) == 1  # every rank raises the same error
+    message = messages.pop()
+    assert message is not None and "blocks.0.norm1.weight" in message and "TP rank(s) [1]" in message
+    assert four[0]["replicas"]["replicated"] > 10
+
+
+def test_nan_on_one_rank_stops_every_rank_in_the_same_step_naming_rank_and_channel(four):
+    results = [r["nan"] for r in four]
+    assert {r["step"] for r in results} == {1}
+    assert len({r["message"] for r in results}) == 1
+    bad_channel = results[2]["channels"][1]
+    message = results[0]["message"]
+    assert f"rank 2: input channel {bad_channel!r} holds NaN/Inf" in message, message
+    assert max(r["seconds"] for r in results) < 60  # a decision, not a process-group timeout
+
+
+@pytest.mark.parametrize("case", ["steps_fsdp", "steps_tp4", "steps_mae"])
+def test_optimizer_steps_with_clipping_engaged_match_single_device(four, case):
+    """Three AdamW steps with weight decay and the gradient norm far above the clipping threshold: the
+    logical weights (including vocabulary rows no channel uses) equal the single-device model's."""
+    result = four[0][case]
+    assert min(result["norms"]) > 10 * result["clip"]  # clipping engaged in every step
+    assert result["worst"] < 1e-5, result
