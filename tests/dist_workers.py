@@ -184,18 +184,21 @@ def layout_round_trip() -> dict:
     x = torch.randn(2, 11, 16, 32, generator=torch.Generator().manual_seed(0))
     lead = torch.tensor([6.0, 12.0])
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
-    trained = plan.model.eval()(x[:, c0:c1], lead).pred  # the dp ranks hold the same 2 samples here
+    # the dp ranks hold the same 2 samples here; each TP rank predicts its own output channels
+    trained = plan.model.eval()(x[:, c0:c1], lead).pred
+    owned = plan.channel_shard.out_index
 
     single = build_model(cfg).eval()
     keys = single.load_state_dict(weights, strict=True)
-    expected = single(x, lead).pred
+    expected = single(x, lead).pred[:, owned]
 
     tp4 = config(*split, "parallel.tp=4")
     model4 = build_model(tp4)
     model4.load_state_dict(weights)
     plan4 = parallelize(model4, tp4, build_mesh(ParallelDims.from_config(tp4.parallel)))
     c0, c1 = plan4.placement.channel_ranges[plan4.tp_rank]
-    got4 = plan4.model.eval()(x[:, c0:c1], lead).pred
+    got4 = plan4.model.eval()(x[:, c0:c1], lead).pred  # tp 4 owns other output channels than tp 2
+    got4 = gather_outputs(got4, plan4)[:, owned]
     resaved = logical_state_dict(plan4)
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     return {
@@ -206,16 +209,30 @@ def layout_round_trip() -> dict:
     }
 
 
+def gather_outputs(pred: torch.Tensor, plan) -> torch.Tensor:
+    """Every TP rank's output channels [B, C_out_r, H, W] -> all of them [B, C_out, H, W], in order."""
+    parts = [None] * plan.tp
+    dist.all_gather_object(parts, (plan.channel_shard.out_index, pred.detach()), group=plan.tp_group)
+    full = torch.empty(pred.shape[0], plan.channel_shard.total_out, *pred.shape[2:])
+    for index, values in parts:
+        full[:, index] = values
+    return full
+
+
 def bf16_parameters_step(*overrides) -> dict:
     """One forward/backward with FSDP2 bf16 parameters against the fp32 single-device loss."""
+    from dchag.tasks import compute_loss
+
     cfg = config(*overrides, "parallel.bf16_params=true")
     reference, plan = reference_and_parallel(cfg)
     x = torch.randn(4, len(cfg.channels), 16, 32, generator=torch.Generator().manual_seed(1))
     lead = torch.tensor([6.0, 12.0, 18.0, 24.0])
-    expected = reference(x, lead).pred.float().square().mean()
+    y = torch.zeros(4, len(cfg.out_channels), 16, 32)
+    expected, _ = compute_loss(reference, {"x": x, "y": y, "lead_hours": lead}, cfg)
     rows = slice(plan.dp_rank * 2, plan.dp_rank * 2 + 2)
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
-    loss = plan.model(x[rows, c0:c1], lead[rows]).pred.float().square().mean()
+    local = {"x": x[rows, c0:c1], "y": y[rows][:, plan.channel_shard.out_index], "lead_hours": lead[rows]}
+    loss, _ = compute_loss(plan.model, local, cfg, channel_shard=plan.channel_shard)
     (loss / plan.dp_size).backward()
     mean = loss.detach().clone()
     dist.all_reduce(mean)

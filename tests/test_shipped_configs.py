@@ -40,6 +40,8 @@ def shrink_overrides(path: Path) -> list[str]:
         "train.warmup_steps=0",
         "train.checkpoint_every=0",
     ]
+    if d.kind == "era5" and d.grid != "native":
+        out.append(f"data.grid=[{2 * p}, {4 * p}]")
     wanted = 2 * groups + 1
     if isinstance(d.channels, int) and d.channels > wanted:
         names = channel_names(d)

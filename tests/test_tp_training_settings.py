@@ -137,15 +137,17 @@ def test_a_vit_block_needs_two_all_reduces_forward_and_two_backward(four):
 
 
 def test_training_step_collectives_are_pinned(four):
-    """depth 1: the front end's gather and last-level all-reduce, the block's four all-reduces, one
-    flat all-reduce of partial gradients, one for the gradient norm, one for the failure decision."""
+    """depth 1: the front end's gather and last-level all-reduce, the block's four all-reduces, the
+    channel-parallel forecast head (loss sum forward, input gradient backward), one flat all-reduce of
+    partial gradients, one for the gradient norm, one for the failure decision."""
     for rank_result in four:
         step = {k: v["count"] for k, v in rank_result["step_comm"]["step"].items()}
         assert step == {
             "forward/allgather_": 1,
-            "forward/allreduce_": 4,  # last level; then (after backward) partial grads, norm, decision
+            "forward/allreduce_": 5,  # last level, loss; after backward: partial grads, norm, decision
             "forward/all_reduce": 2,
             "backward/all_reduce": 2,
+            "backward/allreduce_": 1,  # the head's input gradient [B, L, D]
             "backward/_reduce_scatter_base_": 1,
         }
 

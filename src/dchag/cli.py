@@ -1,4 +1,4 @@
-"""`dchag` command line: train | info | bench | check-parity."""
+"""`dchag` command line: train | eval | info | bench | check-parity."""
 
 from __future__ import annotations
 
@@ -21,6 +21,27 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     return run_training(cfg, args.out, progress=not args.no_progress)
+
+
+def cmd_eval(args) -> int:
+    from dchag.eval.forecast import evaluate_forecast, format_table
+
+    result = evaluate_forecast(
+        args.run,
+        split=args.split,
+        lead_hours=args.lead_hours,
+        data_path=args.data_path,
+        plots=args.plots,
+        progress=not args.no_progress,
+    )
+    print(format_table(result))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -85,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="output folder: metrics.jsonl, config.yaml, checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained run on held-out data against its field's baselines")
+    p.add_argument("--run", required=True, help="the run folder dchag train wrote (config.yaml, checkpoint.pt)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="ERA5 split to evaluate")
+    p.add_argument("--lead-hours", type=int, nargs="+", help="lead times (default: the trained range's ends)")
+    p.add_argument("--data-path", help="evaluate on another file holding the same variables")
+    p.add_argument("--json", help="also write the metrics here as JSON")
+    p.add_argument("--plots", help="folder for PNG maps of truth / forecast / error")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="parameter and FLOP summary of a config (computed on the meta device)")
     _add_config_args(p)

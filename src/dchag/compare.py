@@ -18,6 +18,8 @@ ZERO_GRAD_SUFFIXES = ("attn.wk.bias", "k_norm.bias")
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
     """max |a - b| / max |b|; `floor` bounds the denominator from below."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if b.numel() == 0:  # nothing to compare (a tensor-parallel rank without output channels)
+        return 0.0
     return float((a - b).abs().max() / b.abs().max().clamp(min=floor))
 
 

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 AGGREGATOR_KINDS = ("cross_attention", "linear")
 HIERARCHY_PRESETS = ("flat", "dchag-L", "dchag-C", "tree")
-DATA_KINDS = ("synthetic-weather", "synthetic-hyperspectral")
+DATA_KINDS = ("synthetic-weather", "synthetic-hyperspectral", "era5")
+SPLITS = ("train", "val", "test")
 TASKS = ("forecast", "mae")
 PARALLEL_MODES = ("dchag", "replicated", "naive")
 
@@ -101,9 +102,17 @@ class DataConfig:
     out_channels: list[str] | None = None  # forecast targets; default: the source's standard targets
     num_samples: int = 512
     seed: int = 0
-    max_lead_hours: int = 72  # forecast lead time drawn from lead_step_hours .. max_lead_hours
+    max_lead_hours: int = 72  # synthetic: lead time drawn from lead_step_hours .. max_lead_hours
     lead_step_hours: int = 6
-    noise: float = 0.01  # relative observation noise
+    noise: float = 0.01  # synthetic: relative observation noise
+    # era5 (see docs/data.md): a Zarr store, a netCDF file, or a folder / glob of netCDF files
+    path: str | None = None
+    select: dict = field(default_factory=dict)  # {dim: value} for extra dimensions (ensemble member, ...)
+    grid: Union[str, list[int]] = "native"  # "native" or [H, W]: bilinear regridding to the model's grid
+    split: dict = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})  # fractions or dates
+    lead_hours: list[int] = field(default_factory=lambda: [6, 72])  # era5: [min, max] lead in training
+    workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
+    prefetch: int = 2  # batches each worker prepares ahead
 
 
 @dataclass
@@ -207,6 +216,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be true or false")
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return dict(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} must be a string")
@@ -366,6 +379,38 @@ def validate(cfg: Config) -> None:
         dupes = sorted({c for c in d.channels if d.channels.count(c) > 1})
         _check(not dupes, f"data.channels lists {dupes} more than once")
     _check(d.num_samples >= 1, f"data.num_samples={d.num_samples} must be >= 1")
+    _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0 loads in the training process)")
+    _check(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be >= 1")
+    if d.kind == "era5":
+        _check(bool(d.path), "data.kind=era5 needs data.path (a Zarr store, a netCDF file, or a folder/glob of them)")
+        _check(
+            len(d.lead_hours) == 2 and 0 < d.lead_hours[0] <= d.lead_hours[1],
+            f"data.lead_hours={d.lead_hours} must be [min, max] with 0 < min <= max (hours)",
+        )
+        _check(
+            d.grid == "native" or (isinstance(d.grid, list) and len(d.grid) == 2 and min(d.grid) > 0),
+            f"data.grid={d.grid!r} must be 'native' or [height, width]",
+        )
+        if d.grid != "native":
+            _check(
+                list(d.grid) == list(m.img_size),
+                f"data.grid={d.grid} differs from model.img_size={m.img_size}; make them equal",
+            )
+        bad = sorted(set(d.split) - set(SPLITS))
+        _check(not bad, f"data.split has unknown parts {bad}; use {SPLITS}")
+        _check("train" in d.split, "data.split needs a 'train' part")
+        fractions = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.split.values())
+        dates = all(isinstance(v, (list, tuple)) and len(v) == 2 for v in d.split.values())
+        _check(fractions or dates, f"data.split={d.split} must give every part a fraction or a [start, end] date pair")
+        if fractions:
+            _check(
+                all(v >= 0 for v in d.split.values()) and sum(d.split.values()) <= 1 + 1e-9,
+                f"data.split fractions {d.split} must be >= 0 and add up to at most 1",
+            )
+        _check(
+            not isinstance(d.channels, int),
+            "data.kind=era5 needs data.channels as a list of names, e.g. [t2m, u10, z_500, t_850]",
+        )
     _check(
         d.lead_step_hours >= 1 and d.max_lead_hours >= d.lead_step_hours,
         f"data.max_lead_hours={d.max_lead_hours} must be >= data.lead_step_hours={d.lead_step_hours} >= 1",

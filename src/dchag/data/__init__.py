@@ -16,7 +16,7 @@ def channel_names(data_cfg) -> list[str]:
 
 def default_out_channels(data_cfg, channels: list[str]) -> list[str]:
     """Forecast targets when the config names none: the paper's five where present, else the first five."""
-    if data_cfg.kind == "synthetic-weather":
+    if data_cfg.kind in ("synthetic-weather", "era5"):
         targets = [c for c in FORECAST_TARGETS if c in channels]
         return targets or channels[: min(5, len(channels))]
     return list(channels)

@@ -10,21 +10,45 @@ from dchag.data.synthetic_hyperspectral import SyntheticHyperspectral
 from dchag.data.synthetic_weather import SyntheticWeather
 
 
-def build_source(cfg, channels: list[str] | None = None):
-    """The configured source, generating `channels` (default: all of the config's channels)."""
+def build_source(
+    cfg, channels: list[str] | None = None, *, split: str = "train", lead_hours: int | None = None, stats=None
+):
+    """The configured source for `channels` (default: all of the config's channels).
+
+    Forecast targets are the output channels among `channels`: under channel parallelism a rank reads
+    (or generates) only its own channels, inputs and targets alike. `split`, `lead_hours` (a fixed lead
+    for evaluation) and `stats` (normalisation) apply to file-backed sources (era5)."""
     d = cfg.data
-    channels = cfg.channels if channels is None else channels
+    channels = cfg.channels if channels is None else list(channels)
+    outs = [c for c in cfg.out_channels if c in channels] if cfg.train.task == "forecast" else []
     size = tuple(cfg.model.img_size)
+    if d.kind == "era5":
+        from dchag.data.era5 import ERA5Source
+
+        return ERA5Source(
+            d.path,
+            channels,
+            outs,
+            size,
+            grid=d.grid,
+            select=d.select,
+            split=d.split,
+            split_name=split,
+            lead_range=tuple(d.lead_hours),
+            fixed_lead=lead_hours,
+            stats=stats,
+        )
     if d.kind == "synthetic-weather":
         return SyntheticWeather(
             channels,
-            cfg.out_channels,
+            outs,
             size,
             seed=d.seed,
             num_samples=d.num_samples,
             max_lead_hours=d.max_lead_hours,
             lead_step_hours=d.lead_step_hours,
             noise=d.noise,
+            fixed_lead=lead_hours,
         )
     return SyntheticHyperspectral(channels, size, seed=d.seed, num_samples=d.num_samples, noise=d.noise)
 

@@ -51,8 +51,10 @@ class SyntheticWeather:
         max_lead_hours: int = 72,
         lead_step_hours: int = 6,
         noise: float = 0.01,
+        fixed_lead: int | None = None,
     ):
         self.channels = list(channels)
+        self.fixed_lead = fixed_lead  # evaluation: every sample at this lead (hours)
         self.out_channels = list(out_channels)
         self.height, self.width = img_size
         self.seed, self.num_samples, self.noise = seed, num_samples, noise
@@ -91,6 +93,8 @@ class SyntheticWeather:
         amp = torch.randn(NUM_LATENTS, ZONAL_WAVES, MERIDIONAL_MODES, 2, generator=g)
         amp = amp / math.sqrt(ZONAL_WAVES * MERIDIONAL_MODES)
         lead = self.lead_choices[torch.randint(len(self.lead_choices), (1,), generator=g)]
+        if self.fixed_lead is not None:
+            lead = torch.tensor([float(self.fixed_lead)])
         return torch.complex(amp[..., 0], amp[..., 1]), lead  # [K, M, J], [1]
 
     def _latents(self, amp: torch.Tensor, hours: torch.Tensor) -> torch.Tensor:
@@ -116,7 +120,7 @@ class SyntheticWeather:
             return out + self.noise * observation_noise(indices, names, out.shape[2:], self.seed, stream)
 
         x = mix(now, self.channels, "x")
-        y = mix(later, self.out_channels, "y")
+        y = mix(later, self.out_channels, "y") if self.out_channels else x.new_zeros(len(indices), 0, *x.shape[2:])
         return {"x": x, "y": y, "lead_hours": lead}
 
     def lat_weights(self) -> torch.Tensor:

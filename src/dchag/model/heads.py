@@ -12,6 +12,9 @@ from dchag.model.vit import Block
 
 def unpatchify(tokens: torch.Tensor, channels: int, patch: int, grid_w: int) -> torch.Tensor:
     """[B, L, C*p*p] -> [B, C, H, W]."""
+    if channels == 0:  # a tensor-parallel rank that owns no output channel: keep the (empty) graph
+        b, l, _ = tokens.shape
+        return tokens.reshape(b, 0, (l // grid_w) * patch, grid_w * patch)
     return rearrange(tokens, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", w=grid_w, c=channels, p1=patch, p2=patch)
 
 

@@ -39,7 +39,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, a
     sys.stderr.flush()
     # Leave without interpreter teardown: gloo's worker threads can abort the process from C++ static
     # destructors ("terminate called without an active exception") after the work is done and written.
-    os._exit(0)
+    # A failed rank exits non-zero, so the parent stops its peers instead of leaving them waiting in a
+    # collective the failed rank will never join.
+    os._exit(1 if error else 0)
 
 
 def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
@@ -49,20 +51,24 @@ def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
     """
     with tempfile.TemporaryDirectory(prefix="dchag-spawn-") as tmp:
         init_file = os.path.join(tmp, "rendezvous")
-        mp.start_processes(
-            _worker, args=(world, init_file, tmp, fn, args), nprocs=world, join=True, start_method="spawn"
-        )
+        try:
+            mp.start_processes(
+                _worker, args=(world, init_file, tmp, fn, args), nprocs=world, join=True, start_method="spawn"
+            )
+        except mp.ProcessExitedException:
+            pass  # a rank failed and its peers were stopped: its error is in its result file
         results, errors = [], []
         for rank in range(world):
             path = Path(tmp, f"rank{rank}.pkl")
             if not path.exists():
-                errors.append(f"rank {rank} wrote no result")
+                errors.append(f"rank {rank} wrote no result (stopped after a peer failed, or killed)")
                 continue
             result, error = pickle.loads(path.read_bytes())
             results.append(result)
             if error:
                 errors.append(error)
         if errors:  # the rank that failed first, not the peers that lost their connection to it
-            errors.sort(key=lambda e: any(s in e for s in ("Connection reset", "Connection closed", "Broken pipe")))
+            peer_lost = ("Connection reset", "Connection closed", "Broken pipe", "wrote no result")
+            errors.sort(key=lambda e: any(s in e for s in peer_lost))
             raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
         return results

@@ -8,7 +8,7 @@ this rank loads, how to finish gradients and clip them, how to get the logical (
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -54,6 +54,8 @@ class ChannelShard:
     stop: int
     total: int
     group: object
+    out_index: list[int] = field(default_factory=list)  # forecast: this rank's positions in the output list
+    total_out: int = 0  # forecast: the number of output channels over all ranks
 
     def sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
         return reduce_from_tp(partial, self.group)
@@ -269,15 +271,27 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
         for block in model.blocks:
             parallelize_module(block, tp_mesh, BLOCK_TP_PLAN)
             block.attn.dropout_streams = (tp_rank, 1)
-    # MAE under channel parallelism: each rank predicts only its own channels (the decoder's output rows
-    # for them), so the reconstruction and its gradient never exist at full channel width
-    if shard is not None and cfg.train.task == "mae":
+    # Under channel parallelism each rank predicts only its own channels (the output rows of the MAE
+    # decoder or the forecast head for them): the prediction and its gradient never exist at full
+    # channel width, and a rank reads only its own channels' targets
+    if shard is not None:
         patch_px = cfg.model.patch_size**2
-        rows = torch.arange(c0 * patch_px, c1 * patch_px)
-        model.head.pred = ChannelColumnLinear(model.head.pred, rows, tp_group)
-        model.head.channels = c1 - c0
-        specs["head.pred.weight"] = ShardSpec("head.pred.weight", 0, rows)
-        specs["head.pred.bias"] = ShardSpec("head.pred.bias", 0, rows)
+        if cfg.train.task == "mae":
+            owned, name = list(range(c0, c1)), "head.pred"
+        else:
+            mine = set(channels[c0:c1])
+            owned, name = [k for k, c in enumerate(cfg.out_channels) if c in mine], "head.out"
+            shard.out_index, shard.total_out = owned, len(cfg.out_channels)
+        rows = torch.tensor([k * patch_px + i for k in owned for i in range(patch_px)], dtype=torch.long)
+        head = model.head
+        linear = head.pred if cfg.train.task == "mae" else head.out
+        local = ChannelColumnLinear(linear, rows, tp_group)
+        if cfg.train.task == "mae":
+            head.pred, head.channels = local, len(owned)
+        else:
+            head.out, head.out_channels = local, len(owned)
+        specs[f"{name}.weight"] = ShardSpec(f"{name}.weight", 0, rows)
+        specs[f"{name}.bias"] = ShardSpec(f"{name}.bias", 0, rows)
     # 3. activation checkpointing and compilation, per block
     for block in model.blocks:
         if p.activation_checkpointing:

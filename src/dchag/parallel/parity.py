@@ -155,6 +155,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
     local = {k: v[rows] for k, v in batch.items()}
     local["x"] = local["x"][:, c0:c1]  # only this rank's channels
+    if plan.channel_shard is not None and cfg.train.task == "forecast":
+        local["y"] = local["y"][:, plan.channel_shard.out_index]  # and only its own targets
     local_noise = noise[rows] if noise is not None else None
     torch.manual_seed(seed + 12345)
     try:
@@ -178,8 +180,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     dist.all_reduce(mean_loss)
     mean_loss = mean_loss / dims.world_size  # equal on TP peers: the mean over ranks is the DP mean
     expected = ref_out.pred[rows]
-    if plan.channel_shard is not None and cfg.train.task == "mae":
-        expected = expected[:, c0:c1]  # a channel-parallel MAE reconstructs only this rank's channels
+    if plan.channel_shard is not None:  # a channel-parallel model predicts only this rank's channels
+        expected = expected[:, c0:c1] if cfg.train.task == "mae" else expected[:, plan.channel_shard.out_index]
     grads = logical_grads(plan)
     ref_norm = torch.stack([g.double().square().sum() for g in ref_grads.values()]).sum().sqrt()
     report = ParityReport(

@@ -18,7 +18,13 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
     if cfg.train.task == "forecast":
         out = model(batch["x"], batch["lead_hours"])
         weights = lat_weights if lat_weights is not None else torch.ones(batch["y"].shape[2], device=batch["y"].device)
-        return lat_weighted_mse(out.pred, batch["y"], weights), out
+        if channel_shard is None:
+            return lat_weighted_mse(out.pred, batch["y"], weights), out
+        # this rank's output channels [B, C_out_r, H, W] (maybe none): sum the weighted squared errors,
+        # add them up over ranks, divide by the element count of the whole prediction
+        sse = ((out.pred.float() - batch["y"].float()) ** 2 * weights[None, None, :, None]).sum()
+        b, _, h, w = batch["y"].shape
+        return channel_shard.sum_over_ranks(sse) / (b * channel_shard.total_out * h * w), out
     out = model(batch["x"], mask_noise=mask_noise)
     patch, loss_on = cfg.model.patch_size, cfg.train.mae_loss_on
     if channel_shard is None:

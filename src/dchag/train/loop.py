@@ -7,6 +7,7 @@ trains the same model, on the same samples, at any parallel layout.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -18,7 +19,8 @@ import yaml
 from tqdm import tqdm
 
 from dchag.config import Config, ConfigError, to_dict
-from dchag.data import batch_indices, build_source
+from dchag.data import build_source
+from dchag.data.pipeline import step_batches
 from dchag.model import build_model
 from dchag.tasks import compute_loss
 from dchag.train.checkpoint import save_atomic
@@ -132,6 +134,7 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
     layout = Layout.for_run(cfg, model, device)
     plan = layout.plan
     source = build_source(cfg, channels=plan.input_channels if plan else None)
+    stats = prepare_stats(source, layout, out)
     local_batch = t.batch_size // layout.dp_size
     seed_dropout(cfg, layout.dp_rank)
     optimizer = build_optimizer(model, t)
@@ -153,13 +156,13 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
     )
     model.train()
     rows = slice(layout.dp_rank * local_batch, (layout.dp_rank + 1) * local_batch)
-    for step in bar:
+    batches = step_batches(source, cfg.data, local_batch, layout.dp_rank, layout.dp_size, 0, t.steps)
+    waited = 0.0  # seconds spent waiting for batches since the last metrics record
+    for step, batch in zip(bar, batches):
+        waited += batches.last_wait_s
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
-        indices = batch_indices(
-            source.num_samples, local_batch, step, cfg.data.seed, rank=layout.dp_rank, world=layout.dp_size
-        )
-        batch = {k: v.to(device) for k, v in source.batch(indices).items()}
+        batch = {k: v.to(device) for k, v in batch.items() if k not in ("index", "worker")}
         noise = (
             mask_noise_for_step(cfg, step, t.batch_size, model.num_patches)[rows].to(device)
             if t.task == "mae"
@@ -176,12 +179,14 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "elapsed_s": round(time.perf_counter() - start, 3),
+                "data_wait_s": round(waited, 4),
             }
+            waited = 0.0
             history.append(record)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if out is not None and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-            state = checkpoint_state(layout.logical_state(), cfg, step + 1)
+            state = checkpoint_state(layout.logical_state(), cfg, step + 1, stats)
             if write:
                 save_atomic(state, out / "checkpoint.pt")
     log.close()
@@ -191,10 +196,11 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
         "final_loss": history[-1]["loss"],
         "loss_ratio": history[-1]["loss"] / history[0]["loss"],
         "elapsed_s": round(time.perf_counter() - start, 2),
+        "data_wait_s": round(batches.total_wait_s, 3),
         "ranks": dist.get_world_size() if plan is not None else 1,
     }
     if out is not None:
-        state = checkpoint_state(layout.logical_state(), cfg, t.steps)
+        state = checkpoint_state(layout.logical_state(), cfg, t.steps, stats)
         summary["parameters"] = sum(v.numel() for v in state["model"].values())
         if write:
             summary["checkpoint"] = str(save_atomic(state, out / "checkpoint.pt"))
@@ -229,9 +235,35 @@ def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, l
     return loss, grad_norm
 
 
-def checkpoint_state(weights: dict, cfg: Config, step: int) -> dict:
-    """Model weights in the logical single-device layout, the config that built them, and the step."""
-    return {"model": weights, "config": to_dict(cfg), "step": step}
+def checkpoint_state(weights: dict, cfg: Config, step: int, stats: dict | None = None) -> dict:
+    """Model weights in the logical single-device layout, the config that built them, the step, and the
+    data's normalisation statistics (file-backed sources)."""
+    state = {"model": weights, "config": to_dict(cfg), "step": step}
+    if stats is not None:
+        state["stats"] = stats
+    return state
+
+
+def prepare_stats(source, layout: Layout, out: Path | None) -> dict | None:
+    """Normalisation statistics for file-backed sources: read from `out/stats.json` when the run folder
+    has them, else streamed from the training split (each rank its own channels, merged over all
+    ranks) and written there by rank 0. Sets them on the source; None for synthetic sources."""
+    if not hasattr(source, "compute_stats"):
+        return None
+    path = out / "stats.json" if out is not None else None
+    if path is not None and path.is_file():
+        stats = json.loads(path.read_text())
+    else:
+        stats = source.compute_stats(climatology=source.out_channels)
+        if layout.distributed:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, stats)
+            stats = {part: {k: v for s in everyone for k, v in s[part].items()} for part in ("channels", "climatology")}
+        if path is not None and layout.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(stats))
+    source.stats = stats
+    return stats
 
 
 def summary_line(summary: dict) -> str:

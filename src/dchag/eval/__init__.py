@@ -1,0 +1,1 @@
+"""Evaluation of trained runs (`dchag eval`): the model against its field's baselines."""

@@ -1,0 +1,175 @@
+"""`dchag eval` for forecast runs: the trained model against persistence and climatology.
+
+For every output variable and lead time it reports, on held-out data and in the variable's physical
+units, the latitude-weighted RMSE (WeatherBench 2: the square root of the weighted MSE averaged over
+all forecast times, on the model's grid) and the anomaly correlation (ACC) of the model, of
+persistence (the input field as the forecast) and of climatology (the training-split mean field).
+
+ERA5 runs evaluate the pairs of the chosen split at each lead; synthetic runs evaluate samples the run
+never trained on (indices from `data.num_samples` on), with a climatology averaged over training samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dchag.config import Config, ConfigError, ParallelConfig, load_config
+from dchag.data import build_source
+from dchag.model import build_model
+from dchag.tasks.metrics import anomaly_correlation, weighted_mse
+from dchag.train.checkpoint import load_checkpoint
+
+SYNTHETIC_EVAL_SAMPLES = 64
+SYNTHETIC_CLIMATOLOGY_SAMPLES = 128
+
+
+def load_run(run: str | Path, data_path: str | None = None) -> tuple[Config, torch.nn.Module, dict | None]:
+    """(config, model with the run's weights, normalisation statistics) of a run folder, single-process."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
+        raise ConfigError(f"--run {str(run)!r} is not a finished run folder (needs config.yaml and checkpoint.pt)")
+    overrides = ["parallel.tp=1", "parallel.dp_shard=1", "parallel.dp_replicate=1", "data.workers=0"]
+    if data_path is not None:
+        overrides.append(f"data.path={data_path}")
+    cfg = load_config(run / "config.yaml", overrides)
+    cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
+    state = load_checkpoint(run / "checkpoint.pt")
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    stats = state.get("stats")
+    if stats is None and (run / "stats.json").is_file():
+        stats = json.loads((run / "stats.json").read_text())
+    return cfg, model.eval(), stats
+
+
+class _HeldOut:
+    """Synthetic samples [offset, offset + count): never used in training (it draws indices < offset)."""
+
+    def __init__(self, source, offset: int, count: int):
+        self.source, self.offset, self.num_samples = source, offset, count
+        self.channels, self.out_channels = source.channels, source.out_channels
+
+    def batch(self, indices):
+        return self.source.batch([self.offset + i for i in indices])
+
+    def lat_weights(self):
+        return self.source.lat_weights()
+
+
+def _physical(values: torch.Tensor, names: list[str], stats: dict | None) -> torch.Tensor:
+    """Undo the normalisation of [B, C, H, W] (synthetic data is used as is)."""
+    if stats is None:
+        return values.double()
+    mean = torch.tensor([stats["channels"][n]["mean"] for n in names], dtype=torch.float64)
+    std = torch.tensor([stats["channels"][n]["std"] for n in names], dtype=torch.float64)
+    return values.double() * std[None, :, None, None] + mean[None, :, None, None]
+
+
+def _synthetic_climatology(cfg: Config, lead: int) -> torch.Tensor:
+    """Mean target field [C_out, H, W] over training samples at `lead`."""
+    source = build_source(cfg, lead_hours=lead)
+    count = min(cfg.data.num_samples, SYNTHETIC_CLIMATOLOGY_SAMPLES)
+    total = None
+    for start in range(0, count, 32):
+        y = source.batch(list(range(start, min(start + 32, count))))["y"].double()
+        total = y.sum(0) if total is None else total + y.sum(0)
+    return total / count
+
+
+def default_leads(cfg: Config) -> list[int]:
+    if cfg.data.kind == "era5":
+        low, high = cfg.data.lead_hours
+        return sorted({low, high})
+    return sorted({cfg.data.lead_step_hours, cfg.data.max_lead_hours})
+
+
+def evaluate_forecast(
+    run: str | Path,
+    *,
+    split: str = "test",
+    lead_hours: list[int] | None = None,
+    data_path: str | None = None,
+    plots: str | Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Metrics of a forecast run; the JSON document `dchag eval --json` writes."""
+    cfg, model, stats = load_run(run, data_path)
+    if cfg.train.task != "forecast":
+        raise ConfigError(f"--run {str(run)!r} trained task {cfg.train.task!r}; this evaluation is for forecasts")
+    outs, channels = cfg.out_channels, cfg.channels
+    persist_index = [channels.index(c) for c in outs]
+    records, maps = [], []
+    for lead in lead_hours or default_leads(cfg):
+        if cfg.data.kind == "era5":
+            source = build_source(cfg, split=split, lead_hours=lead, stats=stats)
+            climatology = torch.tensor(np.array([stats["climatology"][c] for c in outs]), dtype=torch.float64)
+        else:
+            source = _HeldOut(build_source(cfg, lead_hours=lead), cfg.data.num_samples, SYNTHETIC_EVAL_SAMPLES)
+            climatology = _synthetic_climatology(cfg, lead)
+        weights = source.lat_weights().double()
+        sums = {k: torch.zeros(len(outs), dtype=torch.float64) for k in ("mse", "acc", "p_mse", "p_acc", "c_mse")}
+        n = 0
+        for start in range(0, source.num_samples, batch_size):
+            batch = source.batch(list(range(start, min(start + batch_size, source.num_samples))))
+            with torch.no_grad():
+                pred = model(batch["x"], batch["lead_hours"]).pred
+            pred, truth = _physical(pred, outs, stats), _physical(batch["y"], outs, stats)
+            persistence = _physical(batch["x"][:, persist_index], outs, stats)
+            clim = climatology[None].expand_as(truth)
+            sums["mse"] += weighted_mse(pred, truth, weights).sum(0)
+            sums["acc"] += anomaly_correlation(pred, truth, climatology, weights).sum(0)
+            sums["p_mse"] += weighted_mse(persistence, truth, weights).sum(0)
+            sums["p_acc"] += anomaly_correlation(persistence, truth, climatology, weights).sum(0)
+            sums["c_mse"] += weighted_mse(clim, truth, weights).sum(0)
+            n += truth.shape[0]
+            if plots is not None and len(maps) < 3 and start == 0:
+                maps.append((lead, truth[0], pred[0]))
+        for k, name in enumerate(outs):
+            records.append(
+                {
+                    "variable": name,
+                    "lead_hours": int(lead),
+                    "samples": n,
+                    "units": source.units(name) if hasattr(source, "units") else "",
+                    "rmse": float((sums["mse"][k] / n).sqrt()),
+                    "acc": float(sums["acc"][k] / n),
+                    "persistence_rmse": float((sums["p_mse"][k] / n).sqrt()),
+                    "persistence_acc": float(sums["p_acc"][k] / n),
+                    "climatology_rmse": float((sums["c_mse"][k] / n).sqrt()),
+                }
+            )
+        if progress:
+            print(f"eval: lead {lead} h done ({n} samples)", file=sys.stderr)
+    result = {"run": str(run), "split": split if cfg.data.kind == "era5" else "held-out", "metrics": records}
+    if plots is not None:
+        from dchag.viz.maps import forecast_maps
+
+        lat = getattr(getattr(source, "grid", None), "lat", None)
+        lon = getattr(getattr(source, "grid", None), "lon", None)
+        result["plots"] = [
+            str(p) for lead, truth, pred in maps for p in forecast_maps(truth, pred, outs, lead, Path(plots), lat, lon)
+        ]
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"{result['run']} ({result['split']}): latitude-weighted RMSE (physical units) and ACC",
+        f"{'variable':<10} {'lead h':>6} {'n':>5} {'RMSE':>11} {'persist.':>11} {'climat.':>11} "
+        f"{'skill vs pers.':>14} {'ACC':>6} {'pers. ACC':>9}",
+    ]
+    for r in result["metrics"]:
+        skill = 1 - r["rmse"] / r["persistence_rmse"] if r["persistence_rmse"] else float("nan")
+        lines.append(
+            f"{r['variable']:<10} {r['lead_hours']:>6} {r['samples']:>5} {r['rmse']:>11.4g} "
+            f"{r['persistence_rmse']:>11.4g} {r['climatology_rmse']:>11.4g} {skill:>13.1%} "
+            f"{r['acc']:>6.3f} {r['persistence_acc']:>9.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Pictures (matplotlib, imported only by the commands that draw)."""
