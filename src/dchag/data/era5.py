@@ -380,8 +380,9 @@ class ERA5Source:
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         pairs = self.pairs[np.asarray(indices, dtype=np.int64)]  # [B, 3]: input index, target index, hours
         x = torch.stack([self._normalise(c, self.read(c, pairs[:, 0])) for c in self.channels], dim=1)
-        y = torch.stack([self._normalise(c, self.read(c, pairs[:, 1])) for c in self.out_channels], dim=1)
-        if not self.out_channels:
+        if self.out_channels:
+            y = torch.stack([self._normalise(c, self.read(c, pairs[:, 1])) for c in self.out_channels], dim=1)
+        else:  # a tensor-parallel rank that owns no output channel
             y = x.new_zeros(len(indices), 0, *x.shape[2:])
         return {"x": x, "y": y, "lead_hours": torch.from_numpy(pairs[:, 2].astype(np.float32))}
 

@@ -8,6 +8,7 @@ this rank loads, how to finish gradients and clip them, how to get the logical (
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,9 @@ class ChannelColumnLinear(nn.Linear):
     """
 
     def __init__(self, full: nn.Linear, rows: torch.Tensor, group):
-        super().__init__(full.in_features, len(rows), bias=full.bias is not None, device=full.weight.device)
+        with warnings.catch_warnings():  # a rank may own no rows: "initializing zero-element tensors"
+            warnings.simplefilter("ignore", UserWarning)
+            super().__init__(full.in_features, len(rows), bias=full.bias is not None, device=full.weight.device)
         with torch.no_grad():
             self.weight.copy_(full.weight[rows])
             if full.bias is not None:
