@@ -96,6 +96,21 @@ EXTRA_4 = {
         ],
         "none",
     ),
+    "residual-forecast/tp4": (
+        ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"], "model.residual_forecast=true", "parallel.tp=4"],
+        "none",
+    ),
+    "residual-forecast/replicated/tp2-dp2": (
+        [
+            "model.hierarchy.preset=flat",
+            "data.channels=10",
+            "model.residual_forecast=true",
+            "parallel.mode=replicated",
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+        ],
+        "none",
+    ),
     "qk_norm/tp4": (
         ["model.hierarchy.preset=dchag-C", *W.SPLITS["even"], "model.hierarchy.qk_norm=true", "parallel.tp=4"],
         "none",

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="run a benchmark sweep: JSON records and a table of ratios")
-    p.add_argument("--sweep", required=True, help="fused-cpu | channel-parallel-cpu")
+    p.add_argument("--sweep", required=True, help="fused-cpu | channel-parallel-cpu | tp-comm-cpu | accuracy-cpu")
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--table", help="also write the Markdown table here")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="sweep size, e.g. channels=128 repeats=5")

@@ -90,6 +90,7 @@ class ModelConfig:
     vocabulary: list[str] | None = None  # channel names the embeddings cover; default: the data's channels
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     fused_front_end: bool = True  # compute aggregation without materializing [B, C, L, D] where exact
+    residual_forecast: bool = False  # forecast the change: prediction = head output + the input field
     decoder_dim: int = 128  # MAE decoder width
     decoder_depth: int = 2
     decoder_heads: int = 4

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from dchag.bench.accuracy_sweep import AccuracySize, accuracy_cpu, accuracy_table
 from dchag.bench.channel_parallel_sweep import ChannelParallelSize, channel_parallel_cpu, channel_parallel_table
 from dchag.bench.fused_sweep import FusedSweepSize, fused_cpu
 from dchag.bench.report import fused_table
@@ -17,6 +18,7 @@ SWEEPS: dict[str, tuple[type, Callable, Callable]] = {
     "fused-cpu": (FusedSweepSize, fused_cpu, fused_table),
     "channel-parallel-cpu": (ChannelParallelSize, channel_parallel_cpu, channel_parallel_table),
     "tp-comm-cpu": (TPCommSize, tp_comm_cpu, tp_comm_table),
+    "accuracy-cpu": (AccuracySize, accuracy_cpu, accuracy_table),
 }
 
 

@@ -44,8 +44,12 @@ class ChannelViT(nn.Module):
         decoder_heads: int,
         mask_ratio: float,
         fused_front_end: bool = True,
+        residual_from: list[int] | None = None,
     ):
         super().__init__()
+        # forecast the change: pred = head + the input field of each output channel (its input index)
+        self.register_buffer("residual_from", torch.tensor(residual_from or [], dtype=torch.long), persistent=False)
+        self.residual = residual_from is not None
         self.task, self.mask_ratio = task, mask_ratio
         grid = (img_size[0] // patch, img_size[1] // patch)
         self.num_patches = grid[0] * grid[1]
@@ -78,7 +82,10 @@ class ChannelViT(nn.Module):
             if lead_hours is None:
                 raise ValueError("a forecast model needs lead_hours [B]")
             z = z + self.lead_embed(lead_hours.to(z.dtype)[:, None] / 100.0)[:, None, :]
-            return ModelOutput(self.head(self.encode(z)))
+            pred = self.head(self.encode(z))  # [B, C_out, H, W]
+            if self.residual:
+                pred = pred + x.index_select(1, self.residual_from).to(pred.dtype)
+            return ModelOutput(pred)
         if mask_noise is None:
             mask_noise = torch.rand(z.shape[0], z.shape[1], device=z.device)
         keep, restore, mask = random_masking(mask_noise, self.mask_ratio)
@@ -111,4 +118,7 @@ def build_model(cfg) -> ChannelViT:
         decoder_heads=m.decoder_heads,
         mask_ratio=cfg.train.mask_ratio,
         fused_front_end=m.fused_front_end,
+        residual_from=[cfg.channels.index(c) for c in cfg.out_channels]
+        if m.residual_forecast and cfg.train.task == "forecast"
+        else None,
     )

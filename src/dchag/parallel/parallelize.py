@@ -148,7 +148,7 @@ class ParallelPlan:
                 names.append(name)
                 tensors.append((param.to_local() if isinstance(param, DTensor) else param).detach())
         if not tensors:
-            return names, torch.zeros(0, 2, dtype=torch.float64)
+            return names, torch.zeros(0, 2, dtype=torch.float64, device=next(self.model.parameters()).device)
         l1 = torch.stack(torch._foreach_norm(tensors, 1))
         l2 = torch.stack(torch._foreach_norm(tensors, 2))
         return names, torch.stack([l1, l2], dim=1).double()
@@ -293,6 +293,10 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
             head.pred, head.channels = local, len(owned)
         else:
             head.out, head.out_channels = local, len(owned)
+            if model.residual:  # the owned outputs' inputs, as positions among this rank's channels
+                local_names = channels[c0:c1]
+                index = [local_names.index(cfg.out_channels[k]) for k in owned]
+                model.residual_from = torch.tensor(index, dtype=torch.long, device=model.residual_from.device)
         specs[f"{name}.weight"] = ShardSpec(f"{name}.weight", 0, rows)
         specs[f"{name}.bias"] = ShardSpec(f"{name}.bias", 0, rows)
     # 3. activation checkpointing and compilation, per block

@@ -251,9 +251,17 @@ def prepare_stats(source, layout: Layout, out: Path | None) -> dict | None:
     if not hasattr(source, "compute_stats"):
         return None
     path = out / "stats.json" if out is not None else None
-    if path is not None and path.is_file():
-        stats = json.loads(path.read_text())
-    else:
+    stats = json.loads(path.read_text()) if path is not None and path.is_file() else None
+    needed = set(source.channels) | set(source.out_channels)
+    reuse = (
+        stats is not None and needed <= set(stats["channels"]) and set(source.out_channels) <= set(stats["climatology"])
+    )
+    if layout.distributed:  # every rank decides the same way, before rank 0 may write a new file
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
+        flag = torch.tensor([int(reuse)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        reuse = bool(flag)
+    if not reuse:
         stats = source.compute_stats(climatology=source.out_channels)
         if layout.distributed:
             everyone = [None] * dist.get_world_size()

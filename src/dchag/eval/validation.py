@@ -1,0 +1,40 @@
+"""The validation loss of a run: its training loss, on data it never trained on, in eval mode.
+
+Synthetic runs: samples from `data.num_samples` on (training draws indices below it). ERA5 runs: the
+pairs of the `val` split (or `test` when the split has no `val` part) with the trained lead range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dchag.data import build_source
+from dchag.eval.forecast import _HeldOut, load_run
+from dchag.tasks import compute_loss
+from dchag.train.loop import mask_noise_for_step
+
+
+def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8) -> float:
+    cfg, model, stats = load_run(run)
+    if cfg.data.kind == "era5":
+        split = "val" if "val" in cfg.data.split else "test"
+        source = build_source(cfg, split=split, stats=stats)
+        count = min(samples, source.num_samples)
+    else:
+        source = _HeldOut(build_source(cfg), cfg.data.num_samples, samples)
+        count = samples
+    lat = source.lat_weights() if cfg.train.task == "forecast" else None
+    total, seen = 0.0, 0
+    for start in range(0, count, batch_size):
+        indices = list(range(start, min(start + batch_size, count)))
+        batch = source.batch(indices)
+        noise = None
+        if cfg.train.task == "mae":  # fixed masks per batch: every variant sees the same ones
+            noise = mask_noise_for_step(cfg, 10_000 + start, len(indices), model.num_patches)
+        with torch.no_grad():
+            loss, _ = compute_loss(model, batch, cfg, lat_weights=lat, mask_noise=noise)
+        total += float(loss) * len(indices)
+        seen += len(indices)
+    return total / seen
