@@ -28,7 +28,7 @@ def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 def test_torchrun_four_ranks_match_the_single_device_loss_curve(tmp_path):
     """tp=2 x dp_shard=2 under torchrun, 20 steps with gradient clipping engaged in every step: the same
     losses as one process, and a checkpoint in the single-device layout."""
-    steps = ["train.steps=20", "train.log_every=1", "train.grad_clip=0.1", "parallel.check_replicas_every=5"]
+    steps = ["train.steps=20", "train.log_every=1", "train.grad_clip=2e-4", "parallel.check_replicas_every=5"]
     proc = run(
         [
             "-m",
@@ -63,7 +63,7 @@ def test_torchrun_four_ranks_match_the_single_device_loss_curve(tmp_path):
     dist_norms = [r["grad_norm"] for r in read_metrics(tmp_path / "dist/metrics.jsonl")]
     single_norms = [r["grad_norm"] for r in read_metrics(tmp_path / "single/metrics.jsonl")]
     assert max(abs(a - b) / b for a, b in zip(dist_norms, single_norms)) <= 1e-4
-    assert min(single_norms) > 0.1  # the clipped (scaled) path ran in every step
+    assert min(single_norms) > 2e-4  # the clipped (scaled) path ran in every step
 
     ckpt = load_checkpoint(tmp_path / "dist/checkpoint.pt")
     model = build_model(cfg)
