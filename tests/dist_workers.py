@@ -114,15 +114,15 @@ def front_end_communication(*overrides) -> dict:
 def step_communication(*overrides) -> dict:
     """Collectives of one training step (after a warm-up step) and of one ViT block's forward + backward."""
     from dchag.bench.comm import CommBytesMode, summarize
-    from dchag.bench.tp_comm_sweep import _training_step
+    from dchag.bench.tp_comm_sweep import one_training_step
     from dchag.data import build_source
 
     cfg = config(*overrides)
     _, plan = reference_and_parallel(cfg)
     source = build_source(cfg, channels=plan.input_channels)
-    _training_step(plan, cfg, source, 0)
+    one_training_step(plan, cfg, source, 0)
     with CommBytesMode() as step_mode:
-        _training_step(plan, cfg, source, 1)
+        one_training_step(plan, cfg, source, 1)
     x = torch.randn(2, plan.model.num_patches, cfg.model.embed_dim, requires_grad=True)
     with CommBytesMode() as block_mode:
         plan.model.blocks[0](x).square().sum().backward()

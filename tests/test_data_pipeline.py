@@ -129,6 +129,11 @@ def test_training_on_era5_logs_data_wait_and_eval_reports_skill_against_baseline
     assert t2m_6h["persistence_rmse"] == pytest.approx(0.1, rel=1e-3)
     assert all(p.endswith(".png") for p in result["plots"])
 
+    # the same run on another file holding the same variables (other layout, other names)
+    other = write(dataset(times=25), tmp_path / "other.zarr", "zarr3")
+    again = evaluate_forecast(tmp_path, lead_hours=[6], data_path=str(other), progress=False)
+    assert [r["rmse"] for r in again["metrics"]] == pytest.approx([r["rmse"] for r in result["metrics"][:2]], rel=1e-4)
+
 
 def test_eval_cli_writes_json_and_a_table(tmp_path):
     from dchag.cli import main

@@ -62,7 +62,7 @@ def case_config(case: str, size: TPCommSize, tp: int):
     )
 
 
-def _training_step(plan, cfg, source, step: int) -> None:
+def one_training_step(plan, cfg, source, step: int) -> None:
     """What the training loop does in one step (without the optimizer update)."""
     from dchag.data import batch_indices
     from dchag.train.loop import Layout, mask_noise_for_step, train_step
@@ -87,9 +87,9 @@ def measure_rank(size: TPCommSize, tp: int) -> list[dict]:
         plan = parallelize(build_model(cfg), cfg, build_mesh(ParallelDims.from_config(cfg.parallel)))
         source = build_source(cfg, channels=plan.input_channels)
         group = str(plan.tp_group.group_name)
-        _training_step(plan, cfg, source, 0)  # warm-up: lazy initialisation stays out of the count
+        one_training_step(plan, cfg, source, 0)  # warm-up: lazy initialisation stays out of the count
         with CommBytesMode() as mode:
-            _training_step(plan, cfg, source, 1)
+            one_training_step(plan, cfg, source, 1)
         step = summarize(mode.records, group)
         block = plan.model.blocks[0]
         x = torch.randn(size.batch, plan.model.num_patches, size.embed_dim, requires_grad=True)

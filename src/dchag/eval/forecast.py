@@ -48,7 +48,7 @@ def load_run(run: str | Path, data_path: str | None = None) -> tuple[Config, tor
     return cfg, model.eval(), stats
 
 
-class _HeldOut:
+class HeldOut:
     """Synthetic samples [offset, offset + count): never used in training (it draws indices < offset)."""
 
     def __init__(self, source, offset: int, count: int):
@@ -111,7 +111,7 @@ def evaluate_forecast(
             source = build_source(cfg, split=split, lead_hours=lead, stats=stats)
             climatology = torch.tensor(np.array([stats["climatology"][c] for c in outs]), dtype=torch.float64)
         else:
-            source = _HeldOut(build_source(cfg, lead_hours=lead), cfg.data.num_samples, SYNTHETIC_EVAL_SAMPLES)
+            source = HeldOut(build_source(cfg, lead_hours=lead), cfg.data.num_samples, SYNTHETIC_EVAL_SAMPLES)
             climatology = _synthetic_climatology(cfg, lead)
         weights = source.lat_weights().double()
         sums = {k: torch.zeros(len(outs), dtype=torch.float64) for k in ("mse", "acc", "p_mse", "p_acc", "c_mse")}

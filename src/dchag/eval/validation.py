@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dchag.data import build_source
-from dchag.eval.forecast import _HeldOut, load_run
+from dchag.eval.forecast import HeldOut, load_run
 from dchag.tasks import compute_loss
 from dchag.train.loop import mask_noise_for_step
 
@@ -23,7 +23,7 @@ def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8) -> 
         source = build_source(cfg, split=split, stats=stats)
         count = min(samples, source.num_samples)
     else:
-        source = _HeldOut(build_source(cfg), cfg.data.num_samples, samples)
+        source = HeldOut(build_source(cfg), cfg.data.num_samples, samples)
         count = samples
     lat = source.lat_weights() if cfg.train.task == "forecast" else None
     total, seen = 0.0, 0
