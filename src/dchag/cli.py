@@ -24,17 +24,26 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from dchag.eval.forecast import evaluate_forecast, format_table
+    from dchag.eval.forecast import load_run
 
-    result = evaluate_forecast(
-        args.run,
-        split=args.split,
-        lead_hours=args.lead_hours,
-        data_path=args.data_path,
-        plots=args.plots,
-        progress=not args.no_progress,
-    )
-    print(format_table(result))
+    cfg, _, _ = load_run(args.run)
+    if cfg.train.task == "mae":
+        from dchag.eval.mae import evaluate_mae, format_mae_table
+
+        result = evaluate_mae(args.run, samples=args.samples, plots=args.plots, progress=not args.no_progress)
+        print(format_mae_table(result))
+    else:
+        from dchag.eval.forecast import evaluate_forecast, format_table
+
+        result = evaluate_forecast(
+            args.run,
+            split=args.split,
+            lead_hours=args.lead_hours,
+            data_path=args.data_path,
+            plots=args.plots,
+            progress=not args.no_progress,
+        )
+        print(format_table(result))
     if args.json:
         from pathlib import Path
 
@@ -113,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lead-hours", type=int, nargs="+", help="lead times (default: the trained range's ends)")
     p.add_argument("--data-path", help="evaluate on another file holding the same variables")
     p.add_argument("--json", help="also write the metrics here as JSON")
-    p.add_argument("--plots", help="folder for PNG maps of truth / forecast / error")
+    p.add_argument("--plots", help="folder for PNGs: forecast maps, or MAE false-colour composites and spectra")
+    p.add_argument("--samples", type=int, default=64, help="MAE: held-out crops to evaluate")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 AGGREGATOR_KINDS = ("cross_attention", "linear")
 HIERARCHY_PRESETS = ("flat", "dchag-L", "dchag-C", "tree")
-DATA_KINDS = ("synthetic-weather", "synthetic-hyperspectral", "era5")
+DATA_KINDS = ("synthetic-weather", "synthetic-hyperspectral", "era5", "spectral_cube")
 SPLITS = ("train", "val", "test")
 TASKS = ("forecast", "mae")
 PARALLEL_MODES = ("dchag", "replicated", "naive")
@@ -99,7 +99,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     kind: str = "synthetic-weather"
-    channels: Union[int, list[str]] = 16  # a count (names come from the source) or explicit names
+    channels: Union[int, str, list[str]] = 16  # a count (synthetic), "all" (spectral_cube) or explicit names
     out_channels: list[str] | None = None  # forecast targets; default: the source's standard targets
     num_samples: int = 512
     seed: int = 0
@@ -112,6 +112,14 @@ class DataConfig:
     grid: Union[str, list[int]] = "native"  # "native" or [H, W]: bilinear regridding to the model's grid
     split: dict = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})  # fractions or dates
     lead_hours: list[int] = field(default_factory=lambda: [6, 72])  # era5: [min, max] lead in training
+    # spectral_cube (see docs/data.md): band selection, wavelengths, file layout
+    bands: list[int] | None = None  # band indices to keep
+    wavelength_range: list[float] | None = None  # [min_nm, max_nm] of bands to keep
+    wavelengths: dict | None = None  # {start, stop, count} nm: resample the spectrum linearly
+    band_wavelengths: list[float] | None = None  # nm per band, when the files do not say
+    nodata: float | None = None  # no-data value (default: the file's)
+    variable: str | None = None  # array name in .mat / .npz / HDF5 files
+    layout: str | None = None  # axis order of array files: "chw", "hwc", ... (default per format)
     workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     prefetch: int = 2  # batches each worker prepares ahead
 
@@ -373,7 +381,14 @@ def validate(cfg: Config) -> None:
     _check(m.hierarchy.preset is not None or bool(m.hierarchy.levels), "model.hierarchy: give a preset or levels")
 
     _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is unknown; use one of {DATA_KINDS}")
-    if isinstance(d.channels, int):
+    if isinstance(d.channels, str):
+        _check(
+            d.channels == "all" and d.kind == "spectral_cube",
+            f"data.channels={d.channels!r}: a string is only allowed as 'all' with data.kind=spectral_cube",
+        )
+    elif d.kind == "spectral_cube" and isinstance(d.channels, int):
+        raise ConfigError("data.kind=spectral_cube needs data.channels: all, or a list of band names like b664.6")
+    elif isinstance(d.channels, int):
         _check(d.channels >= 1, f"data.channels={d.channels} must be >= 1")
     else:
         _check(len(d.channels) >= 1, "data.channels is empty")
@@ -382,6 +397,15 @@ def validate(cfg: Config) -> None:
     _check(d.num_samples >= 1, f"data.num_samples={d.num_samples} must be >= 1")
     _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0 loads in the training process)")
     _check(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be >= 1")
+    if d.kind == "spectral_cube":
+        _check(bool(d.path), "data.kind=spectral_cube needs data.path (a cube file, a folder or a glob)")
+        chosen = [k for k in ("bands", "wavelength_range", "wavelengths") if getattr(d, k) is not None]
+        _check(len(chosen) <= 1, f"data: give at most one of bands, wavelength_range, wavelengths (got {chosen})")
+        if d.wavelengths is not None:
+            _check(
+                set(d.wavelengths) == {"start", "stop", "count"} and int(d.wavelengths["count"]) >= 1,
+                f"data.wavelengths={d.wavelengths} must be {{start: NM, stop: NM, count: N}}",
+            )
     if d.kind == "era5":
         _check(bool(d.path), "data.kind=era5 needs data.path (a Zarr store, a netCDF file, or a folder/glob of them)")
         _check(

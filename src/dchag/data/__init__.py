@@ -6,7 +6,12 @@ from dchag.data.channels import FORECAST_TARGETS, band_names, weather_names
 
 
 def channel_names(data_cfg) -> list[str]:
-    """The ordered channel names a data config describes (a count becomes the source's standard names)."""
+    """The ordered channel names a data config describes (a count becomes the source's standard names;
+    "all" the selected bands of a spectral cube, read from its files)."""
+    if data_cfg.channels == "all":
+        from dchag.data.spectral_cube import selected_channels
+
+        return selected_channels(data_cfg)
     if not isinstance(data_cfg.channels, int):
         return list(data_cfg.channels)
     if data_cfg.kind == "synthetic-weather":

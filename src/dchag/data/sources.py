@@ -38,6 +38,24 @@ def build_source(
             fixed_lead=lead_hours,
             stats=stats,
         )
+    if d.kind == "spectral_cube":
+        from dchag.data.spectral_cube import SpectralCubeSource
+
+        return SpectralCubeSource(
+            d.path,
+            size,
+            channels=channels,
+            bands=d.bands,
+            wavelength_range=d.wavelength_range,
+            resample=d.wavelengths,
+            band_wavelengths=d.band_wavelengths,
+            variable=d.variable,
+            layout=d.layout,
+            nodata=d.nodata,
+            seed=d.seed,
+            num_samples=d.num_samples,
+            stats=stats,
+        )
     if d.kind == "synthetic-weather":
         return SyntheticWeather(
             channels,

