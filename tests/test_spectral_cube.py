@@ -210,3 +210,63 @@ def test_the_packaged_sentinel2_scene_has_13_bands_on_the_10m_grid():
     assert (src.scenes[0].height, src.scenes[0].width) == (1947, 1933)
     values, valid = src.read_crop(0)
     assert values.shape == (13, 48, 48) and valid.all()
+
+
+def test_mae_eval_reports_psnr_sam_band_rmse_and_the_mean_spectrum_baseline(tmp_path):
+    from dchag.cli import main
+    from dchag.eval.mae import evaluate_mae
+
+    shrink = ["train.steps=3", "model.depth=1", "model.img_size=[24, 24]", "data.workers=0", "data.num_samples=64"]
+    args = ["--config", "configs/sentinel2-mae.yaml", "--set", *shrink]
+    assert main(["train", *args, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    result = evaluate_mae(tmp_path / "run", samples=4, plots=tmp_path / "plots", progress=False)
+    for key in ("psnr_db", "sam_deg", "band_rmse", "baseline_psnr_db", "baseline_sam_deg", "whole_image"):
+        assert key in result
+    assert len(result["band_rmse"]) == 13 and 0 < result["sam_deg"] < 90
+    assert {Path(p).name for p in result["plots"]} == {"composite_rgb.png", "composite_nir.png", "spectra.png"}
+    assert main(["eval", "--run", str(tmp_path / "run"), "--samples", "4", "--no-progress"]) == 0
+
+
+def _bands_read_under_tp4(path: str) -> dict:
+    from dchag.config import load_config
+    from dchag.data import build_source
+    from dchag.parallel.parity import reference_and_parallel
+
+    cfg = load_config(
+        None,
+        [
+            "data.kind=spectral_cube",
+            f"data.path={path}",
+            "data.channels=all",
+            "model.img_size=[8, 8]",
+            "model.patch_size=4",
+            "model.embed_dim=32",
+            "model.depth=1",
+            "model.num_heads=4",
+            "model.hierarchy.preset=dchag-L",
+            "model.hierarchy.groups=4",
+            "train.task=mae",
+            "train.batch_size=2",
+            "parallel.tp=4",
+        ],
+    )
+    _, plan = reference_and_parallel(cfg)
+    src = build_source(cfg, channels=plan.input_channels)
+    src.stats = src.compute_stats(samples=2)
+    src.batch([0, 1])
+    return {"channels": plan.input_channels, "bands_read": sorted(src.bands_read)}
+
+
+def test_under_tp4_each_rank_reads_only_its_own_bands(tmp_path):
+    import h5py
+
+    from dchag.parallel.launch import spawn
+
+    data = cube(bands=8)
+    path = write_h5(tmp_path / "c.h5", data)
+    with h5py.File(path, "a") as f:  # 8 bands: extend the wavelength list
+        del f["wavelength"]
+        f["wavelength"] = np.linspace(400, 750, 8)
+    results = spawn(_bands_read_under_tp4, 4, str(path))
+    assert [r["bands_read"] for r in results] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [len(r["channels"]) for r in results] == [2, 2, 2, 2]

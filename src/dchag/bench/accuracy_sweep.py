@@ -40,6 +40,7 @@ def accuracy_cpu(size: AccuracySize) -> list[dict]:
             with tempfile.TemporaryDirectory(prefix="dchag-accuracy-") as run:
                 summary = train(cfg, run, progress=False)
                 val = validation_loss(run, size.val_samples)
+                val_initial = validation_loss(run, size.val_samples, initial=True)
             log(f"accuracy-cpu: {variant} seed {seed}: train {summary['final_loss']:.5f} val {val:.5f}")
             records.append(
                 {
@@ -49,6 +50,7 @@ def accuracy_cpu(size: AccuracySize) -> list[dict]:
                     "steps": size.steps,
                     "final_train_loss": summary["final_loss"],
                     "val_loss": val,
+                    "initial_val_loss": val_initial,
                     "train_time_s": summary["elapsed_s"],
                 }
             )
@@ -61,8 +63,9 @@ def accuracy_table(records: list[dict]) -> str:
         by_variant.setdefault(r["variant"], []).append(r)
     base = statistics.mean(r["val_loss"] for r in by_variant.get("flat", records))
     lines = [
-        "| variant | seeds | final train loss (mean) | validation loss (mean ± sd) | per seed | val / flat |",
-        "|---|---|---|---|---|---|",
+        "| variant | seeds | final train loss (mean) | validation loss (mean ± sd) | per seed | val / flat |"
+        " val / initial val |",
+        "|---|---|---|---|---|---|---|",
     ]
     for variant, rs in by_variant.items():
         vals = [r["val_loss"] for r in rs]
@@ -70,6 +73,7 @@ def accuracy_table(records: list[dict]) -> str:
         lines.append(
             f"| {variant} | {len(rs)} | {statistics.mean(r['final_train_loss'] for r in rs):.5f} | "
             f"{statistics.mean(vals):.5f} ± {sd:.5f} | {', '.join(f'{v:.5f}' for v in vals)} | "
-            f"{statistics.mean(vals) / base:.3f} |"
+            f"{statistics.mean(vals) / base:.3f} | "
+            f"{statistics.mean(r['val_loss'] / r['initial_val_loss'] for r in rs if 'initial_val_loss' in r):.3f} |"
         )
     return "\n".join(lines)

@@ -16,14 +16,21 @@ from dchag.tasks import compute_loss
 from dchag.train.loop import mask_noise_for_step
 
 
-def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8) -> float:
+def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8, *, initial: bool = False) -> float:
+    """The loss of the run's trained model (or, with `initial`, of the model it started from: the same
+    seed, before any step) on `samples` held-out samples."""
     cfg, model, stats = load_run(run)
+    if initial:
+        from dchag.model import build_model
+
+        torch.manual_seed(cfg.train.seed)  # as training does before building the model
+        model = build_model(cfg).eval()
     if cfg.data.kind == "era5":
         split = "val" if "val" in cfg.data.split else "test"
         source = build_source(cfg, split=split, stats=stats)
         count = min(samples, source.num_samples)
     else:
-        source = HeldOut(build_source(cfg), cfg.data.num_samples, samples)
+        source = HeldOut(build_source(cfg, stats=stats), cfg.data.num_samples, samples)
         count = samples
     lat = source.lat_weights() if cfg.train.task == "forecast" else None
     total, seen = 0.0, 0
