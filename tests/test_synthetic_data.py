@@ -50,3 +50,21 @@ def test_hyperspectral_bands_are_generated_at_their_wavelengths_only():
     flat = full[0].flatten(1)
     corr = torch.corrcoef(flat[20:22])[0, 1]
     assert corr > 0.9
+
+
+def test_library_spectra_are_real_reflectance_with_a_vegetation_red_edge():
+    from dchag.data.spectral_library import library_spectra
+
+    names, spectra = library_spectra([650.0, 800.0])
+    assert "Acer rubrum" in names and len(names) == 4
+    leaf = spectra[names.index("Acer rubrum")]
+    assert leaf[1] > 2 * leaf[0]  # chlorophyll absorbs red, leaf structure reflects near-infrared
+    assert ((spectra >= 0) & (spectra <= 1)).all()
+
+
+def test_cubes_mixed_from_library_spectra_generate_only_the_bands_asked_for():
+    bands = band_names(500)
+    full = SyntheticHyperspectral(bands, (12, 12), noise=0.0, spectra="library").batch([0, 1])["x"]
+    part = SyntheticHyperspectral(bands[100:164], (12, 12), noise=0.0, spectra="library").batch([0, 1])["x"]
+    assert full.shape == (2, 500, 12, 12)
+    torch.testing.assert_close(part, full[:, 100:164])

@@ -106,6 +106,7 @@ class DataConfig:
     max_lead_hours: int = 72  # synthetic: lead time drawn from lead_step_hours .. max_lead_hours
     lead_step_hours: int = 6
     noise: float = 0.01  # synthetic: relative observation noise
+    spectra: str = "generated"  # synthetic-hyperspectral: "generated" or "library" (real reflectance spectra)
     # era5 (see docs/data.md): a Zarr store, a netCDF file, or a folder / glob of netCDF files
     path: str | None = None
     select: dict = field(default_factory=dict)  # {dim: value} for extra dimensions (ensemble member, ...)
@@ -395,6 +396,7 @@ def validate(cfg: Config) -> None:
         dupes = sorted({c for c in d.channels if d.channels.count(c) > 1})
         _check(not dupes, f"data.channels lists {dupes} more than once")
     _check(d.num_samples >= 1, f"data.num_samples={d.num_samples} must be >= 1")
+    _check(d.spectra in ("generated", "library"), f"data.spectra={d.spectra!r} must be 'generated' or 'library'")
     _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0 loads in the training process)")
     _check(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be >= 1")
     if d.kind == "spectral_cube":

@@ -68,7 +68,9 @@ def build_source(
             noise=d.noise,
             fixed_lead=lead_hours,
         )
-    return SyntheticHyperspectral(channels, size, seed=d.seed, num_samples=d.num_samples, noise=d.noise)
+    return SyntheticHyperspectral(
+        channels, size, seed=d.seed, num_samples=d.num_samples, noise=d.noise, spectra=d.spectra
+    )
 
 
 def batch_indices(

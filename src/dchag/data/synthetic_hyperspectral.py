@@ -1,5 +1,7 @@
 """Synthetic hyperspectral cubes: a few materials with smooth reflectance spectra, mixed per pixel by
-smooth abundance maps, plus sensor noise (the linear mixing model of remote sensing).
+smooth abundance maps, plus sensor noise (the linear mixing model of remote sensing). The materials'
+spectra are generated (smooth bumps), or real library spectra (`spectra="library"`: a maple leaf, a
+lichen, concrete and a mineral, see `spectral_library.py`) resampled to the requested bands.
 
 Spectra are evaluated only at the wavelengths of the bands asked for, so a rank that owns 64 of 500
 bands generates 64 bands.
@@ -31,11 +33,20 @@ class SyntheticHyperspectral:
         seed: int = 0,
         num_samples: int = 512,
         noise: float = 0.01,
+        spectra: str = "generated",
     ):
         self.channels = list(channels)
         self.height, self.width = img_size
         self.seed, self.num_samples, self.noise = seed, num_samples, noise
         self.wavelengths = torch.tensor([band_wavelength(c) for c in self.channels])  # [C] nm
+        self.materials = NUM_MATERIALS
+        self._library = None
+        if spectra == "library":  # real reflectance spectra (spectral's ECOSTRESS and RELAB samples)
+            from dchag.data.spectral_library import library_spectra
+
+            self.material_names, library = library_spectra(self.wavelengths.double().numpy())
+            self._library = torch.from_numpy(library).float()  # [M, C]
+            self.materials = len(self.material_names)
 
         g = torch.Generator().manual_seed(seed)
         self._base = 0.1 + 0.3 * torch.rand(NUM_MATERIALS, generator=g)
@@ -46,6 +57,8 @@ class SyntheticHyperspectral:
 
     def spectra(self) -> torch.Tensor:
         """Reflectance of each material at each requested band: [M, C], in (0, 1)."""
+        if self._library is not None:
+            return self._library
         lam = self.wavelengths[None, None, :]  # [1, 1, C]
         bumps = self._height[..., None] * torch.exp(
             -((lam - self._center[..., None]) ** 2) / (2 * self._width[..., None] ** 2)
@@ -57,11 +70,11 @@ class SyntheticHyperspectral:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 1)
         ys = torch.linspace(0, 1, self.height)[:, None]
         xs = torch.linspace(0, 1, self.width)[None, :]
-        logits = torch.zeros(NUM_MATERIALS, self.height, self.width)
+        logits = torch.zeros(self.materials, self.height, self.width)
         for fy in range(ABUNDANCE_MODES):
             for fx in range(ABUNDANCE_MODES):
-                a = torch.randn(NUM_MATERIALS, 1, 1, generator=g) / (1 + fx + fy)
-                ph = 2 * math.pi * torch.rand(NUM_MATERIALS, 1, 1, generator=g)
+                a = torch.randn(self.materials, 1, 1, generator=g) / (1 + fx + fy)
+                ph = 2 * math.pi * torch.rand(self.materials, 1, 1, generator=g)
                 logits += a * torch.cos(2 * math.pi * (fy * ys + fx * xs) + ph)
         return torch.softmax(4.0 * logits, dim=0)  # [M, H, W]
 
