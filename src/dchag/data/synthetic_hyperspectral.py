@@ -25,6 +25,8 @@ MEAN, SCALE = 0.3, 0.2  # rough reflectance mean and spread, used to standardise
 class SyntheticHyperspectral:
     """`batch(indices)` -> x [B, C, H, W] (standardised reflectance)."""
 
+    standardisation = (MEAN, SCALE)  # x = (reflectance - MEAN) / SCALE: how to get reflectance back
+
     def __init__(
         self,
         channels: list[str],

@@ -53,7 +53,7 @@ class HeldOut:
 
     def __init__(self, source, offset: int, count: int):
         self.source, self.offset, self.num_samples = source, offset, count
-        self.channels, self.out_channels = source.channels, source.out_channels
+        self.channels, self.out_channels = source.channels, getattr(source, "out_channels", [])
 
     def batch(self, indices):
         return self.source.batch([self.offset + i for i in indices])

@@ -64,8 +64,9 @@ def evaluate_mae(run: str | Path, *, samples: int = 64, batch_size: int = 8, plo
     if stats is not None:
         mean = np.array([stats["channels"][c]["mean"] for c in names])[:, None, None]
         std = np.array([stats["channels"][c]["std"] for c in names])[:, None, None]
-    else:
-        mean, std = np.zeros((len(names), 1, 1)), np.ones((len(names), 1, 1))
+    else:  # synthetic cubes are standardised with one (mean, scale); undo it to get reflectance
+        offset, scale = getattr(source.source, "standardisation", (0.0, 1.0))
+        mean, std = np.full((len(names), 1, 1), offset), np.full((len(names), 1, 1), scale)
     parts = {k: _Accumulator(len(names)) for k in ("masked", "whole", "baseline_masked")}
     patch = cfg.model.patch_size
     grid_w = cfg.model.img_size[1] // patch
