@@ -10,6 +10,7 @@ Sources are read (or generated) in the worker processes, off the training loop's
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -42,12 +43,10 @@ class StepBatches(Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers share the cores with the training process
-    try:
+    with contextlib.suppress(ImportError):  # dask serves multi-file netCDF: no thread pool inside a worker
         import dask
 
-        dask.config.set(scheduler="synchronous")  # multi-file netCDF: no thread pool inside a worker
-    except ImportError:
-        pass
+        dask.config.set(scheduler="synchronous")
 
 
 class TimedBatches:
