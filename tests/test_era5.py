@@ -192,9 +192,16 @@ def test_an_all_nan_variable_is_refused_when_statistics_are_computed(tmp_path):
         source(path).compute_stats()
 
 
-def test_a_missing_file_and_a_missing_package_sample_are_one_line_errors(tmp_path):
+def test_a_missing_file_and_a_missing_package_sample_are_one_line_errors(tmp_path, monkeypatch):
+    from dchag.data import packaged
+
     with pytest.raises(DataError, match="no Zarr store, netCDF file"):
         source(tmp_path / "nothing-here")
+    monkeypatch.setitem(packaged.PACKAGED, "no-such-sample", ("no_such_package", "data/x.zarr"))
+    with pytest.raises(
+        DataError, match=r"'no-such-sample' names a data set of the no-such-package package.*pip install"
+    ):
+        source("no-such-sample")
 
 
 def test_the_packaged_era5_sample_loads():

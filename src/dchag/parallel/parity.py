@@ -7,7 +7,6 @@ the single-device layout) are compared as max |a - b| / max |b| per tensor.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from dchag.parallel.mesh import ParallelDims, build_mesh
 from dchag.parallel.parallelize import parallelize
 from dchag.parallel.state import logical_grads
 from dchag.tasks import compute_loss
-from dchag.train.loop import mask_noise_for_step
+from dchag.train.loop import autocast, mask_noise_for_step
 
 FAULTS = ("none", "gather-reduce-scatter", "gather-own-slice", "grad-scale")
 
@@ -105,12 +104,6 @@ def _scale_grads(plan) -> None:
             p.grad.mul_(plan.tp)
 
 
-def _autocast(cfg, device: str):
-    if not cfg.train.bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16)
-
-
 def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing: bool = False) -> ParityReport:
     """Run on every rank of an initialized process group; returns the same report on every rank.
 
@@ -145,7 +138,7 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
         noise = mask_noise_for_step(cfg, 0, cfg.train.batch_size, reference.num_patches).to(device)
 
     torch.manual_seed(seed + 12345)  # the dropout masks: the same generator state on both sides
-    with _autocast(cfg, device):
+    with autocast(cfg, torch.device(device)):
         ref_loss, ref_out = compute_loss(reference, batch, cfg, lat_weights=lat_weights, mask_noise=noise)
     ref_loss.backward()
     ref_grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in reference.named_parameters()}
@@ -160,7 +153,7 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     local_noise = noise[rows] if noise is not None else None
     torch.manual_seed(seed + 12345)
     try:
-        with _autocast(cfg, device):
+        with autocast(cfg, torch.device(device)):
             loss, out = compute_loss(
                 plan.model,
                 local,

@@ -87,7 +87,8 @@ def decide(local: torch.Tensor, step: int, channels: list[str], model: torch.nn.
         reports = [None] * dist.get_world_size()
         dist.all_gather_object(reports, _describe(found, rank, channels, bad_params))
     reports = [r for r in reports if r] or ["the gradient norm is not finite"]
-    data_problem = agreed.tolist()[INPUT] or agreed.tolist()[TARGET]
+    everyone = agreed.tolist()
+    data_problem = everyone[INPUT] or everyone[TARGET]
     hint = "fix or mask the data source" if data_problem else "lower train.lr or enable train.grad_clip"
     raise TrainingFailure(f"step {step}: {' | '.join(reports)}; stopping all ranks ({hint})")
 
