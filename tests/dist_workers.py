@@ -10,13 +10,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 
+from dchag.checks.parity import reference_and_parallel, run_parity
 from dchag.config import load_config
 from dchag.model import build_model
 from dchag.parallel import ParallelDims, build_mesh, parallelize
 from dchag.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
-from dchag.parallel.parity import reference_and_parallel, run_parity
 from dchag.parallel.state import logical_state_dict
-from dchag.train.loop import mask_noise_for_step, seed_dropout
+from dchag.tasks import mask_noise_for_step
+from dchag.train.loop import seed_dropout
 
 SMALL_MODEL = [  # shared with conftest.small_config
     "model.img_size=[16, 32]",
@@ -360,7 +361,7 @@ def optimizer_steps_match(*overrides, steps: int = 3) -> dict:
         indices = batch_indices(full_source.num_samples, 4, step, 0)
         ref_batch, batch = full_source.batch(indices), local_source.batch(indices[rows])
         noise = mask_noise_for_step(cfg, step, 4, reference.num_patches) if cfg.train.task == "mae" else None
-        _, ref_norm = train_step(Layout(reference), ref_opt, ref_batch, cfg, step, lat, noise, full_source.channels)
+        _, ref_norm, _ = train_step(Layout(reference), ref_opt, ref_batch, cfg, step, lat, noise, full_source.channels)
         local_noise = noise[rows] if noise is not None else None
         train_step(Layout(plan.model, plan), opt, batch, cfg, step, lat, local_noise, local_source.channels)
         norms.append(float(ref_norm))

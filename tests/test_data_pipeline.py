@@ -69,7 +69,7 @@ def test_batches_are_the_same_with_and_without_workers(era5_path):
 
 
 def _reads_under_tp4(path) -> dict:
-    from dchag.parallel.parity import reference_and_parallel
+    from dchag.checks.parity import reference_and_parallel
 
     cfg = era5_config(path, "parallel.tp=4")
     _, plan = reference_and_parallel(cfg)

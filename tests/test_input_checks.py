@@ -32,13 +32,15 @@ def test_nan_in_an_input_channel_is_named():
         )
 
 
-def test_non_finite_gradient_names_the_parameter():
+def test_non_finite_gradient_skips_the_step_and_names_the_parameter():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
     model(torch.ones(1, 2)).sum().backward()
     model[1].weight.grad[0, 0] = float("inf")
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
-    with pytest.raises(TrainingFailure, match=r"non-finite gradients in 1\.weight.*lower train.lr"):
-        decide(findings({"x": torch.zeros(1, 1, 1, 1)}, torch.tensor(1.0), norm), 0, ["a"], model, distributed=False)
+    skipped = decide(
+        findings({"x": torch.zeros(1, 1, 1, 1)}, torch.tensor(1.0), norm), 0, ["a"], model, distributed=False
+    )
+    assert skipped is not None and "non-finite gradients in 1.weight" in skipped  # skip the step, do not stop
 
 
 def test_nan_batch_stops_training_with_that_message(monkeypatch, tmp_path):
@@ -57,3 +59,48 @@ def test_nan_batch_stops_training_with_that_message(monkeypatch, tmp_path):
     monkeypatch.setattr(SyntheticWeather, "batch", broken)
     with pytest.raises(TrainingFailure, match="input channel 'u10'"):
         train(small_config("train.steps=2"), tmp_path, progress=False)
+
+
+def _nan_loss_at(monkeypatch, calls: set[int]) -> None:
+    """Make compute_loss return NaN at the given (0-based) calls, with finite data."""
+    import dchag.train.loop as loop
+
+    original, seen = loop.compute_loss, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        loss, out = original(*args, **kwargs)
+        seen["n"] += 1
+        return (loss * float("nan") if seen["n"] - 1 in calls else loss), out
+
+    monkeypatch.setattr(loop, "compute_loss", flaky)
+
+
+def test_a_non_finite_loss_skips_the_step_and_is_counted(monkeypatch, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from conftest import small_config
+
+    from dchag.train.checkpoint import complete_checkpoints
+    from dchag.train.loop import train
+    from dchag.train.metrics import read_metrics
+
+    _nan_loss_at(monkeypatch, {2, 3})
+    summary = train(
+        small_config("train.steps=6", "train.log_every=10", "train.max_bad_steps=2"), tmp_path, progress=False
+    )
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("skipped")] == [2, 3]
+    assert summary["skipped_steps"] == 2 and records[-1]["skipped_steps"] == 2
+    step = {"optim.step": torch.tensor(0.0)}
+    with pytest.warns(UserWarning, match="single process"):  # DCP says it assumes one process: it is one
+        dcp.load(step, checkpoint_id=str(complete_checkpoints(tmp_path)[-1]), no_dist=True)
+    assert float(step["optim.step"]) == 4  # AdamW stepped only on the 4 sound steps
+
+
+def test_more_bad_steps_than_allowed_stop_training(monkeypatch, tmp_path):
+    from conftest import small_config
+
+    from dchag.train.loop import train
+
+    _nan_loss_at(monkeypatch, {1, 2})
+    with pytest.raises(TrainingFailure, match=r"step 2: .*loss is not finite.*; 2 steps .*train.max_bad_steps=1"):
+        train(small_config("train.steps=6", "train.max_bad_steps=1"), tmp_path, progress=False)

@@ -62,7 +62,7 @@ def test_shipped_config_trains_a_step_on_one_process(path, tmp_path):
     )
     summary = train(cfg, tmp_path, progress=False)
     assert math.isfinite(summary["final_loss"])
-    assert (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "checkpoints").is_dir()
 
 
 def _train_every_config_at_tp2() -> dict:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dist_workers as W
 import pytest
 
+from dchag.checks.parity import BF16_TOLERANCE, FP32_TOLERANCE
 from dchag.parallel.launch import spawn
-from dchag.parallel.parity import BF16_TOLERANCE, FP32_TOLERANCE
 
 LAYOUTS = {"tp4": ["parallel.tp=4"], "fsdp2x2": ["parallel.tp=2", "parallel.dp_shard=2"]}
 FUSED = {"fused": "model.fused_front_end=true", "materializing": "model.fused_front_end=false"}

@@ -1,4 +1,4 @@
-"""`dchag` command line: train | eval | info | bench | check-parity."""
+"""`dchag` command line: train | export | eval | info | bench | check-parity."""
 
 from __future__ import annotations
 
@@ -20,7 +20,15 @@ def cmd_train(args) -> int:
     from dchag.train.entry import run_training
 
     cfg = load_config(args.config, args.set)
-    return run_training(cfg, args.out, progress=not args.no_progress)
+    return run_training(cfg, args.out, progress=not args.no_progress, resume=args.resume)
+
+
+def cmd_export(args) -> int:
+    from dchag.train.export import export_weights
+
+    path = export_weights(args.run, args.out, checkpoint=args.checkpoint)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -63,7 +71,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_check_parity(args) -> int:
-    from dchag.parallel.parity import FAULTS, check_parity
+    from dchag.checks.parity import FAULTS, check_parity
 
     cfg = load_config(args.config, args.set)
     if args.fault not in FAULTS:
@@ -112,12 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (single process, or under torchrun)")
     _add_config_args(p)
-    p.add_argument("--out", default="runs/latest", help="output folder: metrics.jsonl, config.yaml, checkpoint.pt")
+    p.add_argument(
+        "--out", default="runs/latest", help="run folder: metrics.jsonl, config.yaml, summary.yaml, checkpoints/"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        metavar="auto|DIR",
+        help="continue from a checkpoint: auto = the newest complete one in --out (fresh start if none), "
+        "or a checkpoint / run folder; any parallel layout",
+    )
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export", help="write a run's logical weights as one safetensors file (loads without pickle)")
+    p.add_argument("--run", required=True, help="the run folder dchag train wrote")
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest)")
+    p.add_argument("--out", help="output file (default: RUN/model.safetensors)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", help="evaluate a trained run on held-out data against its field's baselines")
-    p.add_argument("--run", required=True, help="the run folder dchag train wrote (config.yaml, checkpoint.pt)")
+    p.add_argument("--run", required=True, help="the run folder dchag train wrote (config.yaml, checkpoints/)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="ERA5 split to evaluate")
     p.add_argument("--lead-hours", type=int, nargs="+", help="lead times (default: the trained range's ends)")
     p.add_argument("--data-path", help="evaluate on another file holding the same variables")
@@ -173,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"dchag: config error: {err}", file=sys.stderr)
+        print(f"dchag: {getattr(err, 'kind', 'config error')}: {err}", file=sys.stderr)
         return 2
 
 

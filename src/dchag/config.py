@@ -139,7 +139,9 @@ class TrainConfig:
     mask_ratio: float = 0.75  # MAE
     mae_loss_on: str = "all"  # "all" pixels (the paper) or "masked" patches only
     log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # steps between sharded checkpoints (0: only at the end)
+    keep_checkpoints: int = 3  # complete checkpoints kept in RUN/checkpoints (0: keep all)
+    max_bad_steps: int = 10  # steps with a non-finite loss or gradient skipped before training stops
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
 
@@ -154,6 +156,7 @@ class ParallelConfig:
     compile: bool = False
     bf16_params: bool = False  # FSDP2 MixedPrecisionPolicy(param_dtype=bf16)
     check_replicas_every: int = 100  # steps between checks that TP-replicated weights agree (0: never)
+    timeout_s: float = 600.0  # a collective waiting longer than this for a peer ends the job with an error
 
 
 @dataclass
@@ -288,13 +291,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not a text file; give a YAML config") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or "invalid YAML"
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         data = loaded or {}
-    data = apply_overrides(data, overrides or [])
+    return load_config_dict(data, overrides)
+
+
+def load_config_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """A config from a mapping (as `to_dict` writes it), with `key=value` overrides, validated."""
+    data = apply_overrides(dict(data), overrides or [])
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
@@ -309,47 +329,21 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def split_sizes(total: int, groups: int) -> list[int]:
-    """Contiguous near-equal split: the first `total % groups` groups get one more element."""
-    base, extra = divmod(total, groups)
-    return [base + (1 if g < extra else 0) for g in range(groups)]
-
-
-def resolve_level_groups(
-    levels: list[LevelConfig], num_channels: int, where: str = "model.hierarchy.levels"
-) -> list[tuple[int, int]]:
-    """For each level, (number of input tokens, number of groups); raises on impossible shapes."""
-    shapes = []
-    tokens_in = num_channels
-    for i, level in enumerate(levels):
-        key = f"{where}[{i}]"
-        _check(level.kind in AGGREGATOR_KINDS, f"{key}.kind={level.kind!r} is unknown; use one of {AGGREGATOR_KINDS}")
-        _check(level.tokens >= 1, f"{key}.tokens={level.tokens} must be >= 1")
-        if level.groups is not None and level.group_size is not None:
-            raise ConfigError(f"{key}: give groups or group_size, not both")
-        if level.group_size is not None:
-            _check(level.group_size >= 1, f"{key}.group_size={level.group_size} must be >= 1")
-            groups = math.ceil(tokens_in / level.group_size)
-        else:
-            groups = level.groups if level.groups is not None else 1
-        _check(groups >= 1, f"{key}.groups={groups} must be >= 1")
-        _check(
-            groups <= tokens_in,
-            f"{key}.groups={groups} is larger than the {tokens_in} tokens this level receives "
-            f"({'channels' if i == 0 else 'outputs of the level before'}); use at most {tokens_in} groups",
-        )
-        shapes.append((tokens_in, groups))
-        tokens_in = groups * level.tokens
-    _check(
-        tokens_in == 1,
-        f"model.hierarchy: the last level must reduce to 1 token per patch, it gives {tokens_in}; "
-        "end with a level of groups=1, tokens=1",
-    )
-    return shapes
+def _check_finite(section: Any, prefix: str) -> None:
+    """Every float field of the config is a finite number (NaN and Inf pass most range checks)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        key = f"{prefix}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key)
+        elif isinstance(value, float):
+            _check(math.isfinite(value), f"{key}={value} must be a finite number")
 
 
 def validate(cfg: Config) -> None:
     m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    for name in ("model", "data", "train", "parallel"):
+        _check_finite(getattr(cfg, name), name)
     _check(len(m.img_size) == 2, f"model.img_size={m.img_size} must be [height, width]")
     _check(m.patch_size >= 1, f"model.patch_size={m.patch_size} must be >= 1")
     for name, size in zip(("height", "width"), m.img_size):
@@ -374,6 +368,11 @@ def validate(cfg: Config) -> None:
         f"model.decoder_heads={m.decoder_heads} does not divide model.decoder_dim={m.decoder_dim}",
     )
     _check(0.0 <= m.drop_rate < 1.0, f"model.drop_rate={m.drop_rate} must be in [0, 1)")
+    _check(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be > 0")
+    _check(
+        m.decoder_dim >= 1 and m.decoder_depth >= 0,
+        f"model.decoder_dim={m.decoder_dim} must be >= 1 and model.decoder_depth={m.decoder_depth} >= 0",
+    )
     if m.hierarchy.preset is not None and not m.hierarchy.levels:
         _check(
             m.hierarchy.preset in HIERARCHY_PRESETS,
@@ -396,6 +395,7 @@ def validate(cfg: Config) -> None:
         dupes = sorted({c for c in d.channels if d.channels.count(c) > 1})
         _check(not dupes, f"data.channels lists {dupes} more than once")
     _check(d.num_samples >= 1, f"data.num_samples={d.num_samples} must be >= 1")
+    _check(d.noise >= 0, f"data.noise={d.noise} must be >= 0")
     _check(d.spectra in ("generated", "library"), f"data.spectra={d.spectra!r} must be 'generated' or 'library'")
     _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0 loads in the training process)")
     _check(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be >= 1")
@@ -456,13 +456,33 @@ def validate(cfg: Config) -> None:
         _check(not bad, f"data.out_channels {bad} are not among the input channels data.channels")
     h = m.hierarchy
     where = "model.hierarchy.levels" if h.levels else f"model.hierarchy (preset {h.preset}, groups={h.groups}) level"
-    resolve_level_groups(h.resolved_levels(), len(channels), where)
+    from dchag.model.groups import resolve_level_groups  # the model's arithmetic (imported when used)
+
+    shapes = resolve_level_groups(h.resolved_levels(), len(channels), where)
+    if p.mode == "dchag" and p.tp > 1:
+        _check(
+            len(shapes) >= 2,
+            "parallel.mode=dchag needs a hierarchy of at least two levels (e.g. preset dchag-C); the flat model "
+            "has nothing to distribute: use parallel.mode=replicated or naive",
+        )
+        _check(
+            shapes[0][1] >= p.tp,
+            f"level 1 of the hierarchy has {shapes[0][1]} groups, fewer than parallel.tp={p.tp}: every rank needs "
+            f"at least one group; set model.hierarchy.groups >= {p.tp}",
+        )
 
     _check(t.task in TASKS, f"train.task={t.task!r} is unknown; use one of {TASKS}")
     _check(
         t.steps >= 1 and t.batch_size >= 1, f"train.steps={t.steps} and train.batch_size={t.batch_size} must be >= 1"
     )
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 switches clipping off)")
+    _check(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: only at the end)")
+    _check(t.keep_checkpoints >= 0, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0: keep all)")
+    _check(t.max_bad_steps >= 0, f"train.max_bad_steps={t.max_bad_steps} must be >= 0")
     _check(0.0 < t.mask_ratio < 1.0, f"train.mask_ratio={t.mask_ratio} must be in (0, 1)")
     _check(t.mae_loss_on in ("all", "masked"), f"train.mae_loss_on={t.mae_loss_on!r} must be 'all' or 'masked'")
     _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
@@ -474,6 +494,7 @@ def validate(cfg: Config) -> None:
         p.check_replicas_every >= 0,
         f"parallel.check_replicas_every={p.check_replicas_every} must be >= 0 (0 switches the check off)",
     )
+    _check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be > 0 (seconds)")
     _check(p.mode in PARALLEL_MODES, f"parallel.mode={p.mode!r} is unknown; use one of {PARALLEL_MODES}")
     _check(
         m.num_heads % p.tp == 0,

@@ -65,7 +65,8 @@ def case_config(case: str, size: TPCommSize, tp: int):
 def one_training_step(plan, cfg, source, step: int) -> None:
     """What the training loop does in one step (without the optimizer update)."""
     from dchag.data import batch_indices
-    from dchag.train.loop import Layout, mask_noise_for_step, train_step
+    from dchag.tasks import mask_noise_for_step
+    from dchag.train.loop import Layout, train_step
 
     batch = source.batch(batch_indices(source.num_samples, cfg.train.batch_size, step, 0))
     mae = cfg.train.task == "mae"

@@ -23,26 +23,29 @@ from dchag.config import Config, ConfigError, ParallelConfig, load_config
 from dchag.data import build_source
 from dchag.model import build_model
 from dchag.tasks.metrics import anomaly_correlation, weighted_mse
-from dchag.train.checkpoint import load_checkpoint
+from dchag.train.checkpoint import complete_checkpoints, read_logical_weights, read_stats
 
 SYNTHETIC_EVAL_SAMPLES = 64
 SYNTHETIC_CLIMATOLOGY_SAMPLES = 128
 
 
 def load_run(run: str | Path, data_path: str | None = None) -> tuple[Config, torch.nn.Module, dict | None]:
-    """(config, model with the run's weights, normalisation statistics) of a run folder, single-process."""
+    """(config, model with the weights of the run's newest checkpoint, normalisation statistics) of a run
+    folder, single-process."""
     run = Path(run)
-    if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
-        raise ConfigError(f"--run {str(run)!r} is not a finished run folder (needs config.yaml and checkpoint.pt)")
+    checkpoints = complete_checkpoints(run)
+    if not (run / "config.yaml").is_file() or not checkpoints:
+        raise ConfigError(
+            f"--run {str(run)!r} is not a run folder with a checkpoint (needs config.yaml and checkpoints/step-*)"
+        )
     overrides = ["parallel.tp=1", "parallel.dp_shard=1", "parallel.dp_replicate=1", "data.workers=0"]
     if data_path is not None:
         overrides.append(f"data.path={data_path}")
     cfg = load_config(run / "config.yaml", overrides)
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
-    state = load_checkpoint(run / "checkpoint.pt")
     model = build_model(cfg)
-    model.load_state_dict(state["model"])
-    stats = state.get("stats")
+    model.load_state_dict(read_logical_weights(checkpoints[-1]))
+    stats = read_stats(checkpoints[-1])
     if stats is None and (run / "stats.json").is_file():
         stats = json.loads((run / "stats.json").read_text())
     return cfg, model.eval(), stats

@@ -22,7 +22,7 @@ from einops import repeat
 from dchag.config import ConfigError
 from dchag.data import build_source
 from dchag.eval.forecast import HeldOut, load_run
-from dchag.train.loop import mask_noise_for_step
+from dchag.tasks import mask_noise_for_step
 
 
 class _Accumulator:

@@ -12,8 +12,7 @@ import torch
 
 from dchag.data import build_source
 from dchag.eval.forecast import HeldOut, load_run
-from dchag.tasks import compute_loss
-from dchag.train.loop import mask_noise_for_step
+from dchag.tasks import compute_loss, mask_noise_for_step
 
 
 def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8, *, initial: bool = False) -> float:

@@ -12,8 +12,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from dchag.config import LevelConfig, resolve_level_groups, split_sizes
+from dchag.config import LevelConfig
 from dchag.model.aggregation import CrossAttentionPool, LinearPool
+from dchag.model.groups import resolve_level_groups, split_sizes
 
 
 def group_layout(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from dchag.config import ConfigError, split_sizes
+from dchag.config import ConfigError
 from dchag.model.front_end import FrontEnd, tokenize_and_aggregate
+from dchag.model.groups import split_sizes
 from dchag.model.hierarchy import HierarchyLevel
 from dchag.model.tokenizer import ChannelTokenizer
 from dchag.parallel.collectives import copy_to_tp, gather_from_tp, gather_to_tp, reduce_from_tp

@@ -7,6 +7,7 @@ the same TP index, as in ORBIT's Hybrid-STOP and torchtitan.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -49,14 +50,60 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_HEALTH_GROUP = None  # a small gloo group for naming unresponsive ranks after a failed collective
+
+# what gloo and NCCL say when a peer died or stopped answering
+COMM_FAILURE_MARKERS = ("Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe", "NCCL")
+
+
 def init_distributed(timeout_s: float = 600.0) -> None:
-    """Start the default process group from torchrun's environment (NCCL on GPUs, gloo on CPU)."""
+    """Start the default process group from torchrun's environment (NCCL on GPUs, gloo on CPU).
+
+    A collective that waits longer than `timeout_s` for a peer raises instead of hanging."""
+    global _HEALTH_GROUP
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if shared_store_with_restarts() and dist.get_rank() == 0:
+        print(
+            "dchag: warning: torchrun --max-restarts with its shared rendezvous store: a restarted rank may read "
+            "the failed attempt's addresses and fail to connect (pytorch/pytorch#135712); export "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+            file=sys.stderr,
+            flush=True,
+        )
+    _HEALTH_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def shared_store_with_restarts() -> bool:
+    """torchrun will restart the ranks and shares one TCPStore across attempts (torch >= 2.5's default)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    return restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def is_comm_failure(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because a peer died or did not answer in time."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in COMM_FAILURE_MARKERS)
+    )
+
+
+def unresponsive_ranks(timeout_s: float) -> str:
+    """After a failed collective: which ranks do not answer a monitored barrier (gloo) within
+    `timeout_s`, as rank 0 sees it ("" where this rank cannot tell)."""
+    if _HEALTH_GROUP is None or dist.get_rank() != 0:
+        return ""
+    try:
+        dist.monitored_barrier(group=_HEALTH_GROUP, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        text = str(err)
+        if "failed to pass monitoredBarrier" in text:
+            return text.split("]:", 1)[-1].split(" failed")[0].strip().lower()  # "ranks 1, 3"
+        return ""
+    return ""
 
 
 def build_mesh(dims: ParallelDims, device: str | None = None) -> DeviceMesh:

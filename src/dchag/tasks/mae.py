@@ -8,6 +8,13 @@ import torch
 from einops import rearrange
 
 
+def mask_noise_for_step(cfg, step: int, global_batch: int, num_patches: int) -> torch.Tensor:
+    """MAE mask noise [B_global, L] from (seed, step): every rank draws the whole batch's noise and keeps
+    its data-parallel rows, so TP peers agree, DP ranks differ, and the layout changes nothing."""
+    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 4099)
+    return torch.rand(global_batch, num_patches, generator=g)
+
+
 def mae_loss(
     pred: torch.Tensor,
     target: torch.Tensor,

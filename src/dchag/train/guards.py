@@ -5,6 +5,10 @@ group times out. So each rank only *finds* (non-finite input channels, a non-fin
 norm) into a small tensor, and one all-reduce (MAX) over all ranks turns the findings into one decision
 that every rank takes in the same step. Only when something is wrong does a second, slower collective
 gather each rank's description, so the message names the rank and the channel or parameter.
+
+Bad data (a non-finite input or target) stops training at once: no later step would be better. A
+non-finite loss or gradient with finite data is usually a transient (one bad batch at a high learning
+rate): the step is skipped on every rank alike, and the loop stops only after `train.max_bad_steps`.
 """
 
 from __future__ import annotations
@@ -63,8 +67,12 @@ def _describe(found: list[int], rank: int, channels: list[str], bad_params: list
     return f"rank {rank}: " + "; ".join(parts) if parts else ""
 
 
-def decide(local: torch.Tensor, step: int, channels: list[str], model: torch.nn.Module, *, distributed: bool) -> None:
-    """Raise `TrainingFailure` on every rank if any rank found a problem; return quietly otherwise.
+def decide(
+    local: torch.Tensor, step: int, channels: list[str], model: torch.nn.Module, *, distributed: bool
+) -> str | None:
+    """None when every rank's step is sound. When any rank found a non-finite loss or gradient (and
+    the data are finite), the same message on every rank: skip this step. Bad data raises
+    `TrainingFailure` on every rank.
 
     One all-reduce (MAX) of the 4 findings in the normal case, read by the host: the step's one
     synchronisation point, by design (the decision is needed before the optimizer step)."""
@@ -89,8 +97,25 @@ def decide(local: torch.Tensor, step: int, channels: list[str], model: torch.nn.
     reports = [r for r in reports if r] or ["the gradient norm is not finite"]
     everyone = agreed.tolist()
     data_problem = everyone[INPUT] or everyone[TARGET]
-    hint = "fix or mask the data source" if data_problem else "lower train.lr or enable train.grad_clip"
-    raise TrainingFailure(f"step {step}: {' | '.join(reports)}; stopping all ranks ({hint})")
+    if not data_problem:
+        return f"step {step}: {' | '.join(reports)}"
+    raise TrainingFailure(f"step {step}: {' | '.join(reports)}; stopping all ranks (fix or mask the data source)")
+
+
+class BadSteps:
+    """Counts skipped steps; raises `TrainingFailure` (every rank alike) once more than `limit` were."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.last = limit, 0, ""
+
+    def record(self, message: str) -> None:
+        self.count += 1
+        self.last = message
+        if self.count > self.limit:
+            raise TrainingFailure(
+                f"{message}; {self.count} steps had a non-finite loss or gradient, more than "
+                f"train.max_bad_steps={self.limit}: stopping all ranks (lower train.lr or enable train.grad_clip)"
+            )
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

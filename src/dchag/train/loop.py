@@ -22,9 +22,15 @@ from dchag.config import Config, ConfigError, to_dict
 from dchag.data import build_source
 from dchag.data.pipeline import step_batches
 from dchag.model import build_model
-from dchag.tasks import compute_loss
-from dchag.train.checkpoint import save_atomic
-from dchag.train.guards import decide, findings
+from dchag.tasks import compute_loss, mask_noise_for_step
+from dchag.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_stats,
+    resolve_resume,
+    save_checkpoint,
+)
+from dchag.train.guards import BadSteps, decide, findings
 from dchag.train.metrics import MetricsLog
 from dchag.train.optim import build_optimizer, lr_at, set_lr
 
@@ -39,16 +45,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def mask_noise_for_step(cfg: Config, step: int, global_batch: int, num_patches: int) -> torch.Tensor:
-    """MAE mask noise [B_global, L] from (seed, step): every rank draws the whole batch's noise and keeps
-    its data-parallel rows, so TP peers agree, DP ranks differ, and the layout changes nothing."""
-    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 4099)
-    return torch.rand(global_batch, num_patches, generator=g)
-
-
-def seed_dropout(cfg: Config, dp_rank: int) -> None:
-    """Seed the global RNG (dropout) per data-parallel rank: TP peers draw the same masks, DP ranks differ."""
-    torch.manual_seed(cfg.train.seed + 7919 * (dp_rank + 1))
+def seed_dropout(cfg: Config, dp_rank: int, step: int = 0) -> None:
+    """Seed the global RNG (dropout) from (seed, data-parallel rank, step): TP peers draw the same masks,
+    DP ranks differ, and a run resumed at any step draws what the uninterrupted run drew (the random
+    state is a function of the step, so a checkpoint needs none)."""
+    torch.manual_seed(cfg.train.seed + 7919 * (dp_rank + 1) + 1_000_003 * step)
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -77,7 +78,7 @@ class Layout:
             from dchag.parallel import ParallelDims, build_mesh, parallelize
             from dchag.parallel.mesh import init_distributed
 
-            init_distributed()
+            init_distributed(cfg.parallel.timeout_s)
             mesh = build_mesh(ParallelDims.from_config(cfg.parallel), device.type)
             return cls(model, parallelize(model, cfg, mesh))
         if n > 1:
@@ -116,17 +117,19 @@ class Layout:
         else:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, norm, foreach=True)
 
-    def logical_state(self) -> dict:
-        if self.plan is None:
-            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        from dchag.parallel.state import logical_state_dict
-
-        return logical_state_dict(self.plan)
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.plan is not None else 1
 
 
-def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> dict:
-    """Train the configured model; returns the summary (also written to out_dir by rank 0)."""
+def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, resume: str | None = None) -> dict:
+    """Train the configured model; returns the summary (also written to out_dir by rank 0).
+
+    `resume`: "auto" continues from the newest complete checkpoint in out_dir (or starts fresh when there
+    is none), a path continues from that checkpoint (or run folder), under any parallel layout."""
     out = Path(out_dir) if out_dir else None
+    if out is not None:
+        check_out_dir(out)
     t = cfg.train
     device = pick_device(t.device)
     torch.manual_seed(t.seed)  # same initial weights on every rank
@@ -134,21 +137,38 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
     layout = Layout.for_run(cfg, model, device)
     plan = layout.plan
     source = build_source(cfg, channels=plan.input_channels if plan else None)
-    stats = prepare_stats(source, layout, out)
-    local_batch = t.batch_size // layout.dp_size
-    seed_dropout(cfg, layout.dp_rank)
     optimizer = build_optimizer(model, t)
+    resume_from = resolve_resume(resume, out)
+    begin = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, plan, optimizer)
+        check_resumable(state, cfg, resume_from)
+        begin = state["step"]
+        source.stats = stats = read_stats(resume_from)
+        if stats is None:
+            stats = prepare_stats(source, layout, out)
+        elif out is not None and layout.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "stats.json").write_text(json.dumps(stats))
+    else:
+        stats = prepare_stats(source, layout, out)
+    local_batch = t.batch_size // layout.dp_size
     lat_weights = source.lat_weights().to(device) if t.task == "forecast" else None
     write = out is not None and layout.is_main
     if write:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log = MetricsLog(out / "metrics.jsonl" if write else None)
-    history: list[dict] = []
+    log = MetricsLog(out / "metrics.jsonl" if write else None, keep_before=begin)
+    history: list[dict] = list(log.kept)
+    if resume_from is not None and layout.is_main:
+        print(f"dchag: resuming from {resume_from} at step {begin} of {t.steps}", file=sys.stderr, flush=True)
+    bad = BadSteps(t.max_bad_steps)
     start = time.perf_counter()
     bar = tqdm(
-        range(t.steps),
+        range(begin, t.steps),
         desc="train",
+        initial=begin,
+        total=t.steps,
         disable=not (progress and layout.is_main),
         file=sys.stderr,
         mininterval=1.0,
@@ -156,10 +176,13 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
     )
     model.train()
     rows = slice(layout.dp_rank * local_batch, (layout.dp_rank + 1) * local_batch)
-    batches = step_batches(source, cfg.data, local_batch, layout.dp_rank, layout.dp_size, 0, t.steps)
+    batches = step_batches(source, cfg.data, local_batch, layout.dp_rank, layout.dp_size, begin, t.steps)
     waited = 0.0  # seconds spent waiting for batches since the last metrics record
+    train_state = {"config": to_dict(cfg), "channels": cfg.channels, "world_size": layout.world_size}
+    checkpoint = None
     for step, batch in zip(bar, batches):
         waited += batches.last_wait_s
+        seed_dropout(cfg, layout.dp_rank, step)
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
         batch = {k: v.to(device) for k, v in batch.items() if k not in ("index", "worker")}
@@ -168,11 +191,15 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
             if t.task == "mae"
             else None
         )
-        loss, grad_norm = train_step(layout, optimizer, batch, cfg, step, lat_weights, noise, source.channels)
+        loss, grad_norm, skipped = train_step(layout, optimizer, batch, cfg, step, lat_weights, noise, source.channels)
+        if skipped:
+            if layout.is_main:
+                tqdm.write(f"dchag: skipped {skipped}", file=sys.stderr)
+            bad.record(skipped)
         every = cfg.parallel.check_replicas_every
         if plan is not None and every and (step % every == 0 or step == t.steps - 1):
             plan.check_replicas(step)
-        if step % t.log_every == 0 or step == t.steps - 1:
+        if step % t.log_every == 0 or step == t.steps - 1 or skipped:
             record = {
                 "step": step,
                 "loss": layout.mean_over_ranks(loss),
@@ -180,15 +207,17 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
                 "grad_norm": float(grad_norm),
                 "elapsed_s": round(time.perf_counter() - start, 3),
                 "data_wait_s": round(waited, 4),
+                "skipped_steps": bad.count,
             }
+            if skipped:
+                record["skipped"] = True
             waited = 0.0
             history.append(record)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if out is not None and t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-            state = checkpoint_state(layout.logical_state(), cfg, step + 1, stats)
-            if write:
-                save_atomic(state, out / "checkpoint.pt")
+        done = step + 1
+        if out is not None and (done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0)):
+            checkpoint = save_checkpoint(out, done, model, plan, optimizer, train_state, stats, t.keep_checkpoints)
     log.close()
     summary = {
         "steps": t.steps,
@@ -197,21 +226,61 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True) -> 
         "loss_ratio": history[-1]["loss"] / history[0]["loss"],
         "elapsed_s": round(time.perf_counter() - start, 2),
         "data_wait_s": round(batches.total_wait_s, 3),
-        "ranks": dist.get_world_size() if plan is not None else 1,
+        "ranks": layout.world_size,
+        "skipped_steps": bad.count,
     }
+    if resume_from is not None:
+        summary["resumed_from_step"] = begin
+    if checkpoint is not None:
+        summary["checkpoint"] = str(checkpoint)
     if out is not None:
-        state = checkpoint_state(layout.logical_state(), cfg, t.steps, stats)
-        summary["parameters"] = sum(v.numel() for v in state["model"].values())
+        summary["parameters"] = sum(p.numel() for p in build_model_meta(cfg).parameters())
         if write:
-            summary["checkpoint"] = str(save_atomic(state, out / "checkpoint.pt"))
             (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     return summary
 
 
+def check_out_dir(out: Path) -> None:
+    """The run folder exists (created if needed) and is writable, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the run folder --out {str(out)!r}: {err.strerror or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"the run folder --out {str(out)!r} is not writable; choose another folder")
+
+
+def build_model_meta(cfg: Config) -> torch.nn.Module:
+    """The single-device model on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def check_resumable(state: dict, cfg: Config, path: Path) -> None:
+    """The checkpoint must come from the same channels and still have steps left to train."""
+    saved = state.get("channels")
+    if saved is not None and list(saved) != list(cfg.channels):
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(saved, cfg.channels)) if a != b), min(len(saved), len(cfg.channels))
+        )
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was trained on {len(saved)} channels, this config gives {len(cfg.channels)} "
+            f"(first difference at position {differ}); resume with the same data.channels"
+        )
+    if state["step"] >= cfg.train.steps:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is at step {state['step']}, and train.steps={cfg.train.steps}: nothing is "
+            "left to train; raise train.steps to continue"
+        )
+
+
 def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, lat_weights, noise, channels):
     """Forward, backward, gradient finishing, one failure decision shared by all ranks, clipping and the
-    optimizer step (skipped when `optimizer` is None). Returns (loss, gradient norm before clipping),
-    both as tensors: nothing here waits for the device except the failure decision."""
+    optimizer step (skipped when `optimizer` is None). Returns (loss, gradient norm before clipping,
+    None or why the step was skipped), loss and norm as tensors: nothing here waits for the device
+    except the failure decision."""
     model, plan = layout.model, layout.plan
     with autocast(cfg, batch["x"].device):
         loss, _ = compute_loss(
@@ -228,20 +297,15 @@ def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, l
     if plan is not None:
         plan.finish_gradients()
     grad_norm = layout.grad_norm()
-    decide(findings(batch, loss, grad_norm), step, channels, model, distributed=layout.distributed)
+    skipped = decide(findings(batch, loss, grad_norm), step, channels, model, distributed=layout.distributed)
+    if skipped:
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, skipped
     layout.clip(cfg.train.grad_clip, grad_norm)
     if optimizer is not None:
         optimizer.step()
-    return loss, grad_norm
-
-
-def checkpoint_state(weights: dict, cfg: Config, step: int, stats: dict | None = None) -> dict:
-    """Model weights in the logical single-device layout, the config that built them, the step, and the
-    data's normalisation statistics (file-backed sources)."""
-    state = {"model": weights, "config": to_dict(cfg), "step": step}
-    if stats is not None:
-        state["stats"] = stats
-    return state
+    return loss, grad_norm, None
 
 
 def prepare_stats(source, layout: Layout, out: Path | None) -> dict | None:

@@ -27,7 +27,7 @@ def lr_at(step: int, train_cfg) -> float:
     """Learning rate for 0-based `step`: linear warm-up to lr, cosine down to min_lr at the last step."""
     if train_cfg.warmup_steps > 0 and step < train_cfg.warmup_steps:
         return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
-    span = max(1, train_cfg.steps - train_cfg.warmup_steps)
+    span = max(1, train_cfg.steps - 1 - train_cfg.warmup_steps)  # the last step (steps - 1) has progress 1
     progress = min(1.0, (step - train_cfg.warmup_steps) / span)
     return train_cfg.min_lr + 0.5 * (train_cfg.lr - train_cfg.min_lr) * (1 + math.cos(math.pi * progress))
 

@@ -20,8 +20,8 @@ from dchag.model import build_model
 from dchag.parallel.mesh import ParallelDims, build_mesh
 from dchag.parallel.parallelize import parallelize
 from dchag.parallel.state import logical_grads
-from dchag.tasks import compute_loss
-from dchag.train.loop import autocast, mask_noise_for_step
+from dchag.tasks import compute_loss, mask_noise_for_step
+from dchag.train.loop import autocast
 
 FAULTS = ("none", "gather-reduce-scatter", "gather-own-slice", "grad-scale")
 

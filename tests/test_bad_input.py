@@ -1,0 +1,157 @@
+"""Every input a user can get wrong ends in one line that names the value or file and what to do, exit
+code 2, no traceback, and nothing already written is damaged. Each case is a row of the table in
+docs/reliability.md (the last test keeps the two in step)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import reliability_workers as RW
+
+from dchag.cli import main
+from dchag.train.loop import train
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 (the model every checkpoint case uses)."""
+    run = tmp_path_factory.mktemp("trained")
+    train(RW.resume_config("train.steps=4", "train.checkpoint_every=2"), run, progress=False)
+    return run
+
+
+def _copy_checkpoint(trained: Path, tmp: Path, step: int = 4) -> Path:
+    target = tmp / "copy" / f"step-{step:08d}"
+    shutil.copytree(trained / f"checkpoints/step-{step:08d}", target)
+    return target
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _set_format(ckpt: Path, version: int) -> Path:
+    state = json.loads((ckpt / "train_state.json").read_text())
+    (ckpt / "train_state.json").write_text(json.dumps({**state, "format_version": version}))
+    return ckpt
+
+
+def _file(tmp: Path, name: str, content: bytes) -> str:
+    path = tmp / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def _train(*overrides: str, config: str | None = None, out: str | None = None, resume: str | None = None):
+    """argv builder: `dchag train` on the small test model with overrides."""
+
+    def argv(tmp: Path, trained: Path) -> list[str]:
+        args = ["train", "--no-progress", "--out", out.format(tmp=tmp) if out else str(tmp / "run")]
+        if config is not None:
+            args += ["--config", config.format(tmp=tmp)]
+        if resume is not None:
+            args += ["--resume", resume.format(tmp=tmp, trained=trained)]
+        return [*args, "--set", *RW.RESUME_MODEL, "train.steps=6", *overrides]
+
+    return argv
+
+
+def _config_file(content: bytes):
+    """argv builder: `dchag train --config FILE` with FILE holding `content`."""
+    return lambda tmp, trained: _train(config=_file(tmp, "bad.yaml", content))(tmp, trained)
+
+
+def _resume_from(prepare, *overrides: str):
+    """argv builder: resume from a copy of the trained step-4 checkpoint, altered by `prepare`."""
+
+    def argv(tmp: Path, trained: Path) -> list[str]:
+        ckpt = prepare(_copy_checkpoint(trained, tmp))
+        return _train(*overrides, resume=str(ckpt))(tmp, trained)
+
+    return argv
+
+
+# (case id, argv builder, what the message must say)
+CASES = [
+    # config files
+    ("config-not-yaml", _config_file(b"model: [unclosed\n"), "is not valid YAML at line"),
+    ("config-not-text", _config_file(b"\x89PNG\x00\xff\xfe"), "is not a text file"),
+    ("config-is-a-folder", _train(config="{tmp}"), "is a folder; give a YAML file"),
+    ("config-missing", _train(config="{tmp}/nope.yaml"), "nope.yaml' does not exist"),
+    ("config-not-a-mapping", _config_file(b"- a\n- b\n"), "must hold a mapping"),
+    ("unknown-key", _train("model.width=3"), "unknown config key 'model.width'"),
+    ("wrong-type", _train("train.steps=many"), "train.steps='many' must be an integer"),
+    ("override-without-value", _train("train.steps"), "override 'train.steps' must look like key.path=value"),
+    # numbers out of range
+    ("steps-zero", _train("train.steps=0"), "train.steps=0"),
+    ("batch-negative", _train("train.batch_size=-2"), "train.batch_size=-2"),
+    ("lr-nan", _train("train.lr=.nan"), "train.lr=nan must be a finite number"),
+    ("grad-clip-inf", _train("train.grad_clip=.inf"), "train.grad_clip=inf must be a finite number"),
+    ("weight-decay-negative", _train("train.weight_decay=-0.1"), "train.weight_decay=-0.1 must be >= 0"),
+    ("min-lr-above-lr", _train("train.min_lr=0.5"), "train.min_lr=0.5 must be in [0, train.lr="),
+    ("drop-rate-above-one", _train("model.drop_rate=1.5"), "model.drop_rate=1.5 must be in [0, 1)"),
+    ("patch-size-zero", _train("model.patch_size=0"), "model.patch_size=0 must be >= 1"),
+    ("width-zero", _train("model.embed_dim=0"), "model.embed_dim=0"),
+    ("mlp-ratio-zero", _train("model.mlp_ratio=0"), "model.mlp_ratio=0.0 must be > 0"),
+    ("checkpoint-every-negative", _train("train.checkpoint_every=-5"), "train.checkpoint_every=-5 must be >= 0"),
+    ("max-bad-steps-negative", _train("train.max_bad_steps=-1"), "train.max_bad_steps=-1 must be >= 0"),
+    ("timeout-zero", _train("parallel.timeout_s=0"), "parallel.timeout_s=0.0 must be > 0"),
+    ("channels-zero", _train("data.channels=0"), "data.channels=0 must be >= 1"),
+    ("noise-negative", _train("data.noise=-1"), "data.noise=-1.0 must be >= 0"),
+    # the mesh against the processes, the channels and the model
+    ("mesh-vs-world-size", _train("parallel.tp=2"), "launch with: torchrun --nproc-per-node 2"),
+    ("channels-vs-mesh", _train("parallel.tp=4", "model.hierarchy.groups=3"), "3 groups, fewer than parallel.tp=4"),
+    ("heads-vs-tp", _train("parallel.tp=3"), "model.num_heads=4 is not divisible by parallel.tp=3"),
+    ("batch-vs-dp", _train("parallel.dp_shard=3"), "train.batch_size=4 (the global batch) is not divisible"),
+    # output folders
+    ("out-is-a-file", lambda t, _: _train(out=_file(t, "taken", b"x"))(t, _), "is a file; give a folder"),
+    ("out-cannot-be-created", _train(out="/proc/version/run"), "cannot create the run folder"),
+    # checkpoints to resume from
+    ("resume-missing", _train(resume="{tmp}/no-such-run"), "is neither a checkpoint folder nor a run folder"),
+    ("resume-incomplete", _resume_from(lambda c: (c / "train_state.json").unlink() or c), "has no train_state.json"),
+    ("resume-truncated-data", _resume_from(lambda c: _truncate(c / "__0_0.distcp") or c), "reading checkpoint"),
+    ("resume-truncated-metadata", _resume_from(lambda c: _truncate(c / ".metadata") or c), "is damaged or truncated"),
+    ("resume-newer-format", _resume_from(lambda c: _set_format(c, 99)), "format version 99, newer than"),
+    ("resume-other-channels", _resume_from(lambda c: c, "data.channels=16"), "has shape"),
+    ("resume-other-width", _resume_from(lambda c: c, "model.embed_dim=64"), "this model [1, 32, 64]"),
+    ("resume-other-hierarchy", _resume_from(lambda c: c, "model.hierarchy.preset=dchag-L"), "lacks"),
+    ("resume-nothing-left", _resume_from(lambda c: c, "train.steps=4"), "nothing is left to train"),
+    # export, eval, bench, parity
+    ("export-without-checkpoint", lambda t, _: ["export", "--run", str(t)], "has no complete checkpoint"),
+    ("export-to-a-folder", lambda t, tr: ["export", "--run", str(tr), "--out", str(t)], "is a folder; give a file"),
+    ("eval-not-a-run", lambda t, _: ["eval", "--run", str(t)], "is not a run folder with a checkpoint"),
+    ("bench-unknown-sweep", lambda t, _: ["bench", "--sweep", "fastest", "--json", str(t / "b.json")], "'fastest'"),
+    ("parity-unknown-fault", lambda t, _: ["check-parity", "--nproc", "2", "--fault", "gremlins"], "'gremlins'"),
+]  # fmt: skip
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_actionable_line_and_exit_code_2(case, trained, tmp_path, capsys):
+    _, build, expected = case
+    argv = build(tmp_path, trained)
+    before = _digest(trained)
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.count("\n") == 0 and err.startswith("dchag: "), err
+    assert "Traceback" not in err and expected in err, err
+    assert _digest(trained) == before  # the finished run and its checkpoints are untouched
+
+
+def test_the_reliability_doc_lists_every_case():
+    doc = (ROOT / "docs/reliability.md").read_text()
+    missing = [case_id for case_id, _, _ in CASES if f"`{case_id}`" not in doc]
+    assert not missing, f"add these cases to docs/reliability.md: {missing}"
+    assert len(CASES) >= 25
