@@ -6,7 +6,7 @@ import pytest
 import torch
 from dist_workers import SMALL_MODEL
 
-from dchag.config import load_config
+from dchag.configure import load_config
 
 
 def small_config(*overrides: str):

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.debug import CommDebugMode
 
 from dchag.checks.parity import reference_and_parallel, run_parity
-from dchag.config import load_config
+from dchag.configure import load_config
 from dchag.model import build_model
 from dchag.parallel import ParallelDims, build_mesh, parallelize
 from dchag.parallel.collectives import copy_to_tp, gather_from_tp, reduce_from_tp

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch.distributed as dist
 from dist_workers import SMALL_MODEL
 
-from dchag.config import load_config
+from dchag.configure import load_config
 from dchag.train.metrics import read_metrics
 
 # 12 channels in 4 level-1 groups: dchag places whole groups at tp 2 and at tp 4

@@ -102,6 +102,11 @@ CASES = [
     ("mlp-ratio-zero", _train("model.mlp_ratio=0"), "model.mlp_ratio=0.0 must be > 0"),
     ("checkpoint-every-negative", _train("train.checkpoint_every=-5"), "train.checkpoint_every=-5 must be >= 0"),
     ("max-bad-steps-negative", _train("train.max_bad_steps=-1"), "train.max_bad_steps=-1 must be >= 0"),
+    ("keep-checkpoints-negative", _train("train.keep_checkpoints=-1"), "train.keep_checkpoints=-1 must be >= 0"),
+    ("warmup-negative", _train("train.warmup_steps=-3"), "train.warmup_steps=-3 must be >= 0"),
+    ("log-every-zero", _train("train.log_every=0"), "train.log_every=0 must be >= 1"),
+    ("mask-ratio-one", _train("train.mask_ratio=1"), "train.mask_ratio=1.0 must be in (0, 1)"),
+    ("workers-negative", _train("data.workers=-1"), "data.workers=-1 must be >= 0"),
     ("timeout-zero", _train("parallel.timeout_s=0"), "parallel.timeout_s=0.0 must be > 0"),
     ("channels-zero", _train("data.channels=0"), "data.channels=0 must be >= 1"),
     ("noise-negative", _train("data.noise=-1"), "data.noise=-1.0 must be >= 0"),
@@ -113,6 +118,7 @@ CASES = [
     # output folders
     ("out-is-a-file", lambda t, _: _train(out=_file(t, "taken", b"x"))(t, _), "is a file; give a folder"),
     ("out-cannot-be-created", _train(out="/proc/version/run"), "cannot create the run folder"),
+    ("out-not-writable", _train(out="/sys"), "is not writable"),
     # checkpoints to resume from
     ("resume-missing", _train(resume="{tmp}/no-such-run"), "is neither a checkpoint folder nor a run folder"),
     ("resume-incomplete", _resume_from(lambda c: (c / "train_state.json").unlink() or c), "has no train_state.json"),
@@ -122,6 +128,7 @@ CASES = [
     ("resume-other-channels", _resume_from(lambda c: c, "data.channels=16"), "has shape"),
     ("resume-other-width", _resume_from(lambda c: c, "model.embed_dim=64"), "this model [1, 32, 64]"),
     ("resume-other-hierarchy", _resume_from(lambda c: c, "model.hierarchy.preset=dchag-L"), "lacks"),
+    ("resume-unexpected-weights", _resume_from(lambda c: c, "model.hierarchy.preset=flat"), "this model has not"),
     ("resume-nothing-left", _resume_from(lambda c: c, "train.steps=4"), "nothing is left to train"),
     # export, eval, bench, parity
     ("export-without-checkpoint", lambda t, _: ["export", "--run", str(t)], "has no complete checkpoint"),

@@ -2,7 +2,8 @@
 
 import pytest
 
-from dchag.config import ConfigError, load_config
+from dchag.config import ConfigError
+from dchag.configure import load_config
 
 
 def error_of(*overrides, path=None) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from era5_files import dataset, write
 
-from dchag.config import load_config
+from dchag.configure import load_config
 from dchag.data import build_source
 from dchag.data.pipeline import step_batches
 from dchag.parallel.launch import spawn

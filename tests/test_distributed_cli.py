@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dchag.config import load_config
+from dchag.configure import load_config
 from dchag.model import build_model
 from dchag.train.checkpoint import complete_checkpoints, read_logical_weights
 from dchag.train.loop import train

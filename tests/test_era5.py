@@ -8,7 +8,7 @@ import pytest
 import torch
 from era5_files import dataset, field, grid, tri, write
 
-from dchag.config import load_config
+from dchag.configure import load_config
 from dchag.data import build_source
 from dchag.data.era5 import ERA5Source
 from dchag.data.errors import DataError

@@ -52,7 +52,7 @@ def wait_for(condition, timeout: float = 120.0) -> None:
 
 
 def _uninterrupted(out: str) -> None:
-    from dchag.config import load_config
+    from dchag.configure import load_config
     from dchag.train.loop import train
 
     train(load_config(None, LONG_RUN), out, progress=False)

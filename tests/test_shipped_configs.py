@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dchag.config import load_config
+from dchag.configure import load_config
 from dchag.data import channel_names
 from dchag.parallel.launch import spawn
 from dchag.train.loop import train

@@ -229,7 +229,7 @@ def test_mae_eval_reports_psnr_sam_band_rmse_and_the_mean_spectrum_baseline(tmp_
 
 def _bands_read_under_tp4(path: str) -> dict:
     from dchag.checks.parity import reference_and_parallel
-    from dchag.config import load_config
+    from dchag.configure import load_config
     from dchag.data import build_source
 
     cfg = load_config(

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from dchag.config import ConfigError, load_config
+from dchag.config import ConfigError
+from dchag.configure import load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -159,19 +159,32 @@ class ParallelConfig:
     timeout_s: float = 600.0  # a collective waiting longer than this for a peer ends the job with an error
 
 
+@dataclass(frozen=True)
+class ChannelLists:
+    """The channel names a config resolves to: set by `dchag.configure` (the data layer names them,
+    e.g. by reading a spectral cube's wavelengths), never written in a file."""
+
+    channels: tuple[str, ...]
+    out_channels: tuple[str, ...]
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    resolved: ChannelLists | None = field(default=None, repr=False)  # set by dchag.configure.resolve
 
-    # ---- derived, filled by validate(): never set these in a file -------------------------------
+    # ---- derived from `resolved` ----------------------------------------------------------------
+    def _lists(self) -> ChannelLists:
+        if self.resolved is None:
+            raise ConfigError("the config's channels are not resolved yet: load it with dchag.configure.load_config")
+        return self.resolved
+
     @property
     def channels(self) -> list[str]:
-        from dchag.data import channel_names
-
-        return channel_names(self.data)
+        return list(self._lists().channels)
 
     @property
     def vocabulary(self) -> list[str]:
@@ -179,11 +192,7 @@ class Config:
 
     @property
     def out_channels(self) -> list[str]:
-        from dchag.data import default_out_channels
-
-        if self.data.out_channels:
-            return list(self.data.out_channels)
-        return default_out_channels(self.data, self.channels)
+        return list(self._lists().out_channels)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,7 +255,7 @@ def _type_name(tp: Any) -> str:
 
 def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "resolved"]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
@@ -257,7 +266,10 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as a file holds it (resolved channel lists left out)."""
+    data = dataclasses.asdict(cfg)
+    data.pop("resolved", None)
+    return data
 
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -286,8 +298,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or start from defaults), apply `key=value` overrides, validate."""
+def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply `key=value` overrides, check every field.
+    The channel names are resolved on top of this by `dchag.configure.load_config`."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -309,11 +322,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         data = loaded or {}
-    return load_config_dict(data, overrides)
+    return config_from_dict(data, overrides)
 
 
-def load_config_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    """A config from a mapping (as `to_dict` writes it), with `key=value` overrides, validated."""
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """A config from a mapping (as `to_dict` writes it), with `key=value` overrides, fields checked."""
     data = apply_overrides(dict(data), overrides or [])
     cfg = _from_dict(Config, data)
     validate(cfg)
@@ -442,34 +455,6 @@ def validate(cfg: Config) -> None:
         d.lead_step_hours >= 1 and d.max_lead_hours >= d.lead_step_hours,
         f"data.max_lead_hours={d.max_lead_hours} must be >= data.lead_step_hours={d.lead_step_hours} >= 1",
     )
-
-    channels = cfg.channels
-    vocab = cfg.vocabulary
-    missing = [c for c in channels if c not in vocab]
-    _check(
-        not missing,
-        f"channel names {missing[:5]}{'...' if len(missing) > 5 else ''} are not in model.vocabulary "
-        f"({len(vocab)} names); add them or drop them from data.channels",
-    )
-    if cfg.train.task == "forecast":
-        bad = [c for c in cfg.out_channels if c not in channels]
-        _check(not bad, f"data.out_channels {bad} are not among the input channels data.channels")
-    h = m.hierarchy
-    where = "model.hierarchy.levels" if h.levels else f"model.hierarchy (preset {h.preset}, groups={h.groups}) level"
-    from dchag.model.groups import resolve_level_groups  # the model's arithmetic (imported when used)
-
-    shapes = resolve_level_groups(h.resolved_levels(), len(channels), where)
-    if p.mode == "dchag" and p.tp > 1:
-        _check(
-            len(shapes) >= 2,
-            "parallel.mode=dchag needs a hierarchy of at least two levels (e.g. preset dchag-C); the flat model "
-            "has nothing to distribute: use parallel.mode=replicated or naive",
-        )
-        _check(
-            shapes[0][1] >= p.tp,
-            f"level 1 of the hierarchy has {shapes[0][1]} groups, fewer than parallel.tp={p.tp}: every rank needs "
-            f"at least one group; set model.hierarchy.groups >= {p.tp}",
-        )
 
     _check(t.task in TASKS, f"train.task={t.task!r} is unknown; use one of {TASKS}")
     _check(

@@ -13,7 +13,7 @@ import statistics
 import tempfile
 from dataclasses import dataclass
 
-from dchag.config import load_config
+from dchag.configure import load_config
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from dchag.bench.measure import count_flops, median_times, peak_tensor_memory, saved_activation_bytes, tensor_bytes
-from dchag.config import load_config
+from dchag.configure import load_config
 from dchag.model import build_model
 from dchag.train.optim import build_optimizer
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dchag.bench.comm import CommBytesMode, summarize
-from dchag.config import load_config
+from dchag.configure import load_config
 
 # name -> overrides on top of the size
 CASES = {

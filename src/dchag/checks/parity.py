@@ -203,11 +203,13 @@ def layout_for(cfg, nproc: int):
             f"x tp={p.tp}; set them so that their product is the process count"
         )
     from dchag.config import validate
+    from dchag.configure import check_channels
 
     checked = dataclasses.replace(cfg, parallel=p)
     if cfg.model.drop_rate > 0 and p.dp_shard * p.dp_replicate > 1:  # DP ranks draw other masks by design
         checked = dataclasses.replace(checked, model=dataclasses.replace(cfg.model, drop_rate=0.0))
     validate(checked)
+    check_channels(checked)  # the layout against the hierarchy's groups
     return checked
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dchag.config import Config, ConfigError, ParallelConfig, load_config
+from dchag.config import Config, ConfigError, ParallelConfig
+from dchag.configure import load_config
 from dchag.data import build_source
 from dchag.model import build_model
 from dchag.tasks.metrics import anomaly_correlation, weighted_mse

@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from dchag.config import Config, ConfigError, load_config_dict
+from dchag.config import Config, ConfigError
+from dchag.configure import load_config_dict
 from dchag.train.checkpoint import CheckpointError, complete_checkpoints, read_logical_weights, read_train_state
 
 CONFIG_KEY = "dchag_config"

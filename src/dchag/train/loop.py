@@ -248,8 +248,14 @@ def check_out_dir(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot create the run folder --out {str(out)!r}: {err.strerror or err}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"the run folder --out {str(out)!r} is not writable; choose another folder")
+    probe = out / f".dchag-write-probe-{os.getpid()}"
+    try:  # a real write: permission bits say nothing for root or read-only mounts
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"the run folder --out {str(out)!r} is not writable ({err.strerror or err}); choose another folder"
+        ) from None
 
 
 def build_model_meta(cfg: Config) -> torch.nn.Module:
