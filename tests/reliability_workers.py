@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from dist_workers import SMALL_MODEL
 
@@ -97,3 +98,61 @@ def dp2_tp2_suite(root: str) -> dict:
 
 def tp4_resume(root: str) -> dict:
     return resume_under(root, ["parallel.tp=4"], "tp4")
+
+
+def sharded_construction(*overrides: str, ref_seed: int | None = None) -> dict:
+    """Build this rank's model shard by shard; its logical weights, and the exact peak tensor memory of
+    building against the rank's own parameters and the largest logical parameter."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from dchag.model import build_model
+    from dchag.parallel.construct import build_parallel_model
+    from dchag.parallel.mesh import ParallelDims, build_mesh
+    from dchag.parallel.state import logical_state_dict
+
+    cfg = resume_config(*overrides)
+    mesh = build_mesh(ParallelDims.from_config(cfg.parallel), "cpu")
+    tracker = MemTracker()
+    with tracker:
+        plan = build_parallel_model(cfg, mesh, torch.device("cpu"))
+        kept = tracker.get_tracker_snapshot("current")  # what the rank keeps: parameters, buffers, bookkeeping
+
+    def cpu(snapshot) -> int:
+        return max(v["Total"] for dev, v in snapshot.items() if str(dev) != "meta")
+
+    peak, kept = cpu(tracker.get_tracker_snapshot("peak")), cpu(kept)
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    own = sum(local(p).numel() * local(p).element_size() for p in plan.model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in plan.model.buffers())
+    ref_cfg = cfg if ref_seed is None else resume_config(*overrides, f"train.seed={ref_seed}")
+    reference = build_model(ref_cfg).state_dict()
+    largest = max(v.numel() * v.element_size() for v in reference.values())
+    got = logical_state_dict(plan)
+    equal = sorted(k for k, v in reference.items() if torch.equal(got[k], v))
+    return {
+        "peak": peak,
+        "kept": kept,
+        "own": own,
+        "buffers": buffers,
+        "largest": largest,
+        "whole": sum(v.numel() * v.element_size() for v in reference.values()),
+        "equal": len(equal),
+        "total": len(reference),
+        "differ": sorted(set(reference) - set(equal))[:5],
+    }
+
+
+def sharded_construction_suite() -> dict:
+    """Three 4-rank layouts built shard by shard, and one built with another seed (the check must fail)."""
+    layouts = {
+        "dp2-tp2-dchag-C-forecast": ["parallel.tp=2", "parallel.dp_shard=2"],
+        "tp4-dchag-L-mae": ["parallel.tp=4", "train.task=mae", "data.kind=synthetic-hyperspectral",
+                            "model.hierarchy.preset=dchag-L"],
+        "tp4-replicated": ["parallel.tp=4", "parallel.mode=replicated"],
+    }  # fmt: skip
+    results = {name: sharded_construction(*layout, "model.embed_dim=96") for name, layout in layouts.items()}
+    results["other-seed"] = sharded_construction("parallel.tp=4", "model.embed_dim=96", "train.seed=1", ref_seed=0)
+    return results

@@ -41,9 +41,22 @@ class CrossAttentionPool(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else None
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        for w in (self.wq, self.wk, self.wv, self.proj_weight):
-            nn.init.trunc_normal_(w, std=0.02)
+        if self.wq.is_meta:
+            return  # shapes only: a rank building its shards fills in the values (parallel/construct.py)
+        for name, value in self.initial_values(torch.default_generator):
+            getattr(self, name).copy_(value)
+
+    def initial_values(self, g: torch.Generator):
+        """Zero queries (uniform attention at start), projections N(0, 0.02) truncated, zero bias."""
+        from dchag.model.init import trunc_normal
+
+        yield "query", torch.zeros(self.query.shape)
+        for name in ("wq", "wk", "wv", "proj_weight"):
+            yield name, trunc_normal(getattr(self, name).shape, g)
+        if self.proj_bias is not None:
+            yield "proj_bias", torch.zeros(self.proj_bias.shape)
 
     @property
     def heads(self) -> int:
@@ -101,11 +114,20 @@ class LinearPool(nn.Module):
     def __init__(self, groups: int, tokens: int, sizes: list[int]):
         super().__init__()
         n_max = max(sizes)
-        self.weight = nn.Parameter(torch.zeros(groups, tokens, n_max))  # [G, k, n]
+        self.sizes = list(sizes)
+        self.weight = nn.Parameter(self._group_means(tokens, n_max))  # [G, k, n]
         self.bias = nn.Parameter(torch.zeros(groups, tokens))  # [G, k]
-        with torch.no_grad():
-            for g, size in enumerate(sizes):
-                self.weight[g, :, :size] = 1.0 / size
+
+    def _group_means(self, tokens: int, n_max: int) -> torch.Tensor:
+        weight = torch.zeros(len(self.sizes), tokens, n_max)
+        for g, size in enumerate(self.sizes):
+            weight[g, :, :size] = 1.0 / size
+        return weight
+
+    def initial_values(self, g: torch.Generator):
+        """Each group's mean (1/n over its valid members), zero bias; nothing random."""
+        yield "weight", self._group_means(self.weight.shape[1], self.weight.shape[2])
+        yield "bias", torch.zeros(self.bias.shape)
 
     def effective_weight(self, valid: torch.Tensor | None) -> torch.Tensor:
         """[G, k, n] with padding slots forced to zero."""

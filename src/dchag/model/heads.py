@@ -52,13 +52,18 @@ class MAEDecoder(nn.Module):
         self, dim: int, dec_dim: int, depth: int, heads: int, channels: int, patch: int, grid: tuple[int, int]
     ):
         super().__init__()
-        self.channels, self.patch, self.grid_w = channels, patch, grid[1]
+        self.channels, self.patch, self.grid_w, self.grid = channels, patch, grid[1], grid
         self.embed = nn.Linear(dim, dec_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
         self.pos_embed = nn.Parameter(sincos_2d(dec_dim, *grid)[None])  # [1, L, d]
         self.blocks = nn.ModuleList(Block(dec_dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dec_dim)
         self.pred = nn.Linear(dec_dim, channels * patch * patch)
+
+    def initial_values(self, g: torch.Generator):
+        """A zero mask token and the 2-D sin-cos table as the decoder's position embedding."""
+        yield "mask_token", torch.zeros(self.mask_token.shape)
+        yield "pos_embed", sincos_2d(self.pos_embed.shape[-1], *self.grid)[None]
 
     def forward(self, visible: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
         """visible [B, L_keep, D], restore [B, L] -> reconstruction [B, C, H, W]."""

@@ -63,8 +63,10 @@ class HierarchyLevel(nn.Module):
         state = {k: (v[g0:g1] if k in agg.group_params else v) for k, v in agg.state_dict().items()}
         if self.kind == "linear":  # padding width follows the largest group kept
             state["weight"] = state["weight"][..., : max(sub.sizes)]
-        sub.aggregator.load_state_dict(state)
-        return sub.to(next(agg.parameters()).device)
+        # assign copies (on the meta device while a rank builds its shards: no data to copy yet)
+        sub.aggregator.load_state_dict({k: v.clone() for k, v in state.items()}, assign=True)
+        device = next(agg.parameters()).device
+        return sub if device.type == "meta" else sub.to(device)  # buffers keep their values on meta builds
 
     def group(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, M, L, D] -> [B, G, n, L, D]; a free reshape when the groups are even."""

@@ -10,7 +10,8 @@ from torch import nn
 from dchag.model.embeddings import sincos_2d
 from dchag.model.front_end import FrontEnd
 from dchag.model.heads import ForecastHead, MAEDecoder, random_masking
-from dchag.model.vit import Block, init_vit_weights
+from dchag.model.init import init_weights_
+from dchag.model.vit import Block
 
 
 @dataclass
@@ -52,6 +53,7 @@ class ChannelViT(nn.Module):
         self.residual = residual_from is not None
         self.task, self.mask_ratio = task, mask_ratio
         grid = (img_size[0] // patch, img_size[1] // patch)
+        self.grid = grid
         self.num_patches = grid[0] * grid[1]
         self.front_end = FrontEnd(channel_index, vocab_size, dim, patch, levels, agg_heads, qk_norm, fused_front_end)
         self.pos_embed = nn.Parameter(sincos_2d(dim, *grid)[None])  # [1, L, D], learnable
@@ -63,9 +65,10 @@ class ChannelViT(nn.Module):
             self.head = ForecastHead(dim, out_channels, patch, grid[1])
         else:
             self.head = MAEDecoder(dim, decoder_dim, decoder_depth, decoder_heads, len(channel_index), patch, grid)
-        for name, module in self.named_modules():
-            if not name.startswith("front_end"):
-                init_vit_weights(module)
+
+    def initial_values(self, g: torch.Generator):
+        """The learnable position embedding starts as the 2-D sin-cos table."""
+        yield "pos_embed", sincos_2d(self.pos_embed.shape[-1], *self.grid)[None]
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         z = self.drop(z)
@@ -93,12 +96,13 @@ class ChannelViT(nn.Module):
         return ModelOutput(self.head(self.encode(visible), restore), mask)
 
 
-def build_model(cfg) -> ChannelViT:
-    """The single-device model a validated `Config` describes."""
+def build_model(cfg, *, init: bool = True) -> ChannelViT:
+    """The single-device model a resolved `Config` describes, with its initial weights from
+    `train.seed` (`model.init`; `init=False` leaves them as constructed, e.g. on the meta device)."""
     m = cfg.model
     vocab = cfg.vocabulary
     position = {name: i for i, name in enumerate(vocab)}
-    return ChannelViT(
+    model = ChannelViT(
         task=cfg.train.task,
         channel_index=[position[c] for c in cfg.channels],
         vocab_size=len(vocab),
@@ -122,3 +126,4 @@ def build_model(cfg) -> ChannelViT:
         if m.residual_forecast and cfg.train.task == "forecast"
         else None,
     )
+    return init_weights_(model, cfg.train.seed) if init else model

@@ -29,11 +29,20 @@ class ChannelTokenizer(nn.Module):
         self.channel_embed = nn.Parameter(torch.empty(vocab_size, dim))
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.trunc_normal_(self.weight, std=0.02)
-        nn.init.zeros_(self.bias)
-        with torch.no_grad():
-            self.channel_embed.copy_(sincos_1d(self.weight.shape[1], torch.arange(self.weight.shape[0])))
+        if self.weight.is_meta:
+            return  # shapes only: a rank building its shards fills in the values (parallel/construct.py)
+        for name, value in self.initial_values(torch.default_generator):
+            getattr(self, name).copy_(value)
+
+    def initial_values(self, g: torch.Generator):
+        """Weights N(0, 0.02) truncated, zero biases, sin-cos channel embeddings (see model.init)."""
+        from dchag.model.init import trunc_normal
+
+        yield "weight", trunc_normal(self.weight.shape, g)
+        yield "bias", torch.zeros(self.bias.shape)
+        yield "channel_embed", sincos_1d(self.weight.shape[1], torch.arange(self.weight.shape[0])).float()
 
     def channel_params(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight [C, D, p, p] and the per-channel additive term bias + embedding [C, D] of the

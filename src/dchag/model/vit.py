@@ -77,14 +77,3 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.norm1(x)))
         return x + self.drop(self.mlp(self.norm2(x)))
-
-
-def init_vit_weights(module: nn.Module) -> None:
-    """Truncated-normal(0.02) linears with zero bias, unit LayerNorms (the ViT/ClimaX convention)."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -71,21 +71,24 @@ class Layout:
         self.dp_rank, self.dp_size = (plan.dp_rank, plan.dp_size) if plan is not None else (0, 1)
 
     @classmethod
-    def for_run(cls, cfg: Config, model: torch.nn.Module, device: torch.device) -> "Layout":
-        """Parallelize `model` in place when launched on several ranks (torchrun), else keep it whole."""
+    def for_run(cls, cfg: Config, device: torch.device) -> "Layout":
+        """The model of this run: on several ranks (torchrun) each builds only its own shards
+        (`parallel.construct`), never the whole model; on one process the single-device model."""
         n = cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate
         if launched_distributed():
-            from dchag.parallel import ParallelDims, build_mesh, parallelize
+            from dchag.parallel import ParallelDims, build_mesh
+            from dchag.parallel.construct import build_parallel_model
             from dchag.parallel.mesh import init_distributed
 
             init_distributed(cfg.parallel.timeout_s)
             mesh = build_mesh(ParallelDims.from_config(cfg.parallel), device.type)
-            return cls(model, parallelize(model, cfg, mesh))
+            plan = build_parallel_model(cfg, mesh, device)
+            return cls(plan.model, plan)
         if n > 1:
             raise ConfigError(
                 f"parallel.* asks for {n} ranks; launch with: torchrun --nproc-per-node {n} -m dchag train ..."
             )
-        return cls(model)
+        return cls(build_model(cfg).to(device))
 
     @property
     def is_main(self) -> bool:
@@ -132,10 +135,9 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
         check_out_dir(out)
     t = cfg.train
     device = pick_device(t.device)
-    torch.manual_seed(t.seed)  # same initial weights on every rank
-    model = build_model(cfg).to(device)
-    layout = Layout.for_run(cfg, model, device)
-    plan = layout.plan
+    torch.manual_seed(t.seed)  # the initial weights come from train.seed alone (model.init)
+    layout = Layout.for_run(cfg, device)
+    model, plan = layout.model, layout.plan
     source = build_source(cfg, channels=plan.input_channels if plan else None)
     optimizer = build_optimizer(model, t)
     resume_from = resolve_resume(resume, out)
