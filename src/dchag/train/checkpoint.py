@@ -307,16 +307,11 @@ def check_fits(path: Path, tensors: dict) -> None:
             )
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, plan, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load weights (and AdamW's state) into this rank's shards, in place; returns train_state.json.
-    Every rank calls this; each reads only the chunks it holds, whatever layout wrote them."""
-    path = Path(path)
-    state = read_train_state(path)
-    tensors = checkpoint_tensors(model, plan, optimizer)
-    check_fits(path, tensors)
+def _read(path: Path, tensors: dict, **load_kwargs) -> None:
+    """DCP's load through the safe metadata reader; any failure as one line."""
     try:
         with _dcp_call():
-            dcp.load(tensors, storage_reader=SafeFileSystemReader(path), planner=_LoadPlanner())
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(path), **load_kwargs)
     except ConfigError:
         raise
     except (Exception, CheckpointException) as err:
@@ -324,6 +319,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, plan, optimizer: t
             f"reading checkpoint {str(path)!r} failed: {_first_line(err)} (a damaged or truncated data file? "
             "resume from an older checkpoint)"
         ) from err
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, plan, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load weights (and AdamW's state) into this rank's shards, in place; returns train_state.json.
+    Every rank calls this; each reads only the chunks it holds, whatever layout wrote them."""
+    path = Path(path)
+    state = read_train_state(path)
+    tensors = checkpoint_tensors(model, plan, optimizer)
+    check_fits(path, tensors)
+    _read(path, tensors, planner=_LoadPlanner())
     if optimizer is not None:
         for p_state in optimizer.state.values():
             p_state["step"].copy_(tensors["optim.step"])
@@ -338,14 +343,5 @@ def read_logical_weights(path: str | Path) -> dict[str, torch.Tensor]:
     tensors = {
         k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items() if k.startswith("model.")
     }
-    try:
-        with _dcp_call():
-            dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=True)
-    except ConfigError:
-        raise
-    except (Exception, CheckpointException) as err:
-        raise CheckpointError(
-            f"reading checkpoint {str(path)!r} failed: {_first_line(err)} (a damaged or truncated data file? "
-            "resume from an older checkpoint)"
-        ) from err
+    _read(path, tensors, no_dist=True)
     return {k[len("model.") :]: v for k, v in tensors.items()}
