@@ -91,3 +91,24 @@ def test_channel_parallel_sweep_measures_every_rank_and_shows_dchag_holds_less(t
         assert dchag["front_end_param_bytes"] < base["front_end_param_bytes"]
         assert dchag["front_end_peak_mem_bytes"] < base["front_end_peak_mem_bytes"]
     assert "baseline / this" in capsys.readouterr().out
+
+
+def test_paper_sweep_measures_the_whole_step_on_every_rank(tmp_path, capsys):
+    """`paper-cpu --set quick=true`: every variant x fused on 2 ranks, the record fields the paper's
+    comparisons need, and D-CHAG-L holding less than the TP-only baseline over the whole step."""
+    out = tmp_path / "paper.json"
+    assert main(["bench", "--sweep", "paper-cpu", "--json", str(out), "--set", "quick=true"]) == 0
+    records = json.loads(out.read_text())["records"]
+    needed = {"variant", "fused", "channels", "tp", "dp", "peak_mem_bytes", "front_end_peak_mem_bytes",
+              "flops_per_rank", "step_time_s", "samples_per_s", "comm_bytes", "device"}  # fmt: skip
+    assert all(needed <= set(r) for r in records)
+    assert {(r["variant"], r["fused"]) for r in records} == {
+        ("replicated", False), ("replicated", True), ("naive", False),
+        ("dchag-L", False), ("dchag-L", True), ("dchag-C", False), ("dchag-C", True),
+    }  # fmt: skip
+    assert {r["rank"] for r in records} == {0, 1}
+    by = {(r["variant"], r["fused"], r["rank"]): r for r in records}
+    for rank in (0, 1):
+        assert by[("dchag-L", False, rank)]["peak_mem_bytes"] < by[("replicated", False, rank)]["peak_mem_bytes"]
+        assert by[("naive", False, rank)]["comm_bytes"] > by[("dchag-L", False, rank)]["comm_bytes"]
+    assert "x replicated fused" in capsys.readouterr().out

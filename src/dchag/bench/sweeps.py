@@ -10,6 +10,7 @@ from typing import Callable
 from dchag.bench.accuracy_sweep import AccuracySize, accuracy_cpu, accuracy_table
 from dchag.bench.channel_parallel_sweep import ChannelParallelSize, channel_parallel_cpu, channel_parallel_table
 from dchag.bench.fused_sweep import FusedSweepSize, fused_cpu
+from dchag.bench.paper_sweep import PaperSize, paper_cpu, paper_table
 from dchag.bench.report import fused_table
 from dchag.bench.tp_comm_sweep import TPCommSize, tp_comm_cpu, tp_comm_table
 
@@ -19,6 +20,7 @@ SWEEPS: dict[str, tuple[type, Callable, Callable]] = {
     "channel-parallel-cpu": (ChannelParallelSize, channel_parallel_cpu, channel_parallel_table),
     "tp-comm-cpu": (TPCommSize, tp_comm_cpu, tp_comm_table),
     "accuracy-cpu": (AccuracySize, accuracy_cpu, accuracy_table),
+    "paper-cpu": (PaperSize, paper_cpu, paper_table),
 }
 
 

@@ -1,0 +1,246 @@
+"""The `paper-cpu` sweep: the whole training step per rank, for the paper's comparisons (Figs. 7-9, 13).
+
+For each TP size it launches that many ranks (gloo on CPU, NCCL when the GPUs are there) and, on every
+rank, for every channel count and variant, trains the MAE model (the paper's hyperspectral task: the
+loss covers every channel) for a few steps: one warm-up step (AdamW's state exists afterwards), one
+measured step (exact peak tensor memory of forward, loss, backward, gradient finishing, clipping and the
+optimizer step, and inside it the front end's own peak; FLOPs; bytes moved by collectives), then timed
+steps (median). Variants: the TP-only baseline (`replicated`: every rank tokenizes and aggregates all
+channels, flat hierarchy), the paper's `naive` ablation (raw channel tokens gathered), D-CHAG-L and
+D-CHAG-C with level-1 groups = tp x `groups_per_rank`, each with the materializing and the fused front
+end (`naive` keeps the materializing one by definition). The table reports the worst rank.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dchag.bench.comm import CommBytesMode, summarize
+from dchag.bench.measure import count_flops, tensor_bytes
+
+# name -> (hierarchy preset, parallel mode)
+VARIANTS = {
+    "replicated": ("flat", "replicated"),
+    "naive": ("flat", "naive"),
+    "dchag-L": ("dchag-L", "dchag"),
+    "dchag-C": ("dchag-C", "dchag"),
+}
+
+
+@dataclass
+class PaperSize:
+    """What `paper-cpu` runs (override with `dchag bench --set key=value`; `quick=true`: a test-sized
+    subset)."""
+
+    channels: tuple[int, ...] = (64, 128, 256, 512)
+    tp: tuple[int, ...] = (1, 2, 4)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    fused: tuple[bool, ...] = (False, True)
+    img_size: tuple[int, int] = (64, 128)
+    patch: int = 4
+    embed_dim: int = 256
+    heads: int = 8
+    depth: int = 4
+    batch: int = 2
+    groups_per_rank: int = 1
+    timed_steps: int = 2
+    quick: bool = False
+
+    def resolved(self) -> "PaperSize":
+        if not self.quick:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(
+            self, channels=(16,), tp=(2,), img_size=(16, 32), embed_dim=32, heads=4, depth=1, timed_steps=1
+        )
+
+
+def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: int):
+    from dchag.configure import load_config
+
+    preset, mode = VARIANTS[variant]
+    return load_config(
+        None,
+        [
+            f"model.img_size=[{size.img_size[0]}, {size.img_size[1]}]",
+            f"model.patch_size={size.patch}",
+            f"model.embed_dim={size.embed_dim}",
+            f"model.num_heads={size.heads}",
+            f"model.depth={size.depth}",
+            "model.decoder_dim=64",
+            "model.decoder_depth=1",
+            "model.decoder_heads=4",
+            f"model.hierarchy.preset={preset}",
+            f"model.hierarchy.groups={max(1, tp * size.groups_per_rank)}",
+            f"model.fused_front_end={str(fused).lower()}",
+            "data.kind=synthetic-hyperspectral",
+            f"data.channels={channels}",
+            f"data.num_samples={8 * size.batch}",
+            "data.workers=0",
+            f"train.batch_size={size.batch}",
+            "train.task=mae",
+            f"parallel.tp={tp}",
+            f"parallel.mode={mode}",
+        ],
+    )
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.machine()}, gloo)"
+
+
+def measure_rank(size: PaperSize, tp: int) -> list[dict]:
+    """Runs on every rank of a `tp`-rank group: one record per (channels, variant, fused) for this rank."""
+    records = []
+    for channels in size.channels:
+        for variant in size.variants:
+            for fused in size.fused:
+                if variant == "naive" and fused:
+                    continue  # the ablation gathers materialized channel tokens by definition
+                records.append(measure_one(size, tp, variant, fused, channels))
+    return records
+
+
+def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: int) -> dict:
+    """This rank's record for one configuration (everything it built is freed on return)."""
+    import torch.distributed as dist
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from dchag.data import batch_indices, build_source
+    from dchag.model import build_model
+    from dchag.parallel import ParallelDims, build_mesh, parallelize
+    from dchag.tasks import mask_noise_for_step
+    from dchag.train.loop import Layout, train_step
+    from dchag.train.optim import build_optimizer
+
+    cfg = paper_config(size, variant, fused, channels, tp)
+    plan = parallelize(build_model(cfg), cfg, build_mesh(ParallelDims.from_config(cfg.parallel)))
+    layout = Layout(plan.model, plan)
+    source = build_source(cfg, channels=plan.input_channels)
+    optimizer = build_optimizer(plan.model, cfg.train)
+
+    def step(k: int) -> None:
+        batch = source.batch(batch_indices(source.num_samples, size.batch, k, 0))
+        noise = mask_noise_for_step(cfg, k, size.batch, plan.model.num_patches)
+        train_step(layout, optimizer, batch, cfg, k, None, noise, source.channels)
+
+    step(0)  # warm-up: optimizer state and lazy buffers exist before measuring
+    tracker = MemTracker()
+    tracker.track_external(plan.model, optimizer)
+    with CommBytesMode() as comm:
+        with tracker:
+            flops = count_flops(lambda: step(1))
+    times = []
+    for k in range(2, 2 + size.timed_steps):
+        if tp > 1:
+            dist.barrier(group=plan.tp_group)
+        start = time.perf_counter()
+        step(k)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step_time = statistics.median(times)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in plan.model.parameters()]
+    return {
+        "sweep": "paper-cpu",
+        "variant": variant,
+        "fused": fused,
+        "channels": channels,
+        "tp": tp,
+        "dp": 1,
+        "rank": plan.tp_rank,
+        "peak_mem_bytes": int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())),
+        "front_end_peak_mem_bytes": _module_peak(tracker, plan.model.front_end),
+        "param_bytes": tensor_bytes(local),
+        "flops_per_rank": flops,
+        "step_time_s": step_time,
+        "samples_per_s": size.batch / step_time,
+        "comm_bytes": summarize(comm.records, str(plan.tp_group.group_name))["bytes"],
+        "device": _device_name(),
+        "embed_dim": size.embed_dim,
+        "depth": size.depth,
+        "img_size": list(size.img_size),
+        "batch": size.batch,
+    }
+
+
+def _module_peak(tracker, module) -> int:
+    """The largest total tensor memory MemTracker saw while `module` ran forward or backward."""
+    stats = tracker.memory_tracking.get(module)
+    if stats is None:
+        return 0
+    peak = 0
+    for snapshots in stats.snapshots.values():
+        for snap in snapshots:
+            for device, values in snap.items():
+                if str(device) != "meta":
+                    peak = max(peak, int(values["Total"]))
+    return peak
+
+
+def paper_cpu(size: PaperSize) -> list[dict]:
+    from dchag.bench.fused_sweep import log
+    from dchag.parallel.launch import spawn
+
+    size = size.resolved()
+    records = []
+    for tp in size.tp:
+        log(f"paper-cpu: tp={tp}: {len(size.channels)} channel counts x {len(size.variants)} variants")
+        for rank_records in spawn(measure_rank, tp, size, tp):
+            records += rank_records
+    return records
+
+
+def worst_ranks(records: list[dict]) -> dict[tuple, dict]:
+    """(channels, tp, variant, fused) -> the record of the rank with the largest whole-step peak, with
+    the slowest rank's step time."""
+    worst: dict[tuple, dict] = {}
+    for r in records:
+        key = (r["channels"], r["tp"], r["variant"], r["fused"])
+        w = worst.setdefault(key, dict(r))
+        if r["peak_mem_bytes"] > w["peak_mem_bytes"]:
+            w.update(peak_mem_bytes=r["peak_mem_bytes"], front_end_peak_mem_bytes=r["front_end_peak_mem_bytes"])
+        if r["step_time_s"] > w["step_time_s"]:
+            w.update(step_time_s=r["step_time_s"], samples_per_s=r["samples_per_s"])
+    return worst
+
+
+def paper_table(records: list[dict]) -> str:
+    """Per (channels, tp): each variant's worst-rank whole-step peak and throughput, as ratios to the
+    paper's baseline (replicated, materializing) and to our strongest (replicated, fused)."""
+    worst = worst_ranks(records)
+    lines = [
+        "| channels | tp | variant | fused | whole-step peak / rank | live while front end runs | "
+        "memory vs replicated | vs replicated fused | samples/s | x replicated | x replicated fused | "
+        "TFLOP / rank | comm MB / rank |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(worst, key=lambda k: (k[0], k[1], list(VARIANTS).index(k[2]), k[3])):
+        channels, tp, variant, fused = key
+        r = worst[key]
+        base, strong = worst.get((channels, tp, "replicated", False)), worst.get((channels, tp, "replicated", True))
+
+        def ratio(ref, field, inverse=False):
+            if ref is None:
+                return "-"
+            value = r[field] / ref[field] if not inverse else ref[field] / r[field]
+            return f"{value:.2f}"
+
+        mem_base = f"{100 * (r['peak_mem_bytes'] / base['peak_mem_bytes'] - 1):+.1f}%" if base else "-"
+        mem_strong = f"{100 * (r['peak_mem_bytes'] / strong['peak_mem_bytes'] - 1):+.1f}%" if strong else "-"
+        lines.append(
+            f"| {channels} | {tp} | {variant} | {'yes' if fused else 'no'} | {r['peak_mem_bytes'] / 2**20:,.1f} MiB | "
+            f"{r['front_end_peak_mem_bytes'] / 2**20:,.1f} MiB | {mem_base} | {mem_strong} | "
+            f"{r['samples_per_s']:.2f} | {ratio(base, 'samples_per_s')} | {ratio(strong, 'samples_per_s')} | "
+            f"{r['flops_per_rank'] / 1e12:.3f} | {r['comm_bytes'] / 1e6:,.1f} |"
+        )
+    return "\n".join(lines)
