@@ -97,7 +97,11 @@ def test_paper_sweep_measures_the_whole_step_on_every_rank(tmp_path, capsys):
     """`paper-cpu --set quick=true`: every variant x fused on 2 ranks, the record fields the paper's
     comparisons need, and D-CHAG-L holding less than the TP-only baseline over the whole step."""
     out = tmp_path / "paper.json"
-    assert main(["bench", "--sweep", "paper-cpu", "--json", str(out), "--set", "quick=true"]) == 0
+    plots = tmp_path / "plots"
+    assert (
+        main(["bench", "--sweep", "paper-cpu", "--json", str(out), "--plots", str(plots), "--set", "quick=true"]) == 0
+    )
+    assert sorted(p.name for p in plots.iterdir()) == ["memory_tp2.png", "throughput_tp2.png"]
     records = json.loads(out.read_text())["records"]
     needed = {"variant", "fused", "channels", "tp", "dp", "peak_mem_bytes", "front_end_peak_mem_bytes",
               "flops_per_rank", "step_time_s", "samples_per_s", "comm_bytes", "device"}  # fmt: skip

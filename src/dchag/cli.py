@@ -94,6 +94,8 @@ def cmd_bench(args) -> int:
 
     if args.sweep not in SWEEPS:
         raise ConfigError(f"--sweep {args.sweep!r} is unknown; use one of {sorted(SWEEPS)}")
+    if args.plots and args.sweep != "paper-cpu":
+        raise ConfigError(f"--plots is available for --sweep paper-cpu, not {args.sweep!r}")
     size = sweep_size(args.sweep, args.set)
     records = SWEEPS[args.sweep][1](size)
     meta = {
@@ -111,6 +113,11 @@ def cmd_bench(args) -> int:
         from pathlib import Path
 
         Path(args.table).write_text(table + "\n")
+    if args.plots:
+        from dchag.viz.scaling import paper_plots
+
+        for path in paper_plots(records, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
     print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
     return 0
 
@@ -156,9 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="run a benchmark sweep: JSON records and a table of ratios")
-    p.add_argument("--sweep", required=True, help="fused-cpu | channel-parallel-cpu | tp-comm-cpu | accuracy-cpu")
+    p.add_argument(
+        "--sweep", required=True, help="fused-cpu | channel-parallel-cpu | tp-comm-cpu | accuracy-cpu | paper-cpu"
+    )
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--table", help="also write the Markdown table here")
+    p.add_argument("--plots", help="paper-cpu: folder for PNGs of memory and throughput against channels")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="sweep size, e.g. channels=128 repeats=5")
     p.set_defaults(func=cmd_bench)
 
