@@ -34,7 +34,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn: Callable, a
         dist.barrier()  # every rank is done with every collective before any rank leaves
     except BaseException as err:  # report the failure to the parent with its traceback
         result, error = None, f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}"
-    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps((result, error)))
+    # written whole or not at all: the parent may stop this rank mid-write after a peer failed
+    tmp = Path(out_dir, f".rank{rank}.pkl.tmp")
+    tmp.write_bytes(pickle.dumps((result, error)))
+    os.replace(tmp, Path(out_dir, f"rank{rank}.pkl"))
     sys.stdout.flush()
     sys.stderr.flush()
     # Leave without interpreter teardown: gloo's worker threads can abort the process from C++ static
