@@ -135,6 +135,8 @@ CASES = [
     ("export-to-a-folder", lambda t, tr: ["export", "--run", str(tr), "--out", str(t)], "is a folder; give a file"),
     ("eval-not-a-run", lambda t, _: ["eval", "--run", str(t)], "is not a run folder with a checkpoint"),
     ("bench-unknown-sweep", lambda t, _: ["bench", "--sweep", "fastest", "--json", str(t / "b.json")], "'fastest'"),
+    ("simulate-rank-out-of-range", lambda t, _: ["bench", "--sweep", "paper-cpu", "--simulate-tp", "4",
+     "--simulate-rank", "4", "--json", str(t / "b.json")], "simulate_rank=4 must be in [0, simulate_tp=4)"),
     ("parity-unknown-fault", lambda t, _: ["check-parity", "--nproc", "2", "--fault", "gremlins"], "'gremlins'"),
 ]  # fmt: skip
 

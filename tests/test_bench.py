@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from dchag.bench.measure import count_flops, peak_tensor_memory, saved_activation_bytes
@@ -93,16 +94,27 @@ def test_channel_parallel_sweep_measures_every_rank_and_shows_dchag_holds_less(t
     assert "baseline / this" in capsys.readouterr().out
 
 
-def test_paper_sweep_measures_the_whole_step_on_every_rank(tmp_path, capsys):
-    """`paper-cpu --set quick=true`: every variant x fused on 2 ranks, the record fields the paper's
-    comparisons need, and D-CHAG-L holding less than the TP-only baseline over the whole step."""
-    out = tmp_path / "paper.json"
-    plots = tmp_path / "plots"
-    assert (
-        main(["bench", "--sweep", "paper-cpu", "--json", str(out), "--plots", str(plots), "--set", "quick=true"]) == 0
-    )
+@pytest.fixture(scope="module")
+def paper_quick(tmp_path_factory):
+    """`paper-cpu --set quick=true` on 2 real gloo ranks, with plots; (records, plot folder, table)."""
+    import contextlib
+    import io
+
+    folder = tmp_path_factory.mktemp("paper")
+    out, plots, printed = folder / "paper.json", folder / "plots", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert (
+            main(["bench", "--sweep", "paper-cpu", "--json", str(out), "--plots", str(plots), "--set", "quick=true"])
+            == 0
+        )
+    return json.loads(out.read_text())["records"], plots, printed.getvalue()
+
+
+def test_paper_sweep_measures_the_whole_step_on_every_rank(paper_quick):
+    """Every variant x fused on 2 ranks, the record fields the paper's comparisons need, and D-CHAG-L
+    holding less than the TP-only baseline over the whole step."""
+    records, plots, table = paper_quick
     assert sorted(p.name for p in plots.iterdir()) == ["memory_tp2.png", "throughput_tp2.png"]
-    records = json.loads(out.read_text())["records"]
     needed = {"variant", "fused", "channels", "tp", "dp", "peak_mem_bytes", "front_end_peak_mem_bytes",
               "flops_per_rank", "step_time_s", "samples_per_s", "comm_bytes", "device"}  # fmt: skip
     assert all(needed <= set(r) for r in records)
@@ -115,4 +127,22 @@ def test_paper_sweep_measures_the_whole_step_on_every_rank(tmp_path, capsys):
     for rank in (0, 1):
         assert by[("dchag-L", False, rank)]["peak_mem_bytes"] < by[("replicated", False, rank)]["peak_mem_bytes"]
         assert by[("naive", False, rank)]["comm_bytes"] > by[("dchag-L", False, rank)]["comm_bytes"]
-    assert "x replicated fused" in capsys.readouterr().out
+    assert "x replicated fused" in table
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_simulated_rank_needs_the_memory_of_the_real_rank(paper_quick, rank, tmp_path):
+    """`--set simulate_tp=2 simulate_rank=R` runs rank R alone (fake collectives): its whole-step peak
+    is within 5% of what rank R measured in the real 2-rank run, for every variant, and so are its
+    FLOPs and the bytes its collectives would move."""
+    out = tmp_path / "sim.json"
+    args = ["--set", "quick=true", "simulate_tp=2", f"simulate_rank={rank}"]
+    assert main(["bench", "--sweep", "paper-cpu", "--json", str(out), *args]) == 0
+    simulated = {(r["variant"], r["fused"]): r for r in json.loads(out.read_text())["records"]}
+    real = {(r["variant"], r["fused"]): r for r in paper_quick[0] if r["rank"] == rank}
+    assert simulated.keys() == real.keys()
+    for key, r in real.items():
+        s = simulated[key]
+        assert s["rank"] == rank and s["simulated"] and "simulated rank" in s["device"]
+        assert abs(s["peak_mem_bytes"] - r["peak_mem_bytes"]) <= 0.05 * r["peak_mem_bytes"], (key, s, r)
+        assert s["flops_per_rank"] == r["flops_per_rank"] and s["comm_bytes"] == r["comm_bytes"], key

@@ -96,6 +96,10 @@ def cmd_bench(args) -> int:
         raise ConfigError(f"--sweep {args.sweep!r} is unknown; use one of {sorted(SWEEPS)}")
     if args.plots and args.sweep != "paper-cpu":
         raise ConfigError(f"--plots is available for --sweep paper-cpu, not {args.sweep!r}")
+    if args.simulate_tp is not None:
+        if args.sweep != "paper-cpu":
+            raise ConfigError(f"--simulate-tp is available for --sweep paper-cpu, not {args.sweep!r}")
+        args.set = [*args.set, f"simulate_tp={args.simulate_tp}", f"simulate_rank={args.simulate_rank}"]
     size = sweep_size(args.sweep, args.set)
     records = SWEEPS[args.sweep][1](size)
     meta = {
@@ -169,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--table", help="also write the Markdown table here")
     p.add_argument("--plots", help="paper-cpu: folder for PNGs of memory and throughput against channels")
+    p.add_argument(
+        "--simulate-tp",
+        type=int,
+        metavar="T",
+        help="paper-cpu: run one rank of a T-way TP layout alone, peers faked (per-GPU memory and time on one device)",
+    )
+    p.add_argument(
+        "--simulate-rank", type=int, default=0, metavar="R", help="which rank --simulate-tp runs (default 0)"
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="sweep size, e.g. channels=128 repeats=5")
     p.set_defaults(func=cmd_bench)
 

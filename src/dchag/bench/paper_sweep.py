@@ -49,15 +49,18 @@ class PaperSize:
     groups_per_rank: int = 1
     timed_steps: int = 2
     quick: bool = False
+    simulate_tp: int = 0  # > 0: run one rank of this TP size in this process (collectives faked)
+    simulate_rank: int = 0  # which rank to simulate
 
     def resolved(self) -> "PaperSize":
-        if not self.quick:
-            return self
         import dataclasses
 
-        return dataclasses.replace(
-            self, channels=(16,), tp=(2,), img_size=(16, 32), embed_dim=32, heads=4, depth=1, timed_steps=1
-        )
+        size = self
+        if self.quick:
+            size = dataclasses.replace(
+                size, channels=(16,), tp=(2,), img_size=(16, 32), embed_dim=32, heads=4, depth=1, timed_steps=1
+            )
+        return dataclasses.replace(size, tp=(size.simulate_tp,)) if size.simulate_tp else size
 
 
 def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: int):
@@ -116,21 +119,27 @@ def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: i
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from dchag.data import batch_indices, build_source
-    from dchag.model import build_model
-    from dchag.parallel import ParallelDims, build_mesh, parallelize
+    from dchag.parallel import ParallelDims, build_mesh
+    from dchag.parallel.construct import build_parallel_model
     from dchag.tasks import mask_noise_for_step
     from dchag.train.loop import Layout, train_step
     from dchag.train.optim import build_optimizer
 
     cfg = paper_config(size, variant, fused, channels, tp)
-    plan = parallelize(build_model(cfg), cfg, build_mesh(ParallelDims.from_config(cfg.parallel)))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # the rank builds only its shards: at paper scale the whole model need not fit this device
+    plan = build_parallel_model(cfg, build_mesh(ParallelDims.from_config(cfg.parallel), device.type), device)
     layout = Layout(plan.model, plan)
     source = build_source(cfg, channels=plan.input_channels)
     optimizer = build_optimizer(plan.model, cfg.train)
 
     def step(k: int) -> None:
-        batch = source.batch(batch_indices(source.num_samples, size.batch, k, 0))
-        noise = mask_noise_for_step(cfg, k, size.batch, plan.model.num_patches)
+        batch = {
+            key: v.to(device)
+            for key, v in source.batch(batch_indices(source.num_samples, size.batch, k, 0)).items()
+            if key not in ("index", "worker")
+        }
+        noise = mask_noise_for_step(cfg, k, size.batch, plan.model.num_patches).to(device)
         train_step(layout, optimizer, batch, cfg, k, None, noise, source.channels)
 
     step(0)  # warm-up: optimizer state and lazy buffers exist before measuring
@@ -187,11 +196,42 @@ def _module_peak(tracker, module) -> int:
     return peak
 
 
+def simulate_rank(size: PaperSize) -> list[dict]:
+    """Rank `simulate_rank` of a `simulate_tp`-way layout, alone in this process: torch's fake process
+    group stands in for the peers (every collective returns tensors of the right shapes and moves
+    nothing), so the rank builds exactly its shards and runs exactly its step, and its memory and time
+    are measured on one device without the other ranks. The values the fake collectives return are
+    not the real ones: the loss is meaningless, the memory and FLOPs are the rank's."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from dchag.config import ConfigError
+
+    tp, rank = size.simulate_tp, size.simulate_rank
+    if dist.is_initialized():
+        raise ConfigError("--set simulate_tp runs in a single process; do not launch it with torchrun")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp)
+    try:
+        records = measure_rank(size, tp)
+    finally:
+        dist.destroy_process_group()
+    for r in records:
+        r["device"] = f"simulated rank {rank} of {tp} on {r['device']}"
+        r["simulated"] = True
+    return records
+
+
 def paper_cpu(size: PaperSize) -> list[dict]:
     from dchag.bench.fused_sweep import log
+    from dchag.config import ConfigError
     from dchag.parallel.launch import spawn
 
     size = size.resolved()
+    if size.simulate_tp and not 0 <= size.simulate_rank < size.simulate_tp:
+        raise ConfigError(f"simulate_rank={size.simulate_rank} must be in [0, simulate_tp={size.simulate_tp})")
+    if size.simulate_tp:
+        log(f"paper-cpu: simulating rank {size.simulate_rank} of tp={size.simulate_tp}")
+        return simulate_rank(size)
     records = []
     for tp in size.tp:
         log(f"paper-cpu: tp={tp}: {len(size.channels)} channel counts x {len(size.variants)} variants")
