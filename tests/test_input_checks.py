@@ -104,3 +104,15 @@ def test_more_bad_steps_than_allowed_stop_training(monkeypatch, tmp_path):
     _nan_loss_at(monkeypatch, {1, 2})
     with pytest.raises(TrainingFailure, match=r"step 2: .*loss is not finite.*; 2 steps .*train.max_bad_steps=1"):
         train(small_config("train.steps=6", "train.max_bad_steps=1"), tmp_path, progress=False)
+
+
+def test_the_skipped_step_count_survives_a_resume(monkeypatch, tmp_path):
+    from conftest import small_config
+
+    from dchag.train.loop import train
+
+    cfg = small_config("train.steps=6", "train.checkpoint_every=4", "train.max_bad_steps=2")
+    _nan_loss_at(monkeypatch, {2, 3})
+    train(cfg, tmp_path / "first", progress=False)
+    resumed = train(cfg, tmp_path / "second", progress=False, resume=str(tmp_path / "first/checkpoints/step-00000004"))
+    assert resumed["skipped_steps"] == 2  # counted over the whole run: train.max_bad_steps is not reset

@@ -165,6 +165,8 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
     if resume_from is not None and layout.is_main:
         print(f"dchag: resuming from {resume_from} at step {begin} of {t.steps}", file=sys.stderr, flush=True)
     bad = BadSteps(t.max_bad_steps)
+    if resume_from is not None:
+        bad.count = state.get("skipped_steps", 0)  # the limit counts over the whole run
     start = time.perf_counter()
     bar = tqdm(
         range(begin, t.steps),
@@ -219,7 +221,8 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         done = step + 1
         if out is not None and (done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0)):
-            checkpoint = save_checkpoint(out, done, model, plan, optimizer, train_state, stats, t.keep_checkpoints)
+            state_now = {**train_state, "skipped_steps": bad.count}
+            checkpoint = save_checkpoint(out, done, model, plan, optimizer, state_now, stats, t.keep_checkpoints)
     log.close()
     summary = {
         "steps": t.steps,
