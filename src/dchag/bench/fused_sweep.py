@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from dchag.bench.measure import count_flops, median_times, peak_tensor_memory, saved_activation_bytes, tensor_bytes
+from dchag.bench.sizes import model_overrides
 from dchag.configure import load_config
 from dchag.model import build_model
 from dchag.train.optim import build_optimizer
@@ -47,11 +48,7 @@ def variant_config(variant: str, size, fused: bool, *, groups: int, depth: int, 
     return load_config(
         None,
         [
-            f"model.img_size=[{size.img_size[0]}, {size.img_size[1]}]",
-            f"model.patch_size={size.patch}",
-            f"model.embed_dim={size.embed_dim}",
-            f"model.num_heads={size.heads}",
-            f"model.depth={depth}",
+            *model_overrides(size, depth),
             f"model.hierarchy.preset={VARIANTS[variant]}",
             f"model.hierarchy.groups={groups}",
             f"model.fused_front_end={str(fused).lower()}",

@@ -21,6 +21,7 @@ import torch
 
 from dchag.bench.comm import CommBytesMode, summarize
 from dchag.bench.measure import count_flops, tensor_bytes
+from dchag.bench.sizes import model_overrides
 
 # name -> (hierarchy preset, parallel mode)
 VARIANTS = {
@@ -70,11 +71,7 @@ def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: 
     return load_config(
         None,
         [
-            f"model.img_size=[{size.img_size[0]}, {size.img_size[1]}]",
-            f"model.patch_size={size.patch}",
-            f"model.embed_dim={size.embed_dim}",
-            f"model.num_heads={size.heads}",
-            f"model.depth={size.depth}",
+            *model_overrides(size, size.depth),
             "model.decoder_dim=64",
             "model.decoder_depth=1",
             "model.decoder_heads=4",

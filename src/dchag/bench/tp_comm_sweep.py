@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dchag.bench.comm import CommBytesMode, summarize
+from dchag.bench.sizes import model_overrides
 from dchag.configure import load_config
 
 # name -> overrides on top of the size
@@ -47,11 +48,7 @@ def case_config(case: str, size: TPCommSize, tp: int):
     return load_config(
         None,
         [
-            f"model.img_size=[{size.img_size[0]}, {size.img_size[1]}]",
-            f"model.patch_size={size.patch}",
-            f"model.embed_dim={size.embed_dim}",
-            f"model.num_heads={size.heads}",
-            f"model.depth={size.depth}",
+            *model_overrides(size, size.depth),
             f"model.hierarchy.groups={tp}",
             f"data.channels={size.channels}",
             f"data.num_samples={4 * size.batch}",
