@@ -149,8 +149,7 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
         source.stats = stats = read_stats(resume_from)
         if stats is None:
             stats = prepare_stats(source, layout, out)
-        elif out is not None and layout.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+        elif out is not None and layout.is_main:  # check_out_dir created the run folder
             (out / "stats.json").write_text(json.dumps(stats))
     else:
         stats = prepare_stats(source, layout, out)
@@ -158,7 +157,6 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
     lat_weights = source.lat_weights().to(device) if t.task == "forecast" else None
     write = out is not None and layout.is_main
     if write:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log = MetricsLog(out / "metrics.jsonl" if write else None, keep_before=begin)
     history: list[dict] = list(log.kept)
