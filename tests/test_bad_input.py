@@ -138,6 +138,15 @@ CASES = [
     ("simulate-rank-out-of-range", lambda t, _: ["bench", "--sweep", "paper-cpu", "--simulate-tp", "4",
      "--simulate-rank", "4", "--json", str(t / "b.json")], "simulate_rank=4 must be in [0, simulate_tp=4)"),
     ("parity-unknown-fault", lambda t, _: ["check-parity", "--nproc", "2", "--fault", "gremlins"], "'gremlins'"),
+    # the planner
+    ("plan-without-gpus", lambda t, _: ["plan"], "needs --gpus N and --gpu-mem GiB"),
+    ("plan-zero-gpus", lambda t, _: ["plan", "--gpus", "0", "--gpu-mem", "80"], "--gpus 0 must be at least 1"),
+    ("plan-unknown-dtype", lambda t, _: ["plan", "--gpus", "2", "--gpu-mem", "80", "--dtype", "fp16"],
+     "--dtype 'fp16' is unknown"),
+    ("plan-unknown-variant", lambda t, _: ["plan", "--gpus", "2", "--gpu-mem", "80", "--variants", "bestest"],
+     "--variants 'bestest' is unknown"),
+    ("plan-validate-other-sweep", lambda t, _: ["plan", "--validate", _file(t, "x.json", b'{"meta": {}}')],
+     "is not a paper-cpu result"),
 ]  # fmt: skip
 
 

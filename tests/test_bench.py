@@ -146,3 +146,23 @@ def test_a_simulated_rank_needs_the_memory_of_the_real_rank(paper_quick, rank, t
         assert s["rank"] == rank and s["simulated"] and "simulated rank" in s["device"]
         assert abs(s["peak_mem_bytes"] - r["peak_mem_bytes"]) <= 0.05 * r["peak_mem_bytes"], (key, s, r)
         assert s["flops_per_rank"] == r["flops_per_rank"] and s["comm_bytes"] == r["comm_bytes"], key
+
+
+def test_the_planner_predicts_every_measured_quick_point_within_15_percent(paper_quick, tmp_path, capsys):
+    """`dchag plan --validate` re-predicts each point of a paper-cpu result from a fake-tensor trace of
+    one rank: within 15% of the worst rank's measured whole-step peak. A result whose measurements are
+    a third larger is flagged and the command fails (the check can fail)."""
+    records = paper_quick[0]
+    meta = {"sweep": "paper-cpu", "size": {"quick": True}}
+    good, bad = tmp_path / "measured.json", tmp_path / "doctored.json"
+    good.write_text(json.dumps({"meta": meta, "records": records}))
+    doctored = [{**r, "peak_mem_bytes": int(r["peak_mem_bytes"] * 4 / 3)} for r in records]
+    bad.write_text(json.dumps({"meta": meta, "records": doctored}))
+    out = tmp_path / "validation.json"
+    assert main(["plan", "--validate", str(good), "--json", str(out), "--no-progress"]) == 0
+    checked = json.loads(out.read_text())["records"]
+    assert len(checked) == 7  # every (variant, fused) of the quick sweep, worst rank
+    assert all(abs(r["error"]) <= 0.15 for r in checked), checked
+    capsys.readouterr()
+    assert main(["plan", "--validate", str(bad), "--no-progress"]) == 1
+    assert "over tolerance" in capsys.readouterr().out

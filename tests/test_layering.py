@@ -1,4 +1,4 @@
-"""The layers import downwards only: config <- model, data <- parallel <- train <- checks, eval, bench.
+"""The layers import downwards only: config <- model, data <- parallel <- train <- checks, eval, bench, planning.
 Each check imports one module in a fresh interpreter and lists which dchag layers it pulled in."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def layers_imported_by(module: str) -> set[str]:
         ("dchag.model", {"dchag.data", "dchag.parallel", "dchag.train", "dchag.checks"}),
         ("dchag.parallel.parallelize", {"dchag.train", "dchag.checks", "dchag.data", "dchag.tasks"}),
         ("dchag.tasks", {"dchag.train", "dchag.parallel", "dchag.data"}),
-        ("dchag.train.loop", {"dchag.checks", "dchag.eval", "dchag.bench"}),
+        ("dchag.train.loop", {"dchag.checks", "dchag.eval", "dchag.bench", "dchag.planning"}),
+        ("dchag.planning.planner", {"dchag.checks", "dchag.eval", "dchag.data"}),
     ],
 )
 def test_a_layer_does_not_import_the_layers_above_it(module, forbidden):

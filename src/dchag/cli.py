@@ -1,4 +1,4 @@
-"""`dchag` command line: train | export | eval | info | bench | check-parity."""
+"""`dchag` command line: train | export | eval | info | bench | plan | check-parity."""
 
 from __future__ import annotations
 
@@ -126,6 +126,46 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from pathlib import Path
+
+    from dchag.bench.report import write_json
+
+    if args.validate:
+        from dchag.planning.validate import validate_paper_cpu, validation_table
+
+        records = validate_paper_cpu(args.validate, progress=not args.no_progress, workers=args.workers)
+        table = validation_table(records, args.tolerance)
+        ok = all(abs(r["error"]) <= args.tolerance for r in records)
+        meta = {"validated": str(args.validate), "tolerance": args.tolerance}
+    else:
+        from dchag.planning.planner import Machine, plan, plan_table
+
+        if args.gpus is None or args.gpu_mem is None:
+            raise ConfigError("dchag plan needs --gpus N and --gpu-mem GiB (or --validate PAPER_CPU_JSON)")
+        machine = Machine(args.gpus, args.gpu_mem, args.headroom, args.tflops, args.tp_gbs, args.dp_gbs)
+        cfg = load_config(args.config, args.set)
+        records = plan(
+            cfg,
+            machine,
+            dtype=args.dtype,
+            local_batch=args.local_batch,
+            variants=tuple(args.variants),
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+        table, ok = plan_table(records, machine), True
+        meta = {"config": args.config, "set": args.set, "machine": vars(machine), "dtype": args.dtype}
+    print(table)
+    if args.json:
+        write_json(records, args.json, meta)
+        print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
+    if args.table:
+        Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.table).write_text(table + "\n")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dchag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="run a benchmark sweep: JSON records and a table of ratios")
     p.add_argument(
-        "--sweep", required=True, help="fused-cpu | channel-parallel-cpu | tp-comm-cpu | accuracy-cpu | paper-cpu"
+        "--sweep",
+        required=True,
+        help="fused-cpu | channel-parallel-cpu | tp-comm-cpu | accuracy-cpu | paper-cpu | paper-plan",
     )
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--table", help="also write the Markdown table here")
@@ -184,6 +226,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="sweep size, e.g. channels=128 repeats=5")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "plan",
+        help="per-GPU memory and predicted throughput of every variant and layout of N GPUs (traced on fake tensors)",
+    )
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, metavar="N", help="GPUs the job will use")
+    p.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory of one GPU, e.g. 64 (MI250X GCD) or 80 (H100)")
+    p.add_argument("--dtype", help="bf16 (autocast + bf16 FSDP parameters) or fp32; default: as the config says")
+    p.add_argument(
+        "--local-batch", type=int, metavar="B", help="samples per data-parallel rank (default: train.batch_size / dp)"
+    )
+    p.add_argument(
+        "--variants", nargs="+", default=["replicated", "naive", "dchag-L", "dchag-C"], help="variants to compare"
+    )
+    p.add_argument("--headroom", type=float, default=0.10, help="fraction of GPU memory kept free (default 0.10)")
+    p.add_argument("--tflops", type=float, default=100.0, help="sustained TFLOP/s per GPU for the speed prediction")
+    p.add_argument("--tp-gbs", type=float, default=100.0, help="GB/s per GPU within a TP group")
+    p.add_argument("--dp-gbs", type=float, default=25.0, help="GB/s per GPU between data-parallel peers")
+    p.add_argument("--workers", type=int, default=1, help="trace this many candidates at once (processes)")
+    p.add_argument("--json", help="write the records here")
+    p.add_argument("--table", help="also write the Markdown table here")
+    p.add_argument(
+        "--validate",
+        metavar="PAPER_CPU_JSON",
+        help="instead: predict every point of a `dchag bench --sweep paper-cpu` result, compare with its measurements",
+    )
+    p.add_argument("--tolerance", type=float, default=0.15, help="--validate: largest allowed relative error")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
         "check-parity",

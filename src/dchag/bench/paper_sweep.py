@@ -20,16 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from dchag.bench.comm import CommBytesMode, summarize
-from dchag.bench.measure import count_flops, tensor_bytes
+from dchag.bench.measure import count_flops, module_peak, tensor_bytes
 from dchag.bench.sizes import model_overrides
-
-# name -> (hierarchy preset, parallel mode)
-VARIANTS = {
-    "replicated": ("flat", "replicated"),
-    "naive": ("flat", "naive"),
-    "dchag-L": ("dchag-L", "dchag"),
-    "dchag-C": ("dchag-C", "dchag"),
-}
+from dchag.planning.variants import VARIANTS, variant_overrides, variant_pairs
 
 
 @dataclass
@@ -67,7 +60,6 @@ class PaperSize:
 def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: int):
     from dchag.configure import load_config
 
-    preset, mode = VARIANTS[variant]
     return load_config(
         None,
         [
@@ -75,17 +67,13 @@ def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: 
             "model.decoder_dim=64",
             "model.decoder_depth=1",
             "model.decoder_heads=4",
-            f"model.hierarchy.preset={preset}",
-            f"model.hierarchy.groups={max(1, tp * size.groups_per_rank)}",
-            f"model.fused_front_end={str(fused).lower()}",
             "data.kind=synthetic-hyperspectral",
             f"data.channels={channels}",
             f"data.num_samples={8 * size.batch}",
             "data.workers=0",
             f"train.batch_size={size.batch}",
             "train.task=mae",
-            f"parallel.tp={tp}",
-            f"parallel.mode={mode}",
+            *variant_overrides(variant, fused, tp, size.groups_per_rank),
         ],
     )
 
@@ -102,11 +90,8 @@ def measure_rank(size: PaperSize, tp: int) -> list[dict]:
     """Runs on every rank of a `tp`-rank group: one record per (channels, variant, fused) for this rank."""
     records = []
     for channels in size.channels:
-        for variant in size.variants:
-            for fused in size.fused:
-                if variant == "naive" and fused:
-                    continue  # the ablation gathers materialized channel tokens by definition
-                records.append(measure_one(size, tp, variant, fused, channels))
+        for variant, fused in variant_pairs(size.variants, size.fused):
+            records.append(measure_one(size, tp, variant, fused, channels))
     return records
 
 
@@ -165,7 +150,7 @@ def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: i
         "dp": 1,
         "rank": plan.tp_rank,
         "peak_mem_bytes": int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())),
-        "front_end_peak_mem_bytes": _module_peak(tracker, plan.model.front_end),
+        "front_end_peak_mem_bytes": module_peak(tracker, plan.model.front_end),
         "param_bytes": tensor_bytes(local),
         "flops_per_rank": flops,
         "step_time_s": step_time,
@@ -179,39 +164,17 @@ def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: i
     }
 
 
-def _module_peak(tracker, module) -> int:
-    """The largest total tensor memory MemTracker saw while `module` ran forward or backward."""
-    stats = tracker.memory_tracking.get(module)
-    if stats is None:
-        return 0
-    peak = 0
-    for snapshots in stats.snapshots.values():
-        for snap in snapshots:
-            for device, values in snap.items():
-                if str(device) != "meta":
-                    peak = max(peak, int(values["Total"]))
-    return peak
-
-
 def simulate_rank(size: PaperSize) -> list[dict]:
     """Rank `simulate_rank` of a `simulate_tp`-way layout, alone in this process: torch's fake process
     group stands in for the peers (every collective returns tensors of the right shapes and moves
     nothing), so the rank builds exactly its shards and runs exactly its step, and its memory and time
     are measured on one device without the other ranks. The values the fake collectives return are
     not the real ones: the loss is meaningless, the memory and FLOPs are the rank's."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from dchag.config import ConfigError
+    from dchag.planning.trace import fake_process_group
 
     tp, rank = size.simulate_tp, size.simulate_rank
-    if dist.is_initialized():
-        raise ConfigError("--set simulate_tp runs in a single process; do not launch it with torchrun")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp)
-    try:
+    with fake_process_group(tp, rank):
         records = measure_rank(size, tp)
-    finally:
-        dist.destroy_process_group()
     for r in records:
         r["device"] = f"simulated rank {rank} of {tp} on {r['device']}"
         r["simulated"] = True

@@ -13,6 +13,7 @@ from dchag.bench.fused_sweep import FusedSweepSize, fused_cpu
 from dchag.bench.paper_sweep import PaperSize, paper_cpu, paper_table
 from dchag.bench.report import fused_table
 from dchag.bench.tp_comm_sweep import TPCommSize, tp_comm_cpu, tp_comm_table
+from dchag.planning.paper_table import PaperPlanSize, paper_plan, paper_plan_table
 
 # name -> (size dataclass, run(size) -> records, table(records) -> Markdown)
 SWEEPS: dict[str, tuple[type, Callable, Callable]] = {
@@ -21,6 +22,7 @@ SWEEPS: dict[str, tuple[type, Callable, Callable]] = {
     "tp-comm-cpu": (TPCommSize, tp_comm_cpu, tp_comm_table),
     "accuracy-cpu": (AccuracySize, accuracy_cpu, accuracy_table),
     "paper-cpu": (PaperSize, paper_cpu, paper_table),
+    "paper-plan": (PaperPlanSize, paper_plan, paper_plan_table),
 }
 
 

@@ -45,7 +45,7 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def _allocate(model: nn.Module, device: torch.device) -> None:
+def allocate(model: nn.Module, device: torch.device) -> None:
     """Give the (meta) parameters uninitialised storage on `device`; keep the buffers' values."""
     buffers = dict(model.named_buffers())
     model.to_empty(device=device)
@@ -64,7 +64,7 @@ def build_parallel_model(cfg, mesh: DeviceMesh, device: torch.device) -> Paralle
         model = build_model(cfg, init=False)
     logical = copy.deepcopy(model).to("meta")  # the single-device structure for the initial values: no memory
     plan = parallelize(model, cfg, mesh)
-    _allocate(plan.model, device)
+    allocate(plan.model, device)
     shards = logical_shards(plan.model, plan, lambda p: p)
     with torch.no_grad():
         for name, value in initial_values(logical, cfg.train.seed):

@@ -285,11 +285,9 @@ def check_resumable(state: dict, cfg: Config, path: Path) -> None:
         )
 
 
-def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, lat_weights, noise, channels):
-    """Forward, backward, gradient finishing, one failure decision shared by all ranks, clipping and the
-    optimizer step (skipped when `optimizer` is None). Returns (loss, gradient norm before clipping,
-    None or why the step was skipped), loss and norm as tensors: nothing here waits for the device
-    except the failure decision."""
+def loss_and_gradients(layout: Layout, optimizer, batch: dict, cfg: Config, lat_weights, noise):
+    """Forward, loss, backward and gradient finishing: (loss, global gradient norm), both tensors. Reads
+    no value on the host, so the planner (`dchag.planning`) traces it on fake tensors."""
     model, plan = layout.model, layout.plan
     with autocast(cfg, batch["x"].device):
         loss, _ = compute_loss(
@@ -305,8 +303,16 @@ def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, l
     (loss / layout.dp_size).backward()  # gradients are summed over DP ranks: this makes them a mean
     if plan is not None:
         plan.finish_gradients()
-    grad_norm = layout.grad_norm()
-    skipped = decide(findings(batch, loss, grad_norm), step, channels, model, distributed=layout.distributed)
+    return loss, layout.grad_norm()
+
+
+def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, lat_weights, noise, channels):
+    """Forward, backward, gradient finishing, one failure decision shared by all ranks, clipping and the
+    optimizer step (skipped when `optimizer` is None). Returns (loss, gradient norm before clipping,
+    None or why the step was skipped), loss and norm as tensors: nothing here waits for the device
+    except the failure decision."""
+    loss, grad_norm = loss_and_gradients(layout, optimizer, batch, cfg, lat_weights, noise)
+    skipped = decide(findings(batch, loss, grad_norm), step, channels, layout.model, distributed=layout.distributed)
     if skipped:
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)

@@ -5,22 +5,30 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 NO_DECAY_NAMES = ("pos_embed", "channel_embed", "query", "mask_token")
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+def build_optimizer(model: torch.nn.Module, train_cfg, foreach: bool | None = None) -> torch.optim.AdamW:
+    """`foreach`: None lets torch choose (multi-tensor kernels on GPUs, one tensor at a time on CPU)."""
+    groups: dict[tuple[bool, bool], list] = {}  # (decayed, DTensor) -> parameters
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES) or name.endswith("bias")
-        (no_decay if skip else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": train_cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(0.9, 0.95))
+        groups.setdefault((not skip, isinstance(param, DTensor)), []).append(param)
+    # DTensors and plain tensors in separate groups: AdamW's multi-tensor kernels (torch's default on
+    # GPUs) refuse a list that mixes them, as a tensor-parallel model without FSDP has
+    return torch.optim.AdamW(
+        [
+            {"params": params, "weight_decay": train_cfg.weight_decay if decayed else 0.0}
+            for (decayed, _), params in sorted(groups.items(), reverse=True)
+        ],
+        lr=train_cfg.lr,
+        betas=(0.9, 0.95),
+        foreach=foreach,
+    )
 
 
 def lr_at(step: int, train_cfg) -> float:

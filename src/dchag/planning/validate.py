@@ -1,0 +1,96 @@
+"""The planner against measurements: every point of a `paper-cpu` result, predicted and compared.
+
+Each worst-rank record of the sweep (the largest whole-step peak over its ranks) is rebuilt from the
+sweep's recorded size, traced for the CPU (`trace_rank(target="cpu")`: the kernels this machine ran)
+and its predicted peak set beside the measured one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dchag.config import ConfigError
+
+
+def _load(path: str | Path) -> tuple[dict, list[dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"--validate {str(path)!r} does not exist; give the JSON `dchag bench --sweep paper-cpu` wrote"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"--validate {str(path)!r} is not a JSON file") from None
+    if not isinstance(data, dict) or data.get("meta", {}).get("sweep") != "paper-cpu":
+        raise ConfigError(f"--validate {str(path)!r} is not a paper-cpu result (meta.sweep != 'paper-cpu')")
+    return data["meta"], data["records"]
+
+
+def validate_paper_cpu(path: str | Path, *, progress: bool = True, workers: int = 1) -> list[dict]:
+    """One record per measured point: measured and predicted whole-step peak, relative error."""
+    from dchag.bench.paper_sweep import PaperSize, worst_ranks
+
+    meta, measured = _load(path)
+    fields = set(PaperSize.__dataclass_fields__)
+    size = PaperSize(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["size"].items() if k in fields})
+    size = size.resolved()
+    points = sorted(worst_ranks(measured).values(), key=lambda r: (r["tp"], r["channels"], r["variant"], r["fused"]))
+    jobs = [(size, r["variant"], r["fused"], r["channels"], r["tp"]) for r in points]
+    if workers <= 1:
+        predicted = []
+        for i, job in enumerate(jobs, 1):
+            predicted.append(predict_point(*job))
+            if progress:
+                print(f"[plan] validate {i}/{len(jobs)}", file=sys.stderr, flush=True)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            predicted = list(pool.map(predict_point, *zip(*jobs)))
+    return [
+        {
+            "variant": r["variant"],
+            "fused": r["fused"],
+            "channels": r["channels"],
+            "tp": r["tp"],
+            "measured_peak_mem_bytes": r["peak_mem_bytes"],
+            "predicted_peak_mem_bytes": p,
+            "error": p / r["peak_mem_bytes"] - 1,
+        }
+        for r, p in zip(points, predicted)
+    ]
+
+
+def predict_point(size, variant: str, fused: bool, channels: int, tp: int) -> int:
+    """The planner's whole-step peak for one paper-cpu point (the widest of its traced ranks)."""
+    from dchag.bench.paper_sweep import paper_config
+    from dchag.planning.trace import ranks_to_trace, trace_rank
+
+    cfg = paper_config(size, variant, fused, channels, tp)
+    return max(trace_rank(cfg, size.batch, r, target="cpu").peak_mem_bytes for r in ranks_to_trace(cfg))
+
+
+def validation_table(records: list[dict], tolerance: float) -> str:
+    lines = [
+        "| channels | tp | variant | fused | measured peak | predicted peak | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        flag = "" if abs(r["error"]) <= tolerance else " **over tolerance**"
+        lines.append(
+            f"| {r['channels']} | {r['tp']} | {r['variant']} | {'yes' if r['fused'] else 'no'} | "
+            f"{r['measured_peak_mem_bytes'] / 2**20:,.2f} MiB | {r['predicted_peak_mem_bytes'] / 2**20:,.2f} MiB | "
+            f"{100 * r['error']:+.3f}%{flag} |"
+        )
+    worst = max(records, key=lambda r: abs(r["error"]))
+    lines.append("")
+    lines.append(
+        f"{len(records)} points; largest error {100 * worst['error']:+.3f}% ({worst['variant']}, "
+        f"{'fused, ' if worst['fused'] else ''}{worst['channels']} channels, tp {worst['tp']}); tolerance "
+        f"{100 * tolerance:.0f}%."
+    )
+    return "\n".join(lines)
