@@ -42,6 +42,7 @@ class PaperSize:
     batch: int = 2
     groups_per_rank: int = 1
     timed_steps: int = 2
+    bf16: bool = False  # bf16 autocast (the paper's precision; for GPU runs)
     quick: bool = False
     simulate_tp: int = 0  # > 0: run one rank of this TP size in this process (collectives faked)
     simulate_rank: int = 0  # which rank to simulate
@@ -73,6 +74,7 @@ def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: 
             "data.workers=0",
             f"train.batch_size={size.batch}",
             "train.task=mae",
+            f"train.bf16={str(size.bf16).lower()}",
             *variant_overrides(variant, fused, tp, size.groups_per_rank),
         ],
     )
@@ -161,6 +163,7 @@ def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: i
         "depth": size.depth,
         "img_size": list(size.img_size),
         "batch": size.batch,
+        "bf16": size.bf16,
     }
 
 
