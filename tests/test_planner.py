@@ -113,12 +113,15 @@ def test_adamw_multi_tensor_kernels_step_a_tensor_parallel_model_without_fsdp():
 
 def test_plan_ranks_what_fits_by_predicted_throughput_and_says_why_a_layout_is_impossible(tmp_path, capsys):
     """2 GPUs, a global batch of 3: the data-parallel layouts are impossible (named, with the fix); the
-    TP layouts are traced, marked fits / does not fit against the GPU less its headroom, and ranked."""
+    TP layouts are traced (in 2 worker processes, a progress line each), marked fits / does not fit
+    against the GPU less its headroom, and ranked."""
     out = tmp_path / "plan.json"
     args = ["plan", "--config", TINY, "--set", "model.depth=1", "train.batch_size=3", "--gpus", "2"]
-    args += ["--gpu-mem", "0.02", "--variants", "replicated", "dchag-L", "--json", str(out), "--no-progress"]
+    args += ["--gpu-mem", "0.02", "--variants", "replicated", "dchag-L", "--json", str(out), "--workers", "2"]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert captured.err.count("[plan] ") == 12 and "[plan] 12/12 " in captured.err
     records = json.loads(out.read_text())["records"]
     assert len(records) == 3 * 4  # 3 layouts x (replicated, dchag-L) x (fused, not)
     needed = {"variant", "fused", "tp", "dp_shard", "dp_replicate", "predicted_peak_mem_bytes", "fits"}

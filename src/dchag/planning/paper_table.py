@@ -100,6 +100,7 @@ def hyperspectral_config(depth: int):
 def paper_plan(size: PaperPlanSize) -> list[dict]:
     from dchag.bench.fused_sweep import log
     from dchag.config import to_dict
+    from dchag.planning.jobs import run_jobs
     from dchag.planning.planner import Candidate, Machine, plan, plan_one
 
     size = size.resolved()
@@ -113,7 +114,8 @@ def paper_plan(size: PaperPlanSize) -> list[dict]:
                 for fused in (False, True):
                     jobs.append((base, Candidate(variant, fused, tp, 1, 1), Machine(tp, GPU_MEM_GIB), "bf16", 2))
         log(f"paper-plan: {len(keys)} rows of the paper's table, {len(jobs)} traces")
-        for job, record in zip(jobs, _run(jobs, size.workers, plan_one)):
+        done = run_jobs(plan_one, jobs, size.workers, lambda n, _: log(f"[plan] {n}/{len(jobs)}"))
+        for job, record in zip(jobs, done):
             width, channels = job[0]["model"]["embed_dim"], job[0]["data"]["channels"]
             measured = PAPER_ROWS[(width, channels, job[1].tp)][PAPER_VARIANTS.index(job[1].variant)]
             records.append({**record, "part": "table", "width": width, "channels": channels, "paper_mem_gb": measured})
@@ -129,27 +131,6 @@ def paper_plan(size: PaperPlanSize) -> list[dict]:
         )
         records += [{**r, "part": "hyperspectral-7b"} for r in found]
     return records
-
-
-def _run(jobs: list[tuple], workers: int, fn) -> list[dict]:
-    """fn(*job) for every job, in order, `workers` processes at a time, with a progress line each."""
-    from dchag.bench.fused_sweep import log
-
-    results: list = [None] * len(jobs)
-    if workers <= 1:
-        for i, job in enumerate(jobs):
-            results[i] = fn(*job)
-            log(f"[plan] {i + 1}/{len(jobs)}")
-        return results
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
-        for done, future in enumerate(as_completed(futures), 1):
-            results[futures[future]] = future.result()
-            log(f"[plan] {done}/{len(jobs)}")
-    return results
 
 
 def paper_plan_table(records: list[dict]) -> str:

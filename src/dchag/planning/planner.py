@@ -15,6 +15,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from dchag.config import Config, ConfigError, to_dict
+from dchag.planning.jobs import run_jobs
 from dchag.planning.variants import VARIANTS, variant_overrides, variant_pairs
 
 GIB = 2**30
@@ -168,25 +169,13 @@ def plan(
         raise ConfigError(f"--variants {unknown[0]!r} is unknown; use some of {list(VARIANTS)}")
     todo = candidates(machine.gpus, variants)
     base_dict = to_dict(base)
-    records = []
 
-    def report(record: dict) -> None:
-        records.append(record)
+    def report(done: int, record: dict) -> None:
         if progress:
-            print(f"[plan] {len(records)}/{len(todo)} {_progress_line(record)}", file=sys.stderr, flush=True)
+            print(f"[plan] {done}/{len(todo)} {_progress_line(record)}", file=sys.stderr, flush=True)
 
-    if workers <= 1:
-        for cand in todo:
-            report(plan_one(base_dict, cand, machine, dtype, local_batch))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(plan_one, base_dict, c, machine, dtype, local_batch) for c in todo]
-            for future in as_completed(futures):
-                report(future.result())
-    return rank(records)
+    jobs = [(base_dict, cand, machine, dtype, local_batch) for cand in todo]
+    return rank(run_jobs(plan_one, jobs, workers, report))
 
 
 def _progress_line(r: dict) -> str:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dchag.config import ConfigError
+from dchag.planning.jobs import run_jobs
 
 
 def _load(path: str | Path) -> tuple[dict, list[dict]]:
@@ -39,18 +40,12 @@ def validate_paper_cpu(path: str | Path, *, progress: bool = True, workers: int 
     size = size.resolved()
     points = sorted(worst_ranks(measured).values(), key=lambda r: (r["tp"], r["channels"], r["variant"], r["fused"]))
     jobs = [(size, r["variant"], r["fused"], r["channels"], r["tp"]) for r in points]
-    if workers <= 1:
-        predicted = []
-        for i, job in enumerate(jobs, 1):
-            predicted.append(predict_point(*job))
-            if progress:
-                print(f"[plan] validate {i}/{len(jobs)}", file=sys.stderr, flush=True)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            predicted = list(pool.map(predict_point, *zip(*jobs)))
+    def report(done: int, _) -> None:
+        if progress:
+            print(f"[plan] validate {done}/{len(jobs)}", file=sys.stderr, flush=True)
+
+    predicted = run_jobs(predict_point, jobs, workers, report)
     return [
         {
             "variant": r["variant"],
