@@ -44,14 +44,16 @@ def peak_tensor_memory(fn: Callable[[], object], *tracked) -> int:
     `tracked`: modules, optimizers or tensors created before `fn` that count too (e.g. the model and
     its input).
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    tracker = MemTracker()
+    tracker = memory_tracker()
     tracker.track_external(*tracked)
     with tracker:
         fn()
-    peaks = tracker.get_tracker_snapshot("peak")
-    return int(max(device_stats["Total"] for device_stats in peaks.values()))
+    return tracker_peak(tracker)
+
+
+def tracker_peak(tracker) -> int:
+    """The largest total of live tensor bytes a memory tracker saw (over devices)."""
+    return int(max(device_stats["Total"] for device_stats in tracker.get_tracker_snapshot("peak").values()))
 
 
 def memory_tracker():

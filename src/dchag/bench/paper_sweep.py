@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dchag.bench.comm import CommBytesMode, summarize
-from dchag.bench.measure import count_flops, module_peak, tensor_bytes
+from dchag.bench.measure import count_flops, memory_tracker, module_peak, tensor_bytes, tracker_peak
 from dchag.bench.sizes import model_overrides
 from dchag.planning.variants import VARIANTS, variant_overrides, variant_pairs
 
@@ -100,7 +100,6 @@ def measure_rank(size: PaperSize, tp: int) -> list[dict]:
 def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: int) -> dict:
     """This rank's record for one configuration (everything it built is freed on return)."""
     import torch.distributed as dist
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from dchag.data import batch_indices, build_source
     from dchag.parallel import ParallelDims, build_mesh
@@ -127,7 +126,7 @@ def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: i
         train_step(layout, optimizer, batch, cfg, k, None, noise, source.channels)
 
     step(0)  # warm-up: optimizer state and lazy buffers exist before measuring
-    tracker = MemTracker()
+    tracker = memory_tracker()
     tracker.track_external(plan.model, optimizer)
     with CommBytesMode() as comm:
         with tracker:
@@ -151,7 +150,7 @@ def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: i
         "tp": tp,
         "dp": 1,
         "rank": plan.tp_rank,
-        "peak_mem_bytes": int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values())),
+        "peak_mem_bytes": tracker_peak(tracker),
         "front_end_peak_mem_bytes": module_peak(tracker, plan.model.front_end),
         "param_bytes": tensor_bytes(local),
         "flops_per_rank": flops,

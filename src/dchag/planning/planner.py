@@ -60,6 +60,10 @@ class Candidate:
     def dp(self) -> int:
         return self.dp_shard * self.dp_replicate
 
+    @classmethod
+    def of(cls, record: dict) -> "Candidate":
+        return cls(record["variant"], record["fused"], record["tp"], record["dp_shard"], record["dp_replicate"])
+
     def label(self) -> str:
         fused = " fused" if self.fused else ""
         return f"{self.variant}{fused} tp={self.tp} dp_shard={self.dp_shard} dp_replicate={self.dp_replicate}"
@@ -86,10 +90,10 @@ def candidates(gpus: int, variants=tuple(VARIANTS), fused=(False, True)) -> list
     ]
 
 
-def candidate_config(base: Config, cand: Candidate, dtype: str | None, global_batch: int | None = None) -> Config:
-    """`base` as `cand` (variant and layout) in `dtype` ("bf16": autocast and bf16 FSDP parameters;
-    "fp32"; None: as the config says), with `global_batch` if given, checked as `dchag train` would
-    check it."""
+def candidate_config(base: dict, cand: Candidate, dtype: str | None, global_batch: int | None = None) -> Config:
+    """The config `base` (as `to_dict` writes it) as `cand` (variant and layout) in `dtype` ("bf16":
+    autocast and bf16 FSDP parameters; "fp32"; None: as the config says), with `global_batch` if given,
+    checked as `dchag train` would check it."""
     from dchag.configure import load_config_dict
 
     overrides = [
@@ -102,24 +106,23 @@ def candidate_config(base: Config, cand: Candidate, dtype: str | None, global_ba
     if dtype is not None:
         bf16 = str(dtype == "bf16").lower()
         overrides += [f"train.bf16={bf16}", f"parallel.bf16_params={bf16}"]
-    return load_config_dict(to_dict(base), overrides)
+    return load_config_dict(base, overrides)
 
 
 def plan_one(base_dict: dict, cand: Candidate, machine: Machine, dtype: str | None, local_batch: int | None) -> dict:
     """The record of one candidate: traced memory, FLOPs and bytes, predicted speed, fits or why invalid."""
-    from dchag.configure import load_config_dict
     from dchag.planning.trace import ranks_to_trace, trace_rank
 
     record = {**asdict(cand), "gpus": machine.gpus, "dtype": dtype or "config"}
+    global_batch = base_dict["train"]["batch_size"]
     try:
-        base = load_config_dict(base_dict)
-        if local_batch is None and base.train.batch_size % cand.dp:
+        if local_batch is None and global_batch % cand.dp:
             raise ConfigError(
-                f"train.batch_size={base.train.batch_size} is not divisible by dp={cand.dp}; "
+                f"train.batch_size={global_batch} is not divisible by dp={cand.dp}; "
                 "give --local-batch (samples per data-parallel rank)"
             )
-        batch = local_batch or base.train.batch_size // cand.dp
-        cfg = candidate_config(base, cand, dtype, global_batch=batch * cand.dp)
+        batch = local_batch or global_batch // cand.dp
+        cfg = candidate_config(base_dict, cand, dtype, global_batch=batch * cand.dp)
         traces = [trace_rank(cfg, batch, r) for r in ranks_to_trace(cfg)]
     except ConfigError as err:
         return {**record, "fits": False, "invalid": str(err)}
@@ -179,7 +182,7 @@ def plan(
 
 
 def _progress_line(r: dict) -> str:
-    cand = Candidate(r["variant"], r["fused"], r["tp"], r["dp_shard"], r["dp_replicate"])
+    cand = Candidate.of(r)
     if "invalid" in r:
         return f"{cand.label()}: not possible ({r['invalid']})"
     fits = "fits" if r["fits"] else "does not fit"
@@ -228,14 +231,14 @@ def plan_table(records: list[dict], machine: Machine) -> str:
     if invalid:
         lines += ["", "Not possible with this config:"]
         for r in invalid:
-            cand = Candidate(r["variant"], r["fused"], r["tp"], r["dp_shard"], r["dp_replicate"])
+            cand = Candidate.of(r)
             lines.append(f"- {cand.label()}: {r['invalid']}")
     best = next((r for r in records if r.get("fits")), None)
     lines.append("")
     if best is None:
         lines.append("No layout fits: raise --gpus, shrink the model or the batch, or enable activation checkpointing.")
     else:
-        cand = Candidate(best["variant"], best["fused"], best["tp"], best["dp_shard"], best["dp_replicate"])
+        cand = Candidate.of(best)
         lines.append(
             f"Fastest that fits: {cand.label()}: {size_text(best['predicted_peak_mem_bytes'])} per GPU, "
             f"{best['predicted_samples_per_s']:,.4g} samples/s predicted."

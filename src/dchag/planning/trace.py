@@ -93,7 +93,14 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dchag.bench.comm import CommBytesMode
-    from dchag.bench.measure import count_flops, memory_tracker, module_forward_added, module_peak, tensor_bytes
+    from dchag.bench.measure import (
+        count_flops,
+        memory_tracker,
+        module_forward_added,
+        module_peak,
+        tensor_bytes,
+        tracker_peak,
+    )
     from dchag.model import build_model
     from dchag.parallel import ParallelDims, build_mesh
     from dchag.parallel.construct import allocate, parameters_on_meta
@@ -132,7 +139,7 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
             tracker.track_external(plan.model, optimizer)
             with CommBytesMode() as comm, tracker:
                 flops = count_flops(step)
-            peak = int(max(v["Total"] for v in tracker.get_tracker_snapshot("peak").values()))
+            peak = tracker_peak(tracker)
             front_end = plan.model.front_end
             front_end_peak = module_peak(tracker, front_end)
             state = [t for p in front_end.parameters() for t in (p, p.grad, *optimizer.state[p].values())]
