@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -49,11 +50,18 @@ def _file(tmp: Path, name: str, content: bytes) -> str:
     return str(path)
 
 
-def _train(*overrides: str, config: str | None = None, out: str | None = None, resume: str | None = None):
-    """argv builder: `dchag train` on the small test model with overrides."""
+def _train(
+    *overrides: str,
+    config: str | None = None,
+    out: str | None = None,
+    resume: str | None = None,
+    flags: tuple[str, ...] = (),
+):
+    """argv builder: `dchag train` on the small test model with overrides (and extra `flags`)."""
 
     def argv(tmp: Path, trained: Path) -> list[str]:
-        args = ["train", "--no-progress", "--out", out.format(tmp=tmp) if out else str(tmp / "run")]
+        where = out.format(tmp=tmp, trained=trained) if out else str(tmp / "run")
+        args = ["train", "--no-progress", "--out", where, *flags]
         if config is not None:
             args += ["--config", config.format(tmp=tmp)]
         if resume is not None:
@@ -63,17 +71,28 @@ def _train(*overrides: str, config: str | None = None, out: str | None = None, r
     return argv
 
 
+def _locked(tmp: Path) -> str:
+    """A run folder locked by a live process of this host (pid 1, with its real start time)."""
+    from dchag.train.run_folder import LOCK_FILE, Owner, _process_start
+
+    folder = tmp / "locked"
+    folder.mkdir()
+    owner = Owner(socket.gethostname(), 1, "2026-01-01T00:00:00+00:00", "job-7", _process_start(1))
+    (folder / LOCK_FILE).write_text(json.dumps(vars(owner)))
+    return str(folder)
+
+
 def _config_file(content: bytes):
     """argv builder: `dchag train --config FILE` with FILE holding `content`."""
     return lambda tmp, trained: _train(config=_file(tmp, "bad.yaml", content))(tmp, trained)
 
 
-def _resume_from(prepare, *overrides: str):
+def _resume_from(prepare, *overrides: str, flags: tuple[str, ...] = ()):
     """argv builder: resume from a copy of the trained step-4 checkpoint, altered by `prepare`."""
 
     def argv(tmp: Path, trained: Path) -> list[str]:
         ckpt = prepare(_copy_checkpoint(trained, tmp))
-        return _train(*overrides, resume=str(ckpt))(tmp, trained)
+        return _train(*overrides, resume=str(ckpt), flags=flags)(tmp, trained)
 
     return argv
 
@@ -119,25 +138,47 @@ CASES = [
     ("out-is-a-file", lambda t, _: _train(out=_file(t, "taken", b"x"))(t, _), "is a file; give a folder"),
     ("out-cannot-be-created", _train(out="/proc/version/run"), "cannot create the run folder"),
     ("out-not-writable", _train(out="/sys"), "is not writable"),
+    # one run per folder, one job per folder
+    ("out-holds-another-run", _train(out="{trained}"),
+     "already holds a run (2 checkpoint(s), the newest step-00000004)"),
+    ("out-locked-by-a-live-job", lambda t, tr: _train(out=_locked(t))(t, tr), "is in use by another job (host"),
+    ("overwrite-and-resume-auto", _train(resume="auto", flags=("--overwrite",)), "give one of them"),
+    ("set-scalar-for-a-pair", _train("model.img_size=32"), "model.img_size=[32] must be [height, width]"),
+    ("checkpoint-minutes-negative", _train("train.checkpoint_every_minutes=-1"),
+     "train.checkpoint_every_minutes=-1.0 must be >= 0"),
     # checkpoints to resume from
     ("resume-missing", _train(resume="{tmp}/no-such-run"), "is neither a checkpoint folder nor a run folder"),
     ("resume-incomplete", _resume_from(lambda c: (c / "train_state.json").unlink() or c), "has no train_state.json"),
     ("resume-truncated-data", _resume_from(lambda c: _truncate(c / "__0_0.distcp") or c), "reading checkpoint"),
     ("resume-truncated-metadata", _resume_from(lambda c: _truncate(c / ".metadata") or c), "is damaged or truncated"),
     ("resume-newer-format", _resume_from(lambda c: _set_format(c, 99)), "format version 99, newer than"),
-    ("resume-other-channels", _resume_from(lambda c: c, "data.channels=16"), "has shape"),
-    ("resume-other-width", _resume_from(lambda c: c, "model.embed_dim=64"), "this model [1, 32, 64]"),
-    ("resume-other-hierarchy", _resume_from(lambda c: c, "model.hierarchy.preset=dchag-L"), "lacks"),
-    ("resume-unexpected-weights", _resume_from(lambda c: c, "model.hierarchy.preset=flat"), "this model has not"),
+    ("resume-other-channels", _resume_from(lambda c: c, "data.channels=16"),
+     "trained on 12 channels, this config gives 16"),
+    ("resume-changed-settings", _resume_from(lambda c: c, "train.batch_size=8", "data.seed=3"),
+     "other settings: data.seed 0 -> 3, train.batch_size 4 -> 8"),
+    # --resume-changed lets settings differ; the weights themselves must still fit
+    ("resume-other-width", _resume_from(lambda c: c, "model.embed_dim=64", flags=("--resume-changed",)),
+     "this model [1, 32, 64]"),
+    ("resume-other-hierarchy", _resume_from(lambda c: c, "model.hierarchy.preset=dchag-L", flags=("--resume-changed",)),
+     "lacks"),
+    ("resume-unexpected-weights", _resume_from(lambda c: c, "model.hierarchy.preset=flat", flags=("--resume-changed",)),
+     "this model has not"),
     ("resume-nothing-left", _resume_from(lambda c: c, "train.steps=4"), "nothing is left to train"),
     # export, eval, bench, parity
     ("export-without-checkpoint", lambda t, _: ["export", "--run", str(t)], "has no complete checkpoint"),
     ("export-to-a-folder", lambda t, tr: ["export", "--run", str(tr), "--out", str(t)], "is a folder; give a file"),
     ("eval-not-a-run", lambda t, _: ["eval", "--run", str(t)], "is not a run folder with a checkpoint"),
+    ("eval-option-of-another-task", lambda t, tr: ["eval", "--run", str(tr), "--samples", "3"],
+     "--samples apply to mae runs"),
     ("bench-unknown-sweep", lambda t, _: ["bench", "--sweep", "fastest", "--json", str(t / "b.json")], "'fastest'"),
     ("simulate-rank-out-of-range", lambda t, _: ["bench", "--sweep", "paper-cpu", "--simulate-tp", "4",
      "--simulate-rank", "4", "--json", str(t / "b.json")], "simulate_rank=4 must be in [0, simulate_tp=4)"),
     ("parity-unknown-fault", lambda t, _: ["check-parity", "--nproc", "2", "--fault", "gremlins"], "'gremlins'"),
+    # bench --set values of the wrong shape (a scalar for an open-ended list is one size: accepted)
+    ("bench-size-not-a-pair", lambda t, _: ["bench", "--sweep", "paper-cpu", "--json", str(t / "b.json"), "--set",
+     "img_size=64"], "bench setting 'img_size=64' for sweep 'paper-cpu': expected a list of 2 values"),
+    ("bench-size-wrong-type", lambda t, _: ["bench", "--sweep", "tp-comm-cpu", "--json", str(t / "b.json"), "--set",
+     "tp=[two]"], "bench setting 'tp=[two]' for sweep 'tp-comm-cpu': expected one int or a list of them"),
     # the planner
     ("plan-without-gpus", lambda t, _: ["plan"], "needs --gpus N and --gpu-mem GiB"),
     ("plan-zero-gpus", lambda t, _: ["plan", "--gpus", "0", "--gpu-mem", "80"], "--gpus 0 must be at least 1"),

@@ -21,7 +21,14 @@ def cmd_train(args) -> int:
     from dchag.train.entry import run_training
 
     cfg = load_config(args.config, args.set)
-    return run_training(cfg, args.out, progress=not args.no_progress, resume=args.resume)
+    return run_training(
+        cfg,
+        args.out,
+        progress=not args.no_progress,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        resume_changed=args.resume_changed,
+    )
 
 
 def cmd_export(args) -> int:
@@ -36,17 +43,19 @@ def cmd_eval(args) -> int:
     from dchag.eval.forecast import load_run
 
     cfg, _, _ = load_run(args.run)
+    check_eval_options(args, cfg.train.task)
     if cfg.train.task == "mae":
         from dchag.eval.mae import evaluate_mae, format_mae_table
 
-        result = evaluate_mae(args.run, samples=args.samples, plots=args.plots, progress=not args.no_progress)
+        samples = 64 if args.samples is None else args.samples
+        result = evaluate_mae(args.run, samples=samples, plots=args.plots, progress=not args.no_progress)
         print(format_mae_table(result))
     else:
         from dchag.eval.forecast import evaluate_forecast, format_table
 
         result = evaluate_forecast(
             args.run,
-            split=args.split,
+            split=args.split or "test",
             lead_hours=args.lead_hours,
             data_path=args.data_path,
             plots=args.plots,
@@ -60,6 +69,19 @@ def cmd_eval(args) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+# eval options that only one task uses: refused for the other, never silently ignored
+EVAL_OPTIONS = {"forecast": ("split", "lead_hours", "data_path"), "mae": ("samples",)}
+
+
+def check_eval_options(args, task: str) -> None:
+    for other, names in EVAL_OPTIONS.items():
+        given = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
+        if other != task and given:
+            raise ConfigError(
+                f"{' '.join(given)} apply to {other} runs, and --run {args.run!r} is a {task} run; leave them out"
+            )
 
 
 def cmd_info(args) -> int:
@@ -169,7 +191,12 @@ def cmd_plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dchag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _export_parser, _eval_parser, _info_parser, _bench_parser, _plan_parser, _parity_parser):
+        add(sub)
+    return parser
 
+
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (single process, or under torchrun)")
     _add_config_args(p)
     p.add_argument(
@@ -182,30 +209,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from a checkpoint: auto = the newest complete one in --out (fresh start if none), "
         "or a checkpoint / run folder; any parallel layout",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds an earlier run: remove its checkpoints, metrics and statistics and start afresh",
+    )
+    p.add_argument(
+        "--resume-changed",
+        action="store_true",
+        help="resume even though settings that change the run's numbers differ (batch, data, model, schedule); "
+        "the differences are logged and kept in summary.yaml",
+    )
     p.set_defaults(func=cmd_train)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a run's logical weights as one safetensors file (loads without pickle)")
     p.add_argument("--run", required=True, help="the run folder dchag train wrote")
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest)")
     p.add_argument("--out", help="output file (default: RUN/model.safetensors)")
     p.set_defaults(func=cmd_export)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run on held-out data against its field's baselines")
     p.add_argument("--run", required=True, help="the run folder dchag train wrote (config.yaml, checkpoints/)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="ERA5 split to evaluate")
+    p.add_argument("--split", choices=["train", "val", "test"], help="forecast: the split to evaluate (default test)")
     p.add_argument("--lead-hours", type=int, nargs="+", help="lead times (default: the trained range's ends)")
     p.add_argument("--data-path", help="evaluate on another file holding the same variables")
     p.add_argument("--json", help="also write the metrics here as JSON")
     p.add_argument("--plots", help="folder for PNGs: forecast maps, or MAE false-colour composites and spectra")
-    p.add_argument("--samples", type=int, default=64, help="MAE: held-out crops to evaluate")
+    p.add_argument("--samples", type=int, help="MAE: held-out crops to evaluate (default 64)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+
+def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="parameter and FLOP summary of a config (computed on the meta device)")
     _add_config_args(p)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+
+def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a benchmark sweep: JSON records and a table of ratios")
     p.add_argument(
         "--sweep",
@@ -227,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="sweep size, e.g. channels=128 repeats=5")
     p.set_defaults(func=cmd_bench)
 
+
+def _plan_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
         help="per-GPU memory and predicted throughput of every variant and layout of N GPUs (traced on fake tensors)",
@@ -257,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_plan)
 
+
+def _parity_parser(sub) -> None:
     p = sub.add_parser(
         "check-parity",
         help="one step single-device vs distributed with the same weights and batch; non-zero exit above tolerance",
@@ -275,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="inject a known bug to see the check fail: gather-reduce-scatter, gather-own-slice, grad-scale",
     )
     p.set_defaults(func=cmd_check_parity)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # first: --help needs no torch
     import torch
 
     from dchag import torch_too_old
@@ -287,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     if too_old:
         print(f"dchag: {too_old}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as err:

@@ -26,6 +26,7 @@ AGGREGATOR_KINDS = ("cross_attention", "linear")
 HIERARCHY_PRESETS = ("flat", "dchag-L", "dchag-C", "tree")
 DATA_KINDS = ("synthetic-weather", "synthetic-hyperspectral", "era5", "spectral_cube")
 SPLITS = ("train", "val", "test")
+NAN_MODES = ("error", "mask")
 TASKS = ("forecast", "mae")
 PARALLEL_MODES = ("dchag", "replicated", "naive")
 
@@ -123,6 +124,7 @@ class DataConfig:
     layout: str | None = None  # axis order of array files: "chw", "hwc", ... (default per format)
     workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
     prefetch: int = 2  # batches each worker prepares ahead
+    nan: str = "error"  # NaN in file data: "error" refuses it up front, "mask" masks it out of loss and metrics
 
 
 @dataclass
@@ -140,6 +142,7 @@ class TrainConfig:
     mae_loss_on: str = "all"  # "all" pixels (the paper) or "masked" patches only
     log_every: int = 10
     checkpoint_every: int = 0  # steps between sharded checkpoints (0: only at the end)
+    checkpoint_every_minutes: float = 30.0  # also save when this much time passed since the last save (0: never)
     keep_checkpoints: int = 3  # complete checkpoints kept in RUN/checkpoints (0: keep all)
     max_bad_steps: int = 10  # steps with a non-finite loss or gradient skipped before training stops
     seed: int = 0
@@ -223,8 +226,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _from_dict(tp, value, key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
+        if isinstance(value, dict) or value is None:
             raise ConfigError(f"{key}={value!r} must be a list")
+        if not isinstance(value, (list, tuple)):  # `--set key=5` where a list is expected: a list of one
+            value = [value]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -353,10 +358,22 @@ def _check_finite(section: Any, prefix: str) -> None:
             _check(math.isfinite(value), f"{key}={value} must be a finite number")
 
 
+def _check_nan_mode(d) -> None:
+    """data.nan decides what NaN pixels in file data do (docs/data.md)."""
+    _check(d.nan in NAN_MODES, f"data.nan={d.nan!r} is unknown; use 'error' (refuse NaN) or 'mask' (mask it out)")
+
+
 def validate(cfg: Config) -> None:
-    m, d, t, p = cfg.model, cfg.data, cfg.train, cfg.parallel
+    """Check every field once, section by section; the first problem raises a one-line ConfigError."""
     for name in ("model", "data", "train", "parallel"):
         _check_finite(getattr(cfg, name), name)
+    _validate_model(cfg.model)
+    _validate_data(cfg.data, cfg.model)
+    _validate_train(cfg.train)
+    _validate_parallel(cfg.parallel, cfg.model, cfg.train)
+
+
+def _validate_model(m: ModelConfig) -> None:
     _check(len(m.img_size) == 2, f"model.img_size={m.img_size} must be [height, width]")
     _check(m.patch_size >= 1, f"model.patch_size={m.patch_size} must be >= 1")
     for name, size in zip(("height", "width"), m.img_size):
@@ -393,6 +410,9 @@ def validate(cfg: Config) -> None:
         )
     _check(m.hierarchy.preset is not None or bool(m.hierarchy.levels), "model.hierarchy: give a preset or levels")
 
+
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is unknown; use one of {DATA_KINDS}")
     if isinstance(d.channels, str):
         _check(
@@ -412,50 +432,62 @@ def validate(cfg: Config) -> None:
     _check(d.spectra in ("generated", "library"), f"data.spectra={d.spectra!r} must be 'generated' or 'library'")
     _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0 loads in the training process)")
     _check(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be >= 1")
+    _check_nan_mode(d)
     if d.kind == "spectral_cube":
-        _check(bool(d.path), "data.kind=spectral_cube needs data.path (a cube file, a folder or a glob)")
-        chosen = [k for k in ("bands", "wavelength_range", "wavelengths") if getattr(d, k) is not None]
-        _check(len(chosen) <= 1, f"data: give at most one of bands, wavelength_range, wavelengths (got {chosen})")
-        if d.wavelengths is not None:
-            _check(
-                set(d.wavelengths) == {"start", "stop", "count"} and int(d.wavelengths["count"]) >= 1,
-                f"data.wavelengths={d.wavelengths} must be {{start: NM, stop: NM, count: N}}",
-            )
+        _validate_spectral_cube(d)
     if d.kind == "era5":
-        _check(bool(d.path), "data.kind=era5 needs data.path (a Zarr store, a netCDF file, or a folder/glob of them)")
-        _check(
-            len(d.lead_hours) == 2 and 0 < d.lead_hours[0] <= d.lead_hours[1],
-            f"data.lead_hours={d.lead_hours} must be [min, max] with 0 < min <= max (hours)",
-        )
-        _check(
-            d.grid == "native" or (isinstance(d.grid, list) and len(d.grid) == 2 and min(d.grid) > 0),
-            f"data.grid={d.grid!r} must be 'native' or [height, width]",
-        )
-        if d.grid != "native":
-            _check(
-                list(d.grid) == list(m.img_size),
-                f"data.grid={d.grid} differs from model.img_size={m.img_size}; make them equal",
-            )
-        bad = sorted(set(d.split) - set(SPLITS))
-        _check(not bad, f"data.split has unknown parts {bad}; use {SPLITS}")
-        _check("train" in d.split, "data.split needs a 'train' part")
-        fractions = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.split.values())
-        dates = all(isinstance(v, (list, tuple)) and len(v) == 2 for v in d.split.values())
-        _check(fractions or dates, f"data.split={d.split} must give every part a fraction or a [start, end] date pair")
-        if fractions:
-            _check(
-                all(v >= 0 for v in d.split.values()) and sum(d.split.values()) <= 1 + 1e-9,
-                f"data.split fractions {d.split} must be >= 0 and add up to at most 1",
-            )
-        _check(
-            not isinstance(d.channels, int),
-            "data.kind=era5 needs data.channels as a list of names, e.g. [t2m, u10, z_500, t_850]",
-        )
+        _validate_era5(d, m)
     _check(
         d.lead_step_hours >= 1 and d.max_lead_hours >= d.lead_step_hours,
         f"data.max_lead_hours={d.max_lead_hours} must be >= data.lead_step_hours={d.lead_step_hours} >= 1",
     )
 
+
+
+def _validate_spectral_cube(d: DataConfig) -> None:
+    _check(bool(d.path), "data.kind=spectral_cube needs data.path (a cube file, a folder or a glob)")
+    chosen = [k for k in ("bands", "wavelength_range", "wavelengths") if getattr(d, k) is not None]
+    _check(len(chosen) <= 1, f"data: give at most one of bands, wavelength_range, wavelengths (got {chosen})")
+    if d.wavelengths is not None:
+        _check(
+            set(d.wavelengths) == {"start", "stop", "count"} and int(d.wavelengths["count"]) >= 1,
+            f"data.wavelengths={d.wavelengths} must be {{start: NM, stop: NM, count: N}}",
+        )
+
+
+def _validate_era5(d: DataConfig, m: ModelConfig) -> None:
+    _check(bool(d.path), "data.kind=era5 needs data.path (a Zarr store, a netCDF file, or a folder/glob of them)")
+    _check(
+        len(d.lead_hours) == 2 and 0 < d.lead_hours[0] <= d.lead_hours[1],
+        f"data.lead_hours={d.lead_hours} must be [min, max] with 0 < min <= max (hours)",
+    )
+    _check(
+        d.grid == "native" or (isinstance(d.grid, list) and len(d.grid) == 2 and min(d.grid) > 0),
+        f"data.grid={d.grid!r} must be 'native' or [height, width]",
+    )
+    if d.grid != "native":
+        _check(
+            list(d.grid) == list(m.img_size),
+            f"data.grid={d.grid} differs from model.img_size={m.img_size}; make them equal",
+        )
+    bad = sorted(set(d.split) - set(SPLITS))
+    _check(not bad, f"data.split has unknown parts {bad}; use {SPLITS}")
+    _check("train" in d.split, "data.split needs a 'train' part")
+    fractions = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.split.values())
+    dates = all(isinstance(v, (list, tuple)) and len(v) == 2 for v in d.split.values())
+    _check(fractions or dates, f"data.split={d.split} must give every part a fraction or a [start, end] date pair")
+    if fractions:
+        _check(
+            all(v >= 0 for v in d.split.values()) and sum(d.split.values()) <= 1 + 1e-9,
+            f"data.split fractions {d.split} must be >= 0 and add up to at most 1",
+        )
+    _check(
+        not isinstance(d.channels, int),
+        "data.kind=era5 needs data.channels as a list of names, e.g. [t2m, u10, z_500, t_850]",
+    )
+
+
+def _validate_train(t: TrainConfig) -> None:
     _check(t.task in TASKS, f"train.task={t.task!r} is unknown; use one of {TASKS}")
     _check(
         t.steps >= 1 and t.batch_size >= 1, f"train.steps={t.steps} and train.batch_size={t.batch_size} must be >= 1"
@@ -466,6 +498,10 @@ def validate(cfg: Config) -> None:
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 switches clipping off)")
     _check(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: only at the end)")
+    _check(
+        t.checkpoint_every_minutes >= 0,
+        f"train.checkpoint_every_minutes={t.checkpoint_every_minutes} must be >= 0 (0: by steps only)",
+    )
     _check(t.keep_checkpoints >= 0, f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0: keep all)")
     _check(t.max_bad_steps >= 0, f"train.max_bad_steps={t.max_bad_steps} must be >= 0")
     _check(0.0 < t.mask_ratio < 1.0, f"train.mask_ratio={t.mask_ratio} must be in (0, 1)")
@@ -473,6 +509,9 @@ def validate(cfg: Config) -> None:
     _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be auto, cpu or cuda")
 
+
+
+def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> None:
     for name in ("tp", "dp_shard", "dp_replicate"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
     _check(

@@ -22,7 +22,7 @@ import torch
 from dchag.bench.comm import CommBytesMode, summarize
 from dchag.bench.measure import count_flops, memory_tracker, module_peak, tensor_bytes, tracker_peak
 from dchag.bench.sizes import model_overrides
-from dchag.planning.variants import VARIANTS, variant_overrides, variant_pairs
+from dchag.bench.variants import VARIANTS, variant_overrides, variant_pairs
 
 
 @dataclass
@@ -172,7 +172,7 @@ def simulate_rank(size: PaperSize) -> list[dict]:
     nothing), so the rank builds exactly its shards and runs exactly its step, and its memory and time
     are measured on one device without the other ranks. The values the fake collectives return are
     not the real ones: the loss is meaningless, the memory and FLOPs are the rank's."""
-    from dchag.planning.trace import fake_process_group
+    from dchag.bench.fake_group import fake_process_group
 
     tp, rank = size.simulate_tp, size.simulate_rank
     with fake_process_group(tp, rank):

@@ -11,7 +11,6 @@ from the training split. docs/data.md describes the naming rules, splits, leads 
 from __future__ import annotations
 
 import glob
-import math
 import os
 import re
 import warnings
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from dchag.data.errors import DataError
+from dchag.data.moments import Partial, merge_partials
 from dchag.data.packaged import resolve_path
 
 LEVEL_DIMS = ("level", "pressure_level", "isobaricInhPa", "plev")
@@ -254,13 +254,17 @@ class ERA5Source:
         lead_range: tuple[int, int] = (6, 72),
         fixed_lead: int | None = None,
         stats: dict | None = None,
+        nan: str = "error",
     ):
         self.path = str(path)
+        self.nan = nan  # "error": NaN is refused; "mask": NaN pixels are masked out (docs/data.md)
+        self.grid_spec = grid
         self.channels, self.out_channels = list(channels), list(out_channels)
         self.select = dict(select or {})
         self.split_spec = dict(split or {"train": 0.8, "val": 0.1, "test": 0.1})
         self.split_name = split_name
         self.variables_read: set[str] = set()
+        self.read_log: list[tuple[str, tuple[int, ...]]] = []  # (variable, time indices) of every block read
         self.files_opened: list[str] = []
         self._ds, self._pid = None, None
         ds = self._dataset()
@@ -348,29 +352,88 @@ class ERA5Source:
     # ---- reading ---------------------------------------------------------------------------------
     def read(self, channel: str, times: np.ndarray) -> np.ndarray:
         """Physical values of `channel` at time indices `times`, on the model grid: [k, H, W] float32."""
-        field = self.fields[channel]
+        return self.read_many([channel], times)[channel]
+
+    def read_many(self, channels: list[str], times: np.ndarray) -> dict[str, np.ndarray]:
+        """Physical values of several channels at time indices `times`, on the model grid: channel ->
+        [k, H, W] float32. The channels of one variable are read in one block for all their pressure
+        levels, so a chunk holding several levels is read once, not once per level."""
         ds = self._dataset()
         unique, inverse = np.unique(np.asarray(times), return_inverse=True)
-        da = ds[field.variable].isel(field.indexers).transpose(self.time_name, self.lat_name, self.lon_name)
-        block = np.asarray(da.isel({self.time_name: unique}).values, dtype=np.float64)  # [k, lat, lon]
-        self.variables_read.add(channel)
-        block = block[:, self._lat_order][:, :, self._lon_order]
-        return regrid(block, self.src_lat, self.src_lon, self.grid)[inverse].astype(np.float32)
+        groups: dict[tuple, list[str]] = {}  # (variable, level dim, other indexers) -> channels
+        for channel in dict.fromkeys(channels):
+            field = self.fields[channel]
+            level_dim = next((d for d in LEVEL_DIMS if d in field.indexers), None)
+            other = tuple(sorted((k, v) for k, v in field.indexers.items() if k != level_dim))
+            groups.setdefault((field.variable, level_dim, other), []).append(channel)
+        out: dict[str, np.ndarray] = {}
+        axes = (self.time_name, self.lat_name, self.lon_name)
+        for (variable, level_dim, other), names in groups.items():
+            da = ds[variable].isel(dict(other))
+            if level_dim is not None:
+                levels = [self.fields[c].indexers[level_dim] for c in names]
+                da = da.isel({level_dim: levels, self.time_name: unique}).transpose(level_dim, *axes)
+                block = np.asarray(da.values, dtype=np.float64)  # [levels, k, lat, lon]
+            else:
+                block = np.asarray(da.isel({self.time_name: unique}).transpose(*axes).values, dtype=np.float64)[None]
+            self.read_log.append((variable, tuple(int(t) for t in unique)))
+            self.variables_read.update(names)
+            block = block[:, :, self._lat_order][:, :, :, self._lon_order]
+            n_lev, k = block.shape[:2]
+            fields = regrid(block.reshape(n_lev * k, *block.shape[2:]), self.src_lat, self.src_lon, self.grid)
+            fields = fields.reshape(n_lev, k, *fields.shape[1:])  # [levels, k, H, W]
+            for i, channel in enumerate(names):
+                out[channel] = fields[i][inverse].astype(np.float32)
+        return out
 
-    def _normalise(self, channel: str, values: np.ndarray) -> torch.Tensor:
+    def _first_nan(self, channel: str, values: np.ndarray, times: np.ndarray) -> tuple[int, str] | None:
+        """(time index, one-line message) of the first time step of `values` [k, H, W] holding NaN/Inf."""
+        bad = ~np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        if not bad.any():
+            return None
+        t = int(np.asarray(times)[np.argmax(bad)])
+        when = np.datetime_as_string(self.times[t], unit="m")
+        return t, (
+            f"data.path {self.path!r}: channel {channel!r} (variable {self.fields[channel].variable!r}) holds NaN at "
+            f"{when} (time index {t}); set data.nan: mask to mask NaN pixels out of the loss and the metrics"
+        )
+
+    def _fields(self, channels: list[str], times: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised fields [B, C, H, W] of `channels` at `times`, and under data.nan=mask their validity
+        [B, C, H, W] (bool; invalid pixels are set to 0, the channel mean). NaN raises under data.nan=error."""
         if self.stats is None:
             raise RuntimeError("normalisation statistics are not set: call compute_stats() or pass stats=")
-        s = self.stats["channels"][channel]
-        return torch.from_numpy((values - s["mean"]) / s["std"])
+        values = self.read_many(channels, times)
+        out, valid = [], []
+        for c in channels:
+            s = self.stats["channels"][c]
+            v = (values[c] - s["mean"]) / s["std"]  # [B, H, W]
+            ok = np.isfinite(v)
+            if self.nan == "mask":
+                v = np.where(ok, v, 0.0)
+                valid.append(ok)
+            else:
+                found = self._first_nan(c, v, times) if not ok.all() else None
+                if found:
+                    raise DataError(found[1])
+            out.append(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)))
+        fields = torch.stack(out, dim=1)
+        return fields, (torch.from_numpy(np.stack(valid, axis=1)) if self.nan == "mask" else None)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """x [B, C, H, W] at t, y [B, C_out, H, W] at t + lead (normalised), lead_hours [B]; under
+        data.nan=mask also x_valid, y_valid (bool, same shapes)."""
         pairs = self.pairs[np.asarray(indices, dtype=np.int64)]  # [B, 3]: input index, target index, hours
-        x = torch.stack([self._normalise(c, self.read(c, pairs[:, 0])) for c in self.channels], dim=1)
+        x, x_valid = self._fields(self.channels, pairs[:, 0])
         if self.out_channels:
-            y = torch.stack([self._normalise(c, self.read(c, pairs[:, 1])) for c in self.out_channels], dim=1)
+            y, y_valid = self._fields(self.out_channels, pairs[:, 1])
         else:  # a tensor-parallel rank that owns no output channel
             y = x.new_zeros(len(indices), 0, *x.shape[2:])
-        return {"x": x, "y": y, "lead_hours": torch.from_numpy(pairs[:, 2].astype(np.float32))}
+            y_valid = torch.zeros(y.shape, dtype=torch.bool) if x_valid is not None else None
+        batch = {"x": x, "y": y, "lead_hours": torch.from_numpy(pairs[:, 2].astype(np.float32))}
+        if x_valid is not None:
+            batch["x_valid"], batch["y_valid"] = x_valid, y_valid
+        return batch
 
     def units(self, channel: str) -> str:
         """The physical units of `channel` as the file states them ('' when it does not)."""
@@ -382,36 +445,56 @@ class ERA5Source:
         return torch.from_numpy(w / w.mean()).float()
 
     # ---- statistics --------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """What the statistics depend on besides the channels: a run folder's stats.json is reused only
+        when this matches (docs/data.md)."""
+        train = split_indices(self.times, self.split_spec, "train", f"data.path {self.path!r}")
+        first, last = (self.times[train[0]], self.times[train[-1]]) if len(train) else (None, None)
+        return {
+            "kind": "era5",
+            "path": os.path.abspath(resolve_path(self.path)),
+            "split": {"train": self.split_spec.get("train")},
+            "train_times": [str(first), str(last), int(len(train))],
+            "grid": self.grid_spec if self.grid_spec == "native" else list(self.grid_spec),
+            "grid_shape": [len(self.grid.lat), len(self.grid.lon)],
+            "select": self.select,
+            "nan": self.nan,
+        }
+
+    def partial_stats(
+        self, share: int = 0, shares: int = 1, channels: list[str] | None = None, climatology=None, chunk: int = 16
+    ) -> Partial:
+        """This data-parallel rank's part of the statistics: chunks share, share + shares, ... of the
+        training split (`chunk` time steps each, all channels of a chunk read together). Under
+        data.nan=error the earliest NaN found is recorded instead (the merge raises it)."""
+        train = split_indices(self.times, self.split_spec, "train", f"data.path {self.path!r}")
+        channels = list(self.fields) if channels is None else list(channels)
+        part = Partial(f"data.path {self.path!r}", share)
+        for start in list(range(0, len(train), chunk))[share::shares]:
+            times = train[start : start + chunk]
+            blocks = self.read_many(channels, times)
+            for position, channel in enumerate(channels):
+                block = blocks[channel].astype(np.float64)  # [k, H, W]
+                if self.nan == "error":
+                    found = self._first_nan(channel, block, times)
+                    if found:
+                        part.refuse((found[0], position), found[1])
+                        continue
+                part.add(channel, start, block)
+                if climatology and channel in climatology:
+                    part.add_cells(channel, block)
+            if part.error is not None:  # the chunks are in time order: later ones cannot hold an earlier NaN
+                break
+        return part
+
     def compute_stats(
         self, channels: list[str] | None = None, climatology: list[str] | None = None, chunk: int = 16
     ) -> dict:
         """Mean and standard deviation of each channel over the training split, streamed `chunk` time
         steps at a time (never the whole array in memory), and the per-cell training mean (the
-        climatology) of the `climatology` channels. Computed on the model grid, in float64."""
-        train = split_indices(self.times, self.split_spec, "train", f"data.path {self.path!r}")
-        out: dict = {"channels": {}, "climatology": {}}
-        for channel in channels if channels is not None else list(self.fields):
-            count, shift, total, squares, cells = 0, None, 0.0, 0.0, None
-            for start in range(0, len(train), chunk):
-                block = self.read(channel, train[start : start + chunk]).astype(np.float64)
-                finite = np.isfinite(block)
-                if shift is None and finite.any():
-                    shift = float(block[finite].mean())
-                if shift is None:
-                    continue
-                centred = np.where(finite, block - shift, 0.0)
-                count += int(finite.sum())
-                total += float(centred.sum())
-                squares += float((centred**2).sum())
-                cells = centred.sum(axis=0) if cells is None else cells + centred.sum(axis=0)
-            if count == 0:
-                raise DataError(f"data.path {self.path!r}: channel {channel!r} is all NaN in the training split")
-            mean = shift + total / count
-            var = max(squares / count - (total / count) ** 2, 0.0)
-            out["channels"][channel] = {"mean": mean, "std": math.sqrt(var) or 1.0}
-            if climatology and channel in climatology:
-                out["climatology"][channel] = (cells / len(train) + shift).tolist()
-        return out
+        climatology) of the `climatology` channels, divided per cell by its count of valid steps.
+        Computed on the model grid, in float64, NaN excluded."""
+        return merge_partials([self.partial_stats(0, 1, channels, climatology, chunk)])
 
 
 def split_indices(times: np.ndarray, spec: dict, name: str, where: str) -> np.ndarray:

@@ -37,6 +37,7 @@ def build_source(
             lead_range=tuple(d.lead_hours),
             fixed_lead=lead_hours,
             stats=stats,
+            nan=d.nan,
         )
     if d.kind == "spectral_cube":
         from dchag.data.spectral_cube import SpectralCubeSource
@@ -55,6 +56,7 @@ def build_source(
             seed=d.seed,
             num_samples=d.num_samples,
             stats=stats,
+            nan=d.nan,
         )
     if d.kind == "synthetic-weather":
         return SyntheticWeather(

@@ -14,6 +14,7 @@ coincide. docs/data.md describes selection, resampling, statistics and no-data h
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from dchag.data.errors import DataError
+from dchag.data.moments import Partial, merge_partials
 from dchag.data.packaged import resolve_path
 
 # central wavelengths (nm) of Sentinel-2A's bands, used when band files are named like s2_B04.jp2
@@ -59,6 +61,7 @@ class EnviReader:
             raise DataError(f"ENVI header {str(path)!r}: its data file is missing ({err})") from None
         except Exception as err:  # spectral raises its own exception kinds for bad headers and sizes
             raise DataError(f"ENVI header {str(path)!r}: cannot be read ({type(err).__name__}: {err})") from None
+        self.path = path
         self.height, self.width, self.bands = self.img.shape
         expected = self.height * self.width * self.bands * self.img.sample_size + self.img.offset
         actual = Path(self.img.filename).stat().st_size
@@ -286,8 +289,14 @@ class SpectralCubeSource:
         seed: int = 0,
         num_samples: int = 512,
         stats: dict | None = None,
+        nan: str = "error",
     ):
         self.path = str(path)
+        self.nan = nan  # "error": NaN that is not the no-data value is refused; "mask": masked out
+        self._selection = {
+            "bands": bands, "wavelength_range": wavelength_range, "wavelengths": resample,
+            "band_wavelengths": band_wavelengths, "variable": variable, "layout": layout,
+        }  # fmt: skip
         where = f"data.path {self.path!r}"
         self._open_args = (self.path, variable, layout, band_wavelengths)
         self._scenes, self._pid = open_scenes(*self._open_args), os.getpid()
@@ -332,61 +341,103 @@ class SpectralCubeSource:
         return scene, int(g.integers(s.height - self.height + 1)), int(g.integers(s.width - self.width + 1))
 
     def read_crop(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Physical values [C, h, w] of sample `index` and its valid mask [h, w] (False: no-data)."""
+        """Physical values [C, h, w] of sample `index` and their validity [C, h, w] (False: no-data, or NaN
+        under data.nan=mask, in any band the channel is made of; such values are 0). Per channel, so a
+        tensor-parallel rank, which reads only its own bands, finds what one device finds."""
         scene, r, c = self.crop(index)
-        raw = self.scenes[scene].read(self.needed, (r, r + self.height), (c, c + self.width))  # [n_needed, h, w]
+        reader = self.scenes[scene]
+        raw = reader.read(self.needed, (r, r + self.height), (c, c + self.width))  # [n_needed, h, w]
         self.bands_read.update(self.needed)
-        valid = np.ones(raw.shape[1:], dtype=bool)
-        if self.nodata is not None:
-            valid = ~np.any(raw == self.nodata, axis=0)
-        valid &= np.all(np.isfinite(raw), axis=0)
+        finite = np.isfinite(raw)
+        nodata_is_nan = self.nodata is not None and math.isnan(self.nodata)
+        if self.nan == "error" and not nodata_is_nan and not finite.all():
+            k = int(np.argmax(~finite.reshape(len(raw), -1).all(axis=1)))
+            band = self.needed[k]
+            raise DataError(
+                f"data.path {self.path!r}: band {band} of {scene_file(reader, band)!r} holds NaN in the crop of sample "
+                f"{index} (rows {r}-{r + self.height}, columns {c}-{c + self.width}); set data.nan: mask to mask NaN "
+                "pixels out of the loss and the metrics, or data.nodata: .nan to treat them as no-data"
+            )
+        bad = ~finite
+        if self.nodata is not None and not nodata_is_nan:
+            bad |= raw == self.nodata
+        support = (np.abs(self.matrix[:, self.needed]) > 0).astype(np.float32)  # [C, n_needed]
+        valid = np.einsum("cn,nhw->chw", support, bad.astype(np.float32)) == 0  # [C, h, w]
         if not valid.any():
             raise DataError(
                 f"data.path {self.path!r}: the crop of sample {index} (scene {scene}, rows {r}-{r + self.height}, "
                 f"columns {c}-{c + self.width}) is all no-data; lower model.img_size or set data.nodata"
             )
-        values = np.einsum("cn,nhw->chw", self.matrix[:, self.needed], np.where(valid, raw, 0.0))
-        return values.astype(np.float32), valid
+        values = np.einsum("cn,nhw->chw", self.matrix[:, self.needed], np.where(bad, 0.0, raw))
+        return np.where(valid, values, 0.0).astype(np.float32), valid
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """x [B, C, h, w] normalised, no-data values at the band mean (0); under data.nan=mask also
+        x_valid [B, C, h, w] (bool), which takes them out of the loss and the metrics."""
         if self.stats is None:
             raise RuntimeError("normalisation statistics are not set: call compute_stats() or pass stats=")
         mean = np.array([self.stats["channels"][c]["mean"] for c in self.channels], dtype=np.float32)
         std = np.array([self.stats["channels"][c]["std"] for c in self.channels], dtype=np.float32)
-        crops = []
+        crops, masks = [], []
         for i in indices:
             values, valid = self.read_crop(i)
             normed = (values - mean[:, None, None]) / std[:, None, None]
             crops.append(np.where(valid, normed, 0.0))  # no-data pixels sit at the band mean
-        return {"x": torch.from_numpy(np.stack(crops).astype(np.float32))}
+            masks.append(valid)
+        batch = {"x": torch.from_numpy(np.stack(crops).astype(np.float32))}
+        if self.nan == "mask":
+            batch["x_valid"] = torch.from_numpy(np.stack(masks))
+        return batch
+
+    def fingerprint(self) -> dict:
+        """What the statistics depend on besides the channels: a run folder's stats.json is reused only
+        when this matches (docs/data.md)."""
+        return {
+            "kind": "spectral_cube",
+            "path": os.path.abspath(resolve_path(self.path)),
+            **self._selection,
+            "crop": [self.height, self.width],
+            "seed": self.seed,
+            "stat_crops": min(self.num_samples, 64),
+            "nodata": self.nodata,
+            "nan": self.nan,
+        }
+
+    def partial_stats(self, share: int = 0, shares: int = 1, channels=None, climatology=None, samples=None) -> Partial:
+        """This data-parallel rank's part of the statistics: crops share, share + shares, ... of the first
+        min(num_samples, 64) training crops. A refused crop is recorded (the merge raises the first)."""
+        channels = self.channels if channels is None else channels
+        part = Partial(f"data.path {self.path!r}", share)
+        for i in range(min(self.num_samples, samples or 64))[share::shares]:
+            try:
+                values, valid = self.read_crop(i)
+            except DataError as err:
+                part.refuse((i,), str(err))
+                break
+            v = values.astype(np.float64)  # [C, h, w]
+            n = valid.sum(axis=(1, 2))
+            mean = np.where(valid, v, 0.0).sum(axis=(1, 2)) / np.maximum(n, 1)
+            m2 = (np.where(valid, v - mean[:, None, None], 0.0) ** 2).sum(axis=(1, 2))
+            for k, name in enumerate(self.channels):
+                if name in channels:
+                    part.chunks.setdefault(name, {})[i] = (int(n[k]), float(mean[k]), float(m2[k]))
+        return part
 
     def compute_stats(self, channels=None, climatology=None, samples: int | None = None) -> dict:
         """Per-channel mean and standard deviation over the training crops (streamed crop by crop, float64,
         no-data excluded)."""
-        channels = self.channels if channels is None else channels
-        count = min(self.num_samples, samples or 64)
-        n = np.zeros(len(self.channels))
-        total = np.zeros(len(self.channels))
-        squares = np.zeros(len(self.channels))
-        shift = None
-        for i in range(count):
-            values, valid = self.read_crop(i)
-            v = values[:, valid].astype(np.float64)  # [C, valid pixels]
-            shift = v.mean(axis=1) if shift is None else shift
-            centred = v - shift[:, None]
-            n += v.shape[1]
-            total += centred.sum(axis=1)
-            squares += (centred**2).sum(axis=1)
-        mean = shift + total / n
-        std = np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0.0))
-        out = {"channels": {}, "climatology": {}}
-        for k, c in enumerate(self.channels):
-            if c in channels:
-                out["channels"][c] = {"mean": float(mean[k]), "std": float(std[k]) or 1.0}
-        return out
+        return merge_partials([self.partial_stats(0, 1, channels, climatology, samples)])
 
     def lat_weights(self) -> torch.Tensor:
         return torch.ones(self.height)
+
+
+def scene_file(reader, band: int) -> str:
+    """The file that holds `band` of a scene (one file per band, or one cube file)."""
+    paths = getattr(reader, "paths", None)
+    if paths:
+        return str(paths[band] if len(paths) > 1 else paths[0])
+    return str(getattr(reader, "path", "?"))
 
 
 _NAMES_CACHE: dict = {}

@@ -120,6 +120,7 @@ def evaluate_forecast(
         weights = source.lat_weights().double()
         sums = {k: torch.zeros(len(outs), dtype=torch.float64) for k in ("mse", "acc", "p_mse", "p_acc", "c_mse")}
         n = 0
+        scored = torch.zeros(len(outs), dtype=torch.float64)  # per variable: forecasts with a valid pixel
         for start in range(0, source.num_samples, batch_size):
             batch = source.batch(list(range(start, min(start + batch_size, source.num_samples))))
             with torch.no_grad():
@@ -127,26 +128,34 @@ def evaluate_forecast(
             pred, truth = _physical(pred, outs, stats), _physical(batch["y"], outs, stats)
             persistence = _physical(batch["x"][:, persist_index], outs, stats)
             clim = climatology[None].expand_as(truth)
-            sums["mse"] += weighted_mse(pred, truth, weights).sum(0)
-            sums["acc"] += anomaly_correlation(pred, truth, climatology, weights).sum(0)
-            sums["p_mse"] += weighted_mse(persistence, truth, weights).sum(0)
-            sums["p_acc"] += anomaly_correlation(persistence, truth, climatology, weights).sum(0)
-            sums["c_mse"] += weighted_mse(clim, truth, weights).sum(0)
+            valid = batch.get("y_valid")  # [B, C_out, H, W] under data.nan=mask: score valid pixels only
+            has = valid.flatten(2).any(-1) if valid is not None else torch.ones(truth.shape[:2], dtype=torch.bool)
+            terms = {
+                "mse": weighted_mse(pred, truth, weights, valid),
+                "acc": anomaly_correlation(pred, truth, climatology, weights, valid),
+                "p_mse": weighted_mse(persistence, truth, weights, valid),
+                "p_acc": anomaly_correlation(persistence, truth, climatology, weights, valid),
+                "c_mse": weighted_mse(clim, truth, weights, valid),
+            }
+            for key, term in terms.items():  # [B, C]; a field with no valid pixel is not scored
+                sums[key] += torch.where(has, term, 0.0).sum(0)
+            scored += has.sum(0)
             n += truth.shape[0]
             if plots is not None and len(maps) < 3 and start == 0:
                 maps.append((lead, truth[0], pred[0]))
         for k, name in enumerate(outs):
+            m = scored[k]  # n unless data.nan=mask left some forecasts without a valid pixel
             records.append(
                 {
                     "variable": name,
                     "lead_hours": int(lead),
-                    "samples": n,
+                    "samples": int(m),
                     "units": source.units(name) if hasattr(source, "units") else "",
-                    "rmse": float((sums["mse"][k] / n).sqrt()),
-                    "acc": float(sums["acc"][k] / n),
-                    "persistence_rmse": float((sums["p_mse"][k] / n).sqrt()),
-                    "persistence_acc": float(sums["p_acc"][k] / n),
-                    "climatology_rmse": float((sums["c_mse"][k] / n).sqrt()),
+                    "rmse": float((sums["mse"][k] / m).sqrt()),
+                    "acc": float(sums["acc"][k] / m),
+                    "persistence_rmse": float((sums["p_mse"][k] / m).sqrt()),
+                    "persistence_acc": float(sums["p_acc"][k] / m),
+                    "climatology_rmse": float((sums["c_mse"][k] / m).sqrt()),
                 }
             )
         if progress:

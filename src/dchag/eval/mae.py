@@ -78,13 +78,20 @@ def evaluate_mae(run: str | Path, *, samples: int = 64, batch_size: int = 8, plo
         with torch.no_grad():
             out = model(batch["x"], mask_noise=noise)
         pixel_mask = repeat(out.mask, "b (h w) -> b (h p1) (w p2)", w=grid_w, p1=patch, p2=patch).bool().numpy()
+        # data.nan=mask: only pixels valid in every band are scored (a spectrum needs all its bands)
+        scored = batch["x_valid"].all(dim=1).numpy() if "x_valid" in batch else np.ones_like(pixel_mask)
         for b in range(len(indices)):
             truth = batch["x"][b].double().numpy() * std + mean  # [C, H, W] physical
             pred = out.pred[b].double().numpy() * std + mean
-            m = pixel_mask[b]
-            visible_mean = truth[:, ~m].mean(axis=1, keepdims=True) if (~m).any() else truth.mean(axis=(1, 2))[:, None]
+            m = pixel_mask[b] & scored[b]
+            visible = ~pixel_mask[b] & scored[b]
+            visible_mean = (
+                truth[:, visible].mean(axis=1, keepdims=True)
+                if visible.any()
+                else truth[:, scored[b]].mean(axis=1, keepdims=True)
+            )
             parts["masked"].add(pred[:, m], truth[:, m])
-            parts["whole"].add(pred.reshape(len(names), -1), truth.reshape(len(names), -1))
+            parts["whole"].add(pred[:, scored[b]], truth[:, scored[b]])
             parts["baseline_masked"].add(np.repeat(visible_mean, m.sum(), axis=1), truth[:, m])
             if shown is None:
                 shown = (truth, truth * ~m[None], pred)

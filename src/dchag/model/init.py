@@ -22,12 +22,29 @@ VIT_STD = 0.02
 def trunc_normal(
     shape: torch.Size, g: torch.Generator, std: float = VIT_STD, a: float = -2.0, b: float = 2.0
 ) -> torch.Tensor:
-    """N(0, std) truncated to [a, b] (absolute bounds, as timm/ClimaX), drawn from `g` by inverse-CDF
-    sampling entirely in place: `nn.init.trunc_normal_` allocates temporaries (1.75x the tensor,
-    measured), and a rank building its shards must hold no more than one whole parameter."""
+    """N(0, std) truncated to the open interval (a, b) (absolute bounds, as timm/ClimaX), drawn from `g`
+    by inverse-CDF sampling entirely in place: `nn.init.trunc_normal_` allocates temporaries (1.75x the
+    tensor, measured), and a rank building its shards must hold no more than one whole parameter."""
     lo, hi = (math.erf(bound / (std * math.sqrt(2.0))) for bound in (a, b))
     t = torch.empty(shape).uniform_(lo, hi, generator=g)
-    return t.erfinv_().mul_(std * math.sqrt(2.0)).clamp_(min=a, max=b)
+    return uniform_to_trunc_normal_(t, std, a, b)
+
+
+def uniform_to_trunc_normal_(u: torch.Tensor, std: float, a: float, b: float) -> torch.Tensor:
+    """Map, in place, draws `u` of U[erf(a/(std*sqrt2)), erf(b/(std*sqrt2))) (as `uniform_` returns them,
+    in u's dtype) to N(0, std) truncated to the open interval (a, b).
+
+    `uniform_` can return its lower end itself: for std 0.02 and a = -2 that end is erf(-70.7) = -1.0
+    exactly, erfinv(-1) = -inf, and clamping made it a -2.0 (100 sigma) weight, once in 2**24 draws. The
+    draws are first moved inside the open interval (the end's neighbouring float, one grid step of the
+    uniform draw away, so -1 becomes about -5.4 sigma, as far as float32 tails reach), and the results
+    kept strictly inside (a, b) against erfinv's rounding; no other draw changes."""
+    ends = torch.tensor([math.erf(x / (std * math.sqrt(2.0))) for x in (a, b)], dtype=u.dtype)
+    inside = torch.nextafter(ends, ends.flip(0)).tolist()  # the floats next to each end, towards the other
+    u.clamp_(min=inside[0], max=inside[1]).erfinv_().mul_(std * math.sqrt(2.0))
+    bounds = torch.tensor([a, b], dtype=u.dtype)
+    kept = torch.nextafter(bounds, bounds.flip(0)).tolist()
+    return u.clamp_(min=kept[0], max=kept[1])
 
 
 def _module_values(module: nn.Module, g: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:

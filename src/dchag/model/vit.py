@@ -27,7 +27,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, st
         return F.scaled_dot_product_attention(q, k, v)
     first, n = streams
     base = int(torch.randint(0, 2**62, (1,)))  # the global (CPU) generator: in step on every TP rank
-    devices = [q.device] if q.device.type != "cpu" else []
+    # cpu: the default generator is the device's own; meta (dchag info, construction): no data, no RNG
+    # state, so nothing to seed - the same per-block ops still run, for shapes and FLOPs
+    devices = [q.device] if q.device.type not in ("cpu", "meta") else []
     outs = []
     for i, (qi, ki, vi) in enumerate(zip(q.chunk(n, dim=1), k.chunk(n, dim=1), v.chunk(n, dim=1))):
         with torch.random.fork_rng(devices=devices, device_type=q.device.type):

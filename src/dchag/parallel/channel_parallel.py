@@ -43,6 +43,10 @@ class ShardSpec:
     parts must be summed over TP after backward.
     `tp_disjoint`: TP ranks hold different elements (sum them for a norm); False when every rank holds
     the same slice (the replicated baseline's tokenizer).
+    `pad_dim`: along this dimension the rank's tensor may be narrower than the logical one and holds its
+    leading slots only; the logical slots beyond are padding of uneven groups (a linear level's weight
+    [G, k, n_max] is as wide as the level's largest group, a rank's as its own largest group). The
+    single-device model holds that padding as zeros that get no gradient, so no rank needs to hold it.
     """
 
     logical_name: str
@@ -50,6 +54,7 @@ class ShardSpec:
     indices: torch.Tensor | None = None
     partial_grad: bool = False
     tp_disjoint: bool = True
+    pad_dim: int | None = None
 
 
 @dataclass
@@ -112,6 +117,15 @@ def place_channels(front_end: FrontEnd, tp: int, mode: str) -> ChannelPlacement:
         owned = [(g1 - g0) * level.tokens for g0, g1 in ranges]
         local += 1
     return ChannelPlacement(mode, channel_ranges, local, group_ranges, owned if tp > 1 else [])
+
+
+def _narrower_dim(logical: torch.Tensor, local: torch.Tensor) -> int | None:
+    """The dimension (after the group dimension 0) along which a rank's group subset of a level
+    parameter is narrower than the whole level's: only a linear level's padded member slots can be."""
+    narrower = [d for d in range(1, logical.ndim) if local.shape[d] != logical.shape[d]]
+    if len(narrower) > 1 or any(local.shape[d] > logical.shape[d] for d in narrower):
+        raise ValueError(f"a group subset of shape {list(local.shape)} does not fit in {list(logical.shape)}")
+    return narrower[0] if narrower else None
 
 
 class HeadParallelLevel(nn.Module):
@@ -182,7 +196,10 @@ class ParallelFrontEnd(nn.Module):
             self.local_levels.append(sub)
             for name in levels[i].aggregator.group_params:
                 self.specs[f"local_levels.{i}.aggregator.{name}"] = ShardSpec(
-                    f"{prefix}hierarchy.levels.{i}.aggregator.{name}", 0, torch.arange(g0, g1)
+                    f"{prefix}hierarchy.levels.{i}.aggregator.{name}",
+                    0,
+                    torch.arange(g0, g1),
+                    pad_dim=_narrower_dim(getattr(levels[i].aggregator, name), getattr(sub.aggregator, name)),
                 )
             self._spec_rest(sub, f"local_levels.{i}", f"{prefix}hierarchy.levels.{i}", partial=tp > 1)
 

@@ -6,6 +6,13 @@ the rows of its own channels, which need not be contiguous), and `LogicalShards`
 `torch.distributed.checkpoint` (DCP) through DCP's checkpointable protocol, the one DTensor implements.
 So each rank writes and reads only the elements it holds, replicated chunks are written once, and a
 checkpoint written at dp_shard 2 x tp 2 loads at tp 4 or in one process (DCP reshards by chunk).
+
+Uneven groups: a linear level's weight [G, k, n_max] is padded to the level's largest group, and the
+single-device model holds that padding (zeros, never trained). A rank keeps only the width of its own
+largest group, so the slots beyond it belong to no rank's tensor; DCP refuses a save whose chunks do not
+tile the logical tensor. The rank that holds a group's rows therefore also writes zero `padding` chunks
+for those slots, so that a checkpoint equals the single-device model's state at any layout; they are
+never read back (a narrower rank does not ask for them; a wider layout reads the zeros).
 """
 
 from __future__ import annotations
@@ -29,13 +36,18 @@ class Chunk:
 
 
 class LogicalShards:
-    """The chunks of one logical tensor that this rank holds (DCP's checkpointable protocol)."""
+    """The chunks of one logical tensor that this rank holds (DCP's checkpointable protocol).
 
-    def __init__(self, shape: torch.Size, chunks: list[Chunk]):
+    `padding`: zero chunks of group padding this rank writes but does not hold (see the module text);
+    they take part in saving only, never in loading or initialisation.
+    """
+
+    def __init__(self, shape: torch.Size, chunks: list[Chunk], padding: list[Chunk] = ()):
         self.shape = torch.Size(shape)
         self.chunks = [c for c in chunks if c.local.numel() > 0]
-        self._by_offset = {torch.Size(c.offsets): c for c in self.chunks}
-        if len(self._by_offset) != len(self.chunks):
+        self.padding = [c for c in padding if c.local.numel() > 0]
+        self._by_offset = {torch.Size(c.offsets): c for c in self.chunks + self.padding}
+        if len(self._by_offset) != len(self.chunks) + len(self.padding):
             raise ValueError("two chunks of one logical tensor start at the same offset on this rank")
 
     def size(self) -> torch.Size:
@@ -50,7 +62,7 @@ class LogicalShards:
                     chunk=c.meta, properties=TensorProperties.create_from_tensor(c.local), size=self.shape
                 ),
             )
-            for c in self.chunks
+            for c in self.chunks + self.padding
         ]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
@@ -99,6 +111,21 @@ def chunks_of(tensor: torch.Tensor, spec=None) -> list[Chunk]:
     return out
 
 
+def padding_of(chunks: list[Chunk], shape: torch.Size, pad_dim: int | None) -> list[Chunk]:
+    """Zero chunks for the logical slots along `pad_dim` beyond each chunk (uneven groups' padding that
+    the rank's narrower tensor does not hold): together with `chunks` they cover the same rows whole."""
+    if pad_dim is None:
+        return []
+    out = []
+    for c in chunks:
+        end = c.offsets[pad_dim] + c.local.shape[pad_dim]
+        if end < shape[pad_dim]:
+            offsets, sizes = list(c.offsets), list(c.local.shape)
+            offsets[pad_dim], sizes[pad_dim] = end, shape[pad_dim] - end
+            out.append(Chunk(tuple(offsets), c.local.new_zeros(sizes)))
+    return out
+
+
 def logical_name_and_shape(name: str, param: torch.Tensor, plan) -> tuple[str, torch.Size, object]:
     """(single-device name, its shape, the ShardSpec or None) of a rank's parameter `name`."""
     if plan is None:
@@ -112,12 +139,15 @@ def logical_shards(model: torch.nn.Module, plan, tensor_of) -> dict[str, Logical
     """{single-device name: LogicalShards} for `tensor_of(param)` (the parameter itself, or one of its
     optimizer states, which share its layout); parameters for which `tensor_of` gives None are left out."""
     chunks: dict[str, list[Chunk]] = {}
+    padding: dict[str, list[Chunk]] = {}
     shapes: dict[str, torch.Size] = {}
     for name, param in model.named_parameters():
         tensor = tensor_of(param)
         if tensor is None:
             continue
         logical, shape, spec = logical_name_and_shape(name, param, plan)
-        chunks.setdefault(logical, []).extend(chunks_of(tensor, spec))
+        held = chunks_of(tensor, spec)
+        chunks.setdefault(logical, []).extend(held)
+        padding.setdefault(logical, []).extend(padding_of(held, torch.Size(shape), getattr(spec, "pad_dim", None)))
         shapes[logical] = torch.Size(shape)
-    return {k: LogicalShards(shapes[k], v) for k, v in chunks.items()}
+    return {k: LogicalShards(shapes[k], v, padding[k]) for k, v in chunks.items()}

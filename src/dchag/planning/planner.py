@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from dchag.config import Config, ConfigError, to_dict
 from dchag.planning.jobs import run_jobs
-from dchag.planning.variants import VARIANTS, variant_overrides, variant_pairs
+from dchag.bench.variants import VARIANTS, variant_overrides, variant_pairs
 
 GIB = 2**30
 

@@ -20,7 +20,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from dchag.bench.fake_group import fake_process_group
 
 
 @dataclass
@@ -53,22 +54,6 @@ def ranks_to_trace(cfg) -> list[int]:
     ranges = place_channels(front_end, tp, cfg.parallel.mode).channel_ranges
     widest = max(range(tp), key=lambda r: ranges[r][1] - ranges[r][0])
     return sorted({0, widest})
-
-
-@contextlib.contextmanager
-def fake_process_group(world_size: int, rank: int):
-    """torch's fake process group as the default group: collectives return at once, moving nothing."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from dchag.config import ConfigError
-
-    if dist.is_initialized():
-        raise ConfigError("this runs one rank alone in a single process; do not launch it with torchrun")
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _batch_shapes(cfg, plan, local_batch: int) -> dict[str, tuple[int, ...]]:

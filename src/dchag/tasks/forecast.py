@@ -5,10 +5,23 @@ from __future__ import annotations
 import torch
 
 
-def lat_weighted_mse(pred: torch.Tensor, target: torch.Tensor, lat_weights: torch.Tensor) -> torch.Tensor:
-    """pred, target [B, C, H, W]; lat_weights [H] with mean 1 -> scalar."""
+def lat_weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, lat_weights: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """pred, target [B, C, H, W]; lat_weights [H] with mean 1 -> scalar. `valid` [B, C, H, W] (bool, under
+    data.nan=mask): the weighted mean over valid pixels only, sum(w e v) / sum(w v)."""
     err = (pred.float() - target.float()) ** 2
-    return (err * lat_weights[None, None, :, None]).mean()
+    if valid is None:
+        return (err * lat_weights[None, None, :, None]).mean()
+    sse, weight = masked_sse(err, lat_weights, valid)
+    return sse / weight.clamp(min=1e-12)
+
+
+def masked_sse(err: torch.Tensor, lat_weights: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of w * err over valid pixels, sum of w over valid pixels) of err [B, C, H, W]: the two sums a
+    masked weighted mean needs, which tensor-parallel ranks add up over their channels."""
+    w = lat_weights[None, None, :, None] * valid.to(err.dtype)  # [B, C, H, W]
+    return torch.where(valid, err, 0.0).mul(w).sum(), w.sum()
 
 
 def lat_weighted_rmse(pred: torch.Tensor, target: torch.Tensor, lat_weights: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,19 @@ def mae_loss(
     *,
     total_channels: int | None = None,
     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """pred, target [B, C, H, W]; mask [B, L] (1 = masked).
 
     "all": mean squared error over the whole image (as in the paper); "masked": over masked patches only.
     Under channel parallelism pred/target hold this rank's channels only: `sum_over_ranks` adds the
     per-patch squared errors of all ranks and `total_channels` is the full channel count.
+    `valid` [B, C, H, W] (bool, under data.nan=mask): the mean is taken over valid pixels only.
     """
     channels = total_channels or pred.shape[1]
     err = (pred.float() - target.float()) ** 2
+    if valid is not None:
+        return _masked_mae_loss(err, mask, patch, loss_on, valid, sum_over_ranks)
     sse = rearrange(err, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch, p2=patch).sum(-1)  # [B, L]
     if sum_over_ranks is not None:
         sse = sum_over_ranks(sse)
@@ -40,3 +44,18 @@ def mae_loss(
     if loss_on == "all":
         return per_patch.mean()
     return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _masked_mae_loss(err, mask, patch: int, loss_on: str, valid, sum_over_ranks) -> torch.Tensor:
+    """Squared error [B, C, H, W] averaged over the valid pixels (of masked patches, for "masked"): per
+    patch the sum over valid pixels and their count, added up over ranks, then sum / count."""
+    per = "b c (h p1) (w p2) -> b (h w) (c p1 p2)"
+    sse = rearrange(torch.where(valid, err, 0.0), per, p1=patch, p2=patch).sum(-1)  # [B, L]
+    count = rearrange(valid.to(err.dtype), per, p1=patch, p2=patch).sum(-1)  # [B, L]
+    both = torch.stack([sse, count])  # [2, B, L]: one reduction for both sums
+    if sum_over_ranks is not None:
+        both = sum_over_ranks(both)
+    sse, count = both[0], both[1]
+    if loss_on == "masked":
+        sse, count = sse * mask, count * mask
+    return sse.sum() / count.sum().clamp(min=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dchag.tasks.forecast import lat_weighted_mse
+from dchag.tasks.forecast import lat_weighted_mse, masked_sse
 from dchag.tasks.mae import mae_loss
 
 
@@ -18,8 +18,14 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
     if cfg.train.task == "forecast":
         out = model(batch["x"], batch["lead_hours"])
         weights = lat_weights if lat_weights is not None else torch.ones(batch["y"].shape[2], device=batch["y"].device)
+        valid = batch.get("y_valid")  # [B, C_out, H, W] under data.nan=mask: NaN pixels leave the loss
         if channel_shard is None:
-            return lat_weighted_mse(out.pred, batch["y"], weights), out
+            return lat_weighted_mse(out.pred, batch["y"], weights, valid), out
+        if valid is not None:  # add the masked sums and the valid weights over ranks, then divide
+            sums = channel_shard.sum_over_ranks(
+                torch.stack(masked_sse((out.pred.float() - batch["y"].float()) ** 2, weights, valid))
+            )
+            return sums[0] / sums[1].clamp(min=1e-12), out
         # this rank's output channels [B, C_out_r, H, W] (maybe none): sum the weighted squared errors,
         # add them up over ranks, divide by the element count of the whole prediction
         sse = ((out.pred.float() - batch["y"].float()) ** 2 * weights[None, None, :, None]).sum()
@@ -27,8 +33,9 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
         return channel_shard.sum_over_ranks(sse) / (b * channel_shard.total_out * h * w), out
     out = model(batch["x"], mask_noise=mask_noise)
     patch, loss_on = cfg.model.patch_size, cfg.train.mae_loss_on
+    valid = batch.get("x_valid")  # [B, C, H, W] under data.nan=mask
     if channel_shard is None:
-        return mae_loss(out.pred, batch["x"], out.mask, patch, loss_on), out
+        return mae_loss(out.pred, batch["x"], out.mask, patch, loss_on, valid=valid), out
     loss = mae_loss(
         out.pred,  # [B, C_r, H, W]: a channel-parallel model predicts only this rank's channels
         batch["x"],
@@ -37,5 +44,6 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
         loss_on,
         total_channels=channel_shard.total,
         sum_over_ranks=channel_shard.sum_over_ranks,
+        valid=valid,
     )
     return loss, out

@@ -18,8 +18,10 @@ never read and is removed by the next save; the previous checkpoints are untouch
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -57,13 +59,20 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and (path / STATE_FILE).is_file()
 
 
+def _recorded_step(path: Path) -> int:
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1  # unreadable: never taken as the newest
+
+
 def complete_checkpoints(run: str | Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first."""
+    """The run's complete checkpoints, oldest first by the step recorded inside them (not by name)."""
     root = Path(run) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith("step-") and is_complete(p)]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=lambda p: (_recorded_step(p), p.name))
 
 
 def resolve_resume(resume: str | None, run: str | Path | None) -> Path | None:
@@ -169,16 +178,16 @@ def write_json_atomic(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _agree(error: str) -> None:
-    """Raise the first rank's error on every rank (a failed file operation on rank 0 must not leave the
-    others waiting in the next collective)."""
+def agree(error: str, exc: type[Exception] = CheckpointError) -> None:
+    """Raise the first rank's error on every rank as `exc` (a failed file operation on rank 0 must not
+    leave the others waiting in the next collective)."""
     errors = [error]
     if dist.is_initialized():
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, error)
     found = [e for e in errors if e]
     if found:
-        raise CheckpointError(found[0])
+        raise exc(found[0])
 
 
 def save_checkpoint(
@@ -203,7 +212,7 @@ def save_checkpoint(
             partial.mkdir(parents=True)
         except OSError as err:
             error = f"cannot create checkpoint folder {str(partial)!r}: {err.strerror or err}"
-    _agree(error)
+    agree(error)
     try:
         with _dcp_call():
             dcp.save(
@@ -217,7 +226,7 @@ def save_checkpoint(
         previous = complete_checkpoints(run)
         kept = f"; the previous checkpoint {str(previous[-1])!r} is intact" if previous else ""
         raise CheckpointError(
-            f"writing checkpoint {str(final)!r} failed: {_first_line(err)}{kept} (free disk space or fix permissions)"
+            f"writing checkpoint {str(final)!r} failed: {_first_line(err)}{kept} ({_save_hint(err, plan)})"
         ) from err
     if main:
         try:
@@ -236,7 +245,7 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as err:
             error = f"committing checkpoint {str(final)!r} failed: {err.strerror or err}"
-    _agree(error)
+    agree(error)
     return final
 
 
@@ -249,6 +258,57 @@ def _first_line(err: BaseException) -> str:
         return f"{err.strerror}" + (f" ({err.filename})" if err.filename else "")
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The exception behind DCP's wrapping: the lowest failing rank's."""
+    while isinstance(err, CheckpointException) and err.failures:
+        err = min(err.failures.items(), key=lambda kv: kv[0])[1][0]
+    return err
+
+
+def _file_system_hint(cause: OSError, folder: str) -> str:
+    """What to do about a failed file operation, by its kind (only these name disk space or permissions)."""
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"free disk space on the file system of {folder}"
+    if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"fix the permissions of {folder} (or give another folder)"
+    if cause.errno == errno.ENOENT:
+        return f"a file of {folder} is missing: was it moved or deleted meanwhile?"
+    return f"a file-system error in {folder}: check that file system"
+
+
+def _layout(plan) -> str:
+    if plan is None:
+        return "one process"
+    d = plan.dims
+    return f"parallel.tp={d.tp} dp_shard={d.dp_shard} dp_replicate={d.dp_replicate}"
+
+
+def _save_hint(err: BaseException, plan) -> str:
+    """Name the real cause of a failed save: the file system (with its kind), host memory, or, for
+    anything else (DCP refusing our shard plan, a planning exception), a bug of dchag's layout code."""
+    cause = _cause(err)
+    if isinstance(cause, OSError):
+        return _file_system_hint(cause, "the run folder")
+    if isinstance(cause, MemoryError):
+        return "out of host memory while staging the checkpoint: lower train.batch_size or use more ranks"
+    what = (
+        "the ranks' shards do not tile the model's tensors"
+        if "validate global plan" in str(cause)
+        else "the checkpoint could not be planned"
+    )
+    return f"internal error: {what} under {_layout(plan)}; please report it with the config"
+
+
+def _read_hint(err: BaseException) -> str:
+    """Name the real cause of a failed read: the file system, a damaged data file, or a bug."""
+    cause = _cause(err)
+    if isinstance(cause, OSError):
+        return _file_system_hint(cause, "the checkpoint folder")
+    if isinstance(cause, (EOFError, pickle.UnpicklingError)) or "PytorchStreamReader" in str(cause):
+        return "a damaged or truncated data file? resume from an older checkpoint"
+    return "internal error: the checkpoint's chunks could not be read into this layout; please report it"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,8 +376,7 @@ def _read(path: Path, tensors: dict, **load_kwargs) -> None:
         raise
     except (Exception, CheckpointException) as err:
         raise CheckpointError(
-            f"reading checkpoint {str(path)!r} failed: {_first_line(err)} (a damaged or truncated data file? "
-            "resume from an older checkpoint)"
+            f"reading checkpoint {str(path)!r} failed: {_first_line(err)} ({_read_hint(err)})"
         ) from err
 
 

@@ -55,9 +55,11 @@ def lost_peer_message(err: BaseException, timeout_s: float) -> str:
     )
 
 
-def run_training(cfg: Config, out_dir: str, *, progress: bool = True, resume: str | None = None) -> int:
+def run_training(cfg: Config, out_dir: str, *, progress: bool = True, **options) -> int:
+    """`dchag train` on this process (one rank of a torchrun launch, or alone): the exit code.
+    `options` are `train()`'s (resume, overwrite, resume_changed)."""
     try:
-        summary = train(cfg, out_dir, progress=progress, resume=resume)
+        summary = train(cfg, out_dir, progress=progress, **options)
     except (TrainingFailure, ReplicaDivergence) as err:  # a decision every rank took together
         _say(f"dchag: training stopped: {err}")
         return _leave(1)

@@ -35,8 +35,10 @@ def first_bad_channel(x: torch.Tensor) -> torch.Tensor:
 def findings(batch: dict, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
     """This rank's findings [4] (int64, on the loss's device): 1 + the first bad input channel (or 0),
     and whether the target/lead time, the loss and the gradient norm hold non-finite values. No host
-    synchronisation."""
+    synchronisation. Pixels that a validity mask (`x_valid`, `y_valid`: data.nan=mask) marks invalid
+    are not findings: they are outside the loss."""
     device = loss.device
+    batch = {**batch, **{k: _masked(batch[k], batch[f"{k}_valid"]) for k in ("x", "y") if f"{k}_valid" in batch}}
     targets = [batch[k] for k in ("y", "lead_hours") if k in batch and torch.is_floating_point(batch[k])]
     bad_target = torch.stack([~torch.isfinite(t).all() for t in targets]).any() if targets else torch.tensor(False)
     return torch.stack(
@@ -47,6 +49,11 @@ def findings(batch: dict, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.
             (~torch.isfinite(grad_norm)).long().to(device),
         ]
     )
+
+
+def _masked(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`values` with the pixels `valid` marks invalid set to 0 (a masked NaN is no finding)."""
+    return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def _describe(found: list[int], rank: int, channels: list[str], bad_params: list[str]) -> str:

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,16 +24,13 @@ from dchag.data import build_source
 from dchag.data.pipeline import step_batches
 from dchag.model import build_model
 from dchag.tasks import compute_loss, mask_noise_for_step
-from dchag.train.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    read_stats,
-    resolve_resume,
-    save_checkpoint,
-)
+from dchag.train.checkpoint import load_checkpoint, read_stats, read_train_state, resolve_resume, save_checkpoint
 from dchag.train.guards import BadSteps, decide, findings
 from dchag.train.metrics import MetricsLog
 from dchag.train.optim import build_optimizer, lr_at, set_lr
+from dchag.train.resume_check import check_resumable
+from dchag.train.run_folder import check_out_dir, claim_run_folder, release_lock
+from dchag.train.stats import prepare_stats
 
 
 def pick_device(name: str) -> torch.device:
@@ -101,6 +99,14 @@ class Layout:
         dist.all_reduce(v)
         return float(v) / dist.get_world_size()
 
+    def rank0_says(self, flag: bool) -> bool:
+        """Rank 0's `flag` on every rank (for decisions taken on one rank's clock)."""
+        if self.plan is None:
+            return flag
+        value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(value, src=0)
+        return bool(value.item())
+
     @property
     def distributed(self) -> bool:
         return self.plan is not None
@@ -125,14 +131,63 @@ class Layout:
         return dist.get_world_size() if self.plan is not None else 1
 
 
-def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, resume: str | None = None) -> dict:
+def train(
+    cfg: Config,
+    out_dir: str | Path | None,
+    *,
+    progress: bool = True,
+    resume: str | None = None,
+    overwrite: bool = False,
+    resume_changed: bool = False,
+) -> dict:
     """Train the configured model; returns the summary (also written to out_dir by rank 0).
 
     `resume`: "auto" continues from the newest complete checkpoint in out_dir (or starts fresh when there
-    is none), a path continues from that checkpoint (or run folder), under any parallel layout."""
+    is none), a path continues from that checkpoint (or run folder), under any parallel layout; settings
+    that would change the run's numbers are refused unless `resume_changed`. A folder that holds another
+    run is refused unless `resume` or `overwrite` (see `run_folder`)."""
     out = Path(out_dir) if out_dir else None
+    if launched_distributed():  # the run folder is claimed by rank 0 for all ranks
+        from dchag.parallel.mesh import init_distributed
+
+        init_distributed(cfg.parallel.timeout_s)
     if out is not None:
         check_out_dir(out)
+        claim_run_folder(out, resume=resume, overwrite=overwrite)
+    try:
+        return _train(cfg, out, progress=progress, resume=resume, resume_changed=resume_changed)
+    finally:
+        if out is not None:
+            release_lock(out)
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: fresh, or from a checkpoint."""
+
+    begin: int = 0
+    resume_from: Path | None = None
+    skipped_steps: int = 0
+    changes: list = field(default_factory=list)  # settings changed on resume (--resume-changed)
+
+
+def _start(cfg: Config, layout: Layout, optimizer, out: Path | None, resume, resume_changed) -> RunStart:
+    """Load the checkpoint `resume` names into the model and optimizer, after checking that it continues
+    this run; a fresh start when there is none."""
+    path = resolve_resume(resume, out)
+    if path is None:
+        return RunStart()
+    state = read_train_state(path)
+    changes = check_resumable(state, cfg, path, allow_changed=resume_changed)
+    state = load_checkpoint(path, layout.model, layout.plan, optimizer)
+    if layout.is_main:
+        for key, old, new in changes:
+            print(f"dchag: warning: --resume-changed: {key} {old!r} -> {new!r}", file=sys.stderr, flush=True)
+        print(f"dchag: resuming from {path} at step {state['step']} of {cfg.train.steps}", file=sys.stderr, flush=True)
+    return RunStart(state["step"], path, state.get("skipped_steps", 0), changes)
+
+
+def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None, resume_changed: bool) -> dict:
     t = cfg.train
     device = pick_device(t.device)
     torch.manual_seed(t.seed)  # the initial weights come from train.seed alone (model.init)
@@ -140,48 +195,33 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
     model, plan = layout.model, layout.plan
     source = build_source(cfg, channels=plan.input_channels if plan else None)
     optimizer = build_optimizer(model, t)
-    resume_from = resolve_resume(resume, out)
-    begin = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, plan, optimizer)
-        check_resumable(state, cfg, resume_from)
-        begin = state["step"]
-        source.stats = stats = read_stats(resume_from)
+    run = _start(cfg, layout, optimizer, out, resume, resume_changed)
+    if run.resume_from is not None:
+        source.stats = stats = read_stats(run.resume_from)
         if stats is None:
             stats = prepare_stats(source, layout, out)
         elif out is not None and layout.is_main:  # check_out_dir created the run folder
             (out / "stats.json").write_text(json.dumps(stats))
     else:
         stats = prepare_stats(source, layout, out)
-    local_batch = t.batch_size // layout.dp_size
-    lat_weights = source.lat_weights().to(device) if t.task == "forecast" else None
     write = out is not None and layout.is_main
     if write:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log = MetricsLog(out / "metrics.jsonl" if write else None, keep_before=begin)
+    log = MetricsLog(out / "metrics.jsonl" if write else None, keep_before=run.begin)
     history: list[dict] = list(log.kept)
-    if resume_from is not None and layout.is_main:
-        print(f"dchag: resuming from {resume_from} at step {begin} of {t.steps}", file=sys.stderr, flush=True)
     bad = BadSteps(t.max_bad_steps)
-    if resume_from is not None:
-        bad.count = state.get("skipped_steps", 0)  # the limit counts over the whole run
+    bad.count = run.skipped_steps  # the limit counts over the whole run
     start = time.perf_counter()
-    bar = tqdm(
-        range(begin, t.steps),
-        desc="train",
-        initial=begin,
-        total=t.steps,
-        disable=not (progress and layout.is_main),
-        file=sys.stderr,
-        mininterval=1.0,
-        dynamic_ncols=True,
-    )
-    model.train()
+    saves = CheckpointClock(cfg, layout, out)
+    local_batch = t.batch_size // layout.dp_size
+    lat_weights = source.lat_weights().to(device) if t.task == "forecast" else None
     rows = slice(layout.dp_rank * local_batch, (layout.dp_rank + 1) * local_batch)
-    batches = step_batches(source, cfg.data, local_batch, layout.dp_rank, layout.dp_size, begin, t.steps)
+    batches = step_batches(source, cfg.data, local_batch, layout.dp_rank, layout.dp_size, run.begin, t.steps)
     waited = 0.0  # seconds spent waiting for batches since the last metrics record
     train_state = {"config": to_dict(cfg), "channels": cfg.channels, "world_size": layout.world_size}
     checkpoint = None
+    model.train()
+    bar = _progress_bar(run.begin, t.steps, progress and layout.is_main)
     for step, batch in zip(bar, batches):
         waited += batches.last_wait_s
         seed_dropout(cfg, layout.dp_rank, step)
@@ -217,10 +257,10 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
             history.append(record)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-        done = step + 1
-        if out is not None and (done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0)):
+        if saves.due(step + 1):
             state_now = {**train_state, "skipped_steps": bad.count}
-            checkpoint = save_checkpoint(out, done, model, plan, optimizer, state_now, stats, t.keep_checkpoints)
+            checkpoint = save_checkpoint(out, step + 1, model, plan, optimizer, state_now, stats, t.keep_checkpoints)
+            saves.saved()
     log.close()
     summary = {
         "steps": t.steps,
@@ -232,8 +272,10 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
         "ranks": layout.world_size,
         "skipped_steps": bad.count,
     }
-    if resume_from is not None:
-        summary["resumed_from_step"] = begin
+    if run.resume_from is not None:
+        summary["resumed_from_step"] = run.begin
+    if run.changes:
+        summary["resume_changed"] = {k: {"checkpoint": old, "now": new} for k, old, new in run.changes}
     if checkpoint is not None:
         summary["checkpoint"] = str(checkpoint)
     if out is not None:
@@ -243,46 +285,47 @@ def train(cfg: Config, out_dir: str | Path | None, *, progress: bool = True, res
     return summary
 
 
-def check_out_dir(out: Path) -> None:
-    """The run folder exists (created if needed) and is writable, before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file; give a folder for the run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create the run folder --out {str(out)!r}: {err.strerror or err}") from None
-    probe = out / f".dchag-write-probe-{os.getpid()}"
-    try:  # a real write: permission bits say nothing for root or read-only mounts
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"the run folder --out {str(out)!r} is not writable ({err.strerror or err}); choose another folder"
-        ) from None
+def _progress_bar(begin: int, steps: int, show: bool) -> tqdm:
+    return tqdm(
+        range(begin, steps),
+        desc="train",
+        initial=begin,
+        total=steps,
+        disable=not show,
+        file=sys.stderr,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
+
+
+class CheckpointClock:
+    """When to save: every `train.checkpoint_every` steps, whenever `train.checkpoint_every_minutes` have
+    passed since the last save (so a long run always has something recent to resume from), and at the
+    end. Rank 0's clock decides for every rank: a save is collective, and clocks differ between ranks."""
+
+    def __init__(self, cfg: Config, layout: Layout, out: Path | None):
+        self.t, self.layout, self.out = cfg.train, layout, out
+        self.last = time.monotonic()
+
+    def due(self, done: int) -> bool:
+        t = self.t
+        if self.out is None:
+            return False
+        if done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0):
+            return True
+        if not t.checkpoint_every_minutes:
+            return False
+        late = time.monotonic() - self.last >= 60.0 * t.checkpoint_every_minutes
+        return self.layout.rank0_says(late)
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def build_model_meta(cfg: Config) -> torch.nn.Module:
     """The single-device model on the meta device (shapes only, no memory)."""
     with torch.device("meta"):
         return build_model(cfg)
-
-
-def check_resumable(state: dict, cfg: Config, path: Path) -> None:
-    """The checkpoint must come from the same channels and still have steps left to train."""
-    saved = state.get("channels")
-    if saved is not None and list(saved) != list(cfg.channels):
-        differ = next(
-            (i for i, (a, b) in enumerate(zip(saved, cfg.channels)) if a != b), min(len(saved), len(cfg.channels))
-        )
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was trained on {len(saved)} channels, this config gives {len(cfg.channels)} "
-            f"(first difference at position {differ}); resume with the same data.channels"
-        )
-    if state["step"] >= cfg.train.steps:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is at step {state['step']}, and train.steps={cfg.train.steps}: nothing is "
-            "left to train; raise train.steps to continue"
-        )
 
 
 def loss_and_gradients(layout: Layout, optimizer, batch: dict, cfg: Config, lat_weights, noise):
@@ -321,36 +364,6 @@ def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, l
     if optimizer is not None:
         optimizer.step()
     return loss, grad_norm, None
-
-
-def prepare_stats(source, layout: Layout, out: Path | None) -> dict | None:
-    """Normalisation statistics for file-backed sources: read from `out/stats.json` when the run folder
-    has them, else streamed from the training split (each rank its own channels, merged over all
-    ranks) and written there by rank 0. Sets them on the source; None for synthetic sources."""
-    if not hasattr(source, "compute_stats"):
-        return None
-    path = out / "stats.json" if out is not None else None
-    stats = json.loads(path.read_text()) if path is not None and path.is_file() else None
-    needed = set(source.channels) | set(source.out_channels)
-    reuse = (
-        stats is not None and needed <= set(stats["channels"]) and set(source.out_channels) <= set(stats["climatology"])
-    )
-    if layout.distributed:  # every rank decides the same way, before rank 0 may write a new file
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces device tensors only
-        flag = torch.tensor([int(reuse)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        reuse = bool(flag)
-    if not reuse:
-        stats = source.compute_stats(climatology=source.out_channels)
-        if layout.distributed:
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, stats)
-            stats = {part: {k: v for s in everyone for k, v in s[part].items()} for part in ("channels", "climatology")}
-        if path is not None and layout.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(stats))
-    source.stats = stats
-    return stats
 
 
 def summary_line(summary: dict) -> str:
