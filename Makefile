@@ -26,8 +26,8 @@ DEMO_LAYOUT ?= parallel.tp=2 parallel.dp_shard=2
 
 demo: setup
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node $(DEMO_RANKS) \
-		-m dchag train --config configs/tiny-weather.yaml --out runs/demo --set $(DEMO_LAYOUT)
-	$(PY) -m dchag train --config configs/era5-sample.yaml --out runs/era5-sample --no-progress
+		-m dchag train --config configs/tiny-weather.yaml --out runs/demo --overwrite --set $(DEMO_LAYOUT)
+	$(PY) -m dchag train --config configs/era5-sample.yaml --out runs/era5-sample --overwrite --no-progress
 	$(PY) -m dchag eval --run runs/era5-sample --json runs/era5-sample/eval.json --plots runs/era5-sample/plots
 
 test: setup

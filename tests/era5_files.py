@@ -83,3 +83,21 @@ def write(ds, path: Path, fmt: str) -> Path:
         for day in np.unique(days):
             ds[[name]].sel(time=ds["time"].dt.floor("D") == day).to_netcdf(folder / f"{name}_{str(day)[:10]}.nc")
     return path
+
+
+LAND = {"lat": (10.0, 50.0), "lon": (0.0, 60.0)}  # the "land" box a sea field is NaN over
+
+
+def land_mask(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """[lat, lon] bool: True over the land box."""
+    la, lo = np.meshgrid(lat, lon, indexing="ij")
+    return (la >= LAND["lat"][0]) & (la <= LAND["lat"][1]) & (lo >= LAND["lon"][0]) & (lo <= LAND["lon"][1])
+
+
+def with_sea_field(ds, name: str = "sst", from_time: int = 0):
+    """`ds` plus a sea-surface field `name` (t2m + 270) that is NaN over the land box from time index
+    `from_time` on, as SST is over land."""
+    values = ds["t2m"].values.astype(np.float64) + 270.0  # [T, lat, lon]
+    land = land_mask(ds["latitude"].values, np.mod(ds["longitude"].values, 360.0))
+    values[from_time:, land] = np.nan
+    return ds.assign({name: (("time", "latitude", "longitude"), values.astype(np.float32), {"units": "K"})})

@@ -87,11 +87,15 @@ def test_whole_model_is_the_same_with_the_fused_front_end_on_or_off(preset, task
             assert max(errors.values()) <= tol, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
 
 
-def test_fused_path_falls_back_with_a_logged_reason_under_key_norm(caplog):
-    with caplog.at_level("INFO", logger="dchag"):
+def test_fused_path_falls_back_with_a_visible_warning_under_key_norm():
+    with pytest.warns(UserWarning, match="norm on keys"):
         model = build_model(small_config("model.hierarchy.qk_norm=true"))
     assert not model.front_end.fused
-    assert "norm on keys" in caplog.text
+
+
+def test_no_fallback_warning_when_the_fused_path_applies(recwarn):
+    assert build_model(small_config()).front_end.fused
+    assert not [w for w in recwarn if "fused_front_end" in str(w.message)]
 
 
 def test_fused_path_never_builds_channel_tokens():

@@ -13,8 +13,10 @@ import torch
 
 from dchag.cli import main
 from dchag.configure import load_config
+from dchag.bench.fake_group import fake_process_group
+from dchag.planning.paper_table import PAPER_VARIANTS, paper_plan_table
 from dchag.planning.planner import Candidate, Machine, candidates, layouts, plan_one
-from dchag.planning.trace import fake_process_group, trace_rank
+from dchag.planning.trace import trace_rank
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs/tiny-hyperspectral.yaml")
@@ -158,9 +160,30 @@ def test_bf16_and_fsdp_shrink_the_planned_memory():
     assert peak(sharded, "fp32") < peak(Candidate("dchag-L", False, 1, 1, 2), "fp32")
 
 
+def paper_row_problems(records: list[dict], printed: str) -> list[str]:
+    """What is wrong with the planner's predictions for the paper's first row (2048 wide, 512 channels,
+    tp 2): the orderings the paper measured and our design implies, and the printed table showing our
+    number (not only the paper's) beside the paper's."""
+    by = {(r["variant"], r["fused"]): r for r in records}
+    gb = {key: r["predicted_peak_mem_bytes"] / 1e9 for key, r in by.items()}
+    problems = []
+    if not gb[("dchag-L", False)] < gb[("replicated", False)]:  # the paper: 32.42 vs 52.45 GB
+        problems.append("D-CHAG-L is not predicted below the TP-only baseline")
+    if not by[("replicated", False)]["front_end_share"] > 0.5:  # the paper's Fig. 7: 50-94% at 500+ channels
+        problems.append("the baseline's replicated front end is not most of its memory")
+    problems += [f"{v}: fused not below unfused" for v in PAPER_VARIANTS if not gb[(v, True)] < gb[(v, False)]]
+    for v in PAPER_VARIANTS:
+        paper, ours = by[(v, False)]["paper_mem_gb"], gb[(v, False)]
+        row = f"| 2048 / 512 / 2 | {v} | {paper:.2f} GB | {ours:.2f} GB | {ours / paper:.2f} |"
+        if row not in printed:
+            problems.append(f"the table does not show the planner's {ours:.2f} GB for {v}")
+    return problems
+
+
 def test_the_paper_plan_sweep_sets_the_planner_beside_the_paper(tmp_path, capsys):
     """`dchag bench --sweep paper-plan --set quick=true`: the first row of the paper's table (depth 1),
-    each variant with the paper's measured memory beside the planner's."""
+    each variant with the planner's prediction beside the paper's measured memory, and the predictions
+    ordered as the paper measured them."""
     out = tmp_path / "pp.json"
     assert main(["bench", "--sweep", "paper-plan", "--set", "quick=true", "--json", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
@@ -168,4 +191,19 @@ def test_the_paper_plan_sweep_sets_the_planner_beside_the_paper(tmp_path, capsys
         (v, f) for v in ("replicated", "dchag-L", "dchag-C") for f in (False, True)
     }
     assert all(r["part"] == "table" and r["paper_mem_gb"] > 0 and r["tp"] == 2 for r in records)
-    assert "| 2048 / 512 / 2 | dchag-L | 32.42 GB |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert paper_row_problems(records, printed) == []
+
+    # counter-check: a planner that predicted D-CHAG-L's memory for the baseline and the baseline's for
+    # D-CHAG-L is caught, while the paper's own constant is still printed (what the old check asserted)
+    swapped = [dict(r) for r in records]
+    by = {(r["variant"], r["fused"]): r for r in swapped}
+    low, high = by[("dchag-L", False)], by[("replicated", False)]
+    low["predicted_peak_mem_bytes"], high["predicted_peak_mem_bytes"] = (
+        high["predicted_peak_mem_bytes"],
+        low["predicted_peak_mem_bytes"],
+    )
+    wrong_table = paper_plan_table(swapped)
+    assert "| 2048 / 512 / 2 | dchag-L | 32.42 GB |" in wrong_table
+    assert "D-CHAG-L is not predicted below the TP-only baseline" in paper_row_problems(swapped, wrong_table)
+    assert any("table does not show" in p for p in paper_row_problems(records, wrong_table))

@@ -112,7 +112,8 @@ def cmd_bench(args) -> int:
     import torch
 
     from dchag.bench.report import write_json
-    from dchag.bench.sweeps import SWEEPS, sweep_size
+    from dchag.bench.sweeps import sweep_size
+    from dchag.planning.sweeps import SWEEPS  # bench's sweeps and the planner's paper-plan
 
     if args.sweep not in SWEEPS:
         raise ConfigError(f"--sweep {args.sweep!r} is unknown; use one of {sorted(SWEEPS)}")
@@ -122,7 +123,7 @@ def cmd_bench(args) -> int:
         if args.sweep != "paper-cpu":
             raise ConfigError(f"--simulate-tp is available for --sweep paper-cpu, not {args.sweep!r}")
         args.set = [*args.set, f"simulate_tp={args.simulate_tp}", f"simulate_rank={args.simulate_rank}"]
-    size = sweep_size(args.sweep, args.set)
+    size = sweep_size(args.sweep, args.set, SWEEPS)
     records = SWEEPS[args.sweep][1](size)
     meta = {
         "sweep": args.sweep,
@@ -140,9 +141,10 @@ def cmd_bench(args) -> int:
 
         Path(args.table).write_text(table + "\n")
     if args.plots:
+        from dchag.bench.paper_sweep import worst_ranks
         from dchag.viz.scaling import paper_plots
 
-        for path in paper_plots(records, args.plots):
+        for path in paper_plots(worst_ranks(records), args.plots):
             print(f"wrote {path}", file=sys.stderr)
     print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
     return 0

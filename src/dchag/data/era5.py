@@ -453,7 +453,7 @@ class ERA5Source:
         return {
             "kind": "era5",
             "path": os.path.abspath(resolve_path(self.path)),
-            "split": {"train": self.split_spec.get("train")},
+            "split": self.split_spec.get("train"),
             "train_times": [str(first), str(last), int(len(train))],
             "grid": self.grid_spec if self.grid_spec == "native" else list(self.grid_spec),
             "grid_shape": [len(self.grid.lat), len(self.grid.lon)],

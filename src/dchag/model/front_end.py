@@ -5,7 +5,7 @@ This is the part of the model that grows with the channel count and that D-CHAG 
 
 from __future__ import annotations
 
-import logging
+import warnings
 
 import torch
 from torch import nn
@@ -13,9 +13,6 @@ from torch import nn
 from dchag.config import LevelConfig
 from dchag.model.hierarchy import ChannelHierarchy
 from dchag.model.tokenizer import ChannelTokenizer
-
-log = logging.getLogger("dchag")
-
 
 def tokenize_and_aggregate(
     tokenizer: ChannelTokenizer, level, x: torch.Tensor, index: torch.Tensor | None, fused: bool
@@ -30,10 +27,14 @@ def tokenize_and_aggregate(
 
 
 def fused_allowed(wanted: bool, level) -> bool:
-    """Whether to fuse this first level, logging why not when the config asked for it."""
+    """Whether to fuse this first level; a visible warning says why not when the config asked for it."""
     reason = level.aggregator.fused_unsupported
     if wanted and reason:
-        log.info("fused front end off: %s; using the reference path", reason)
+        warnings.warn(
+            f"dchag: model.fused_front_end is on but cannot apply: {reason}; using the materializing reference "
+            "path (set model.fused_front_end=false to silence this)",
+            stacklevel=2,
+        )
     return wanted and reason is None
 
 

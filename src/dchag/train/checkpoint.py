@@ -318,6 +318,8 @@ def _read_hint(err: BaseException) -> str:
 def read_train_state(path: str | Path) -> dict:
     """The checkpoint's train_state.json, checked for format version."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist (or is not a folder)")
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except FileNotFoundError as err:

@@ -1,8 +1,9 @@
 """Entry point of `dchag train`: single process, or one rank of a torchrun launch.
 
 Exit codes: 0 done, 1 training failed (non-finite values, diverged replicas, a lost peer), 2 bad input
-(config, data, checkpoint). Under `torchrun --max-restarts N` a non-zero exit of any rank restarts all
-of them; with `--resume auto` the restart continues from the newest complete checkpoint.
+(config, data, checkpoint), 3 the torchrun agent that launched this rank is gone (`train/watchdog.py`).
+Under `torchrun --max-restarts N` a non-zero exit of any rank restarts all of them; with `--resume auto`
+the restart continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dchag.parallel.parallelize import ReplicaDivergence
 from dchag.train.checkpoint import CheckpointError
 from dchag.train.guards import TrainingFailure
 from dchag.train.loop import summary_line, train
+from dchag.train.watchdog import under_torchrun, watch_launcher
 
 
 def _rank() -> int:
@@ -58,6 +60,8 @@ def lost_peer_message(err: BaseException, timeout_s: float) -> str:
 def run_training(cfg: Config, out_dir: str, *, progress: bool = True, **options) -> int:
     """`dchag train` on this process (one rank of a torchrun launch, or alone): the exit code.
     `options` are `train()`'s (resume, overwrite, resume_changed)."""
+    if under_torchrun():
+        watch_launcher()  # an orphaned rank must not write into the run folder a restart resumes from
     try:
         summary = train(cfg, out_dir, progress=progress, **options)
     except (TrainingFailure, ReplicaDivergence) as err:  # a decision every rank took together

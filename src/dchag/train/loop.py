@@ -325,7 +325,7 @@ class CheckpointClock:
 def build_model_meta(cfg: Config) -> torch.nn.Module:
     """The single-device model on the meta device (shapes only, no memory)."""
     with torch.device("meta"):
-        return build_model(cfg)
+        return build_model(cfg, init=False)  # shapes are all it is for
 
 
 def loss_and_gradients(layout: Layout, optimizer, batch: dict, cfg: Config, lat_weights, noise):

@@ -5,19 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def paper_plots(records: list[dict], folder: str | Path) -> list[Path]:
-    """From `paper-cpu` records: per TP size, worst-rank whole-step peak memory and samples/s against
-    channels; PNGs `folder/memory_tp{T}.png` and `folder/throughput_tp{T}.png`."""
+def paper_plots(worst: dict[tuple, dict], folder: str | Path) -> list[Path]:
+    """From `paper-cpu`'s worst ranks ((channels, tp, variant, fused) -> record, as
+    `bench.paper_sweep.worst_ranks` reduces them): per TP size, whole-step peak memory and samples/s
+    against channels; PNGs `folder/memory_tp{T}.png` and `folder/throughput_tp{T}.png`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dchag.bench.paper_sweep import VARIANTS, worst_ranks
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    worst = worst_ranks(records)
     paths = []
     for tp in sorted({k[1] for k in worst}):
         for field, label, name in (
@@ -25,7 +23,7 @@ def paper_plots(records: list[dict], folder: str | Path) -> list[Path]:
             ("samples_per_s", "samples / s (slowest rank)", "throughput"),
         ):
             fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
-            for variant in VARIANTS:
+            for variant in dict.fromkeys(k[2] for k in worst):  # in the sweep's order
                 for fused in (False, True):
                     points = sorted((k[0], r[field]) for k, r in worst.items() if k[1:] == (tp, variant, fused))
                     if not points:
