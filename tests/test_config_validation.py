@@ -131,3 +131,16 @@ def test_a_torch_older_than_the_floor_is_refused_in_one_line(monkeypatch, capsys
     assert main(["info"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "2.6.0" in err and ">= 2.8" in err
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["export"], ["eval"], ["info"], ["bench"], ["plan"], ["check-parity"]])
+def test_help_works_for_every_command_even_on_a_torch_too_old_to_train(command, monkeypatch, capsys):
+    import torch
+
+    from dchag.cli import main
+
+    monkeypatch.setattr(torch, "__version__", "2.6.0")
+    with pytest.raises(SystemExit) as leaving:
+        main([*command, "--help"])
+    assert leaving.value.code == 0
+    assert "usage: dchag" in capsys.readouterr().out

@@ -10,6 +10,7 @@ import pytest
 import torch
 from era5_files import dataset, write
 
+from dchag.config import ConfigError
 from dchag.configure import load_config
 from dchag.data import build_source
 from dchag.data.pipeline import step_batches
@@ -133,6 +134,12 @@ def test_training_on_era5_logs_data_wait_and_eval_reports_skill_against_baseline
     other = write(dataset(times=25), tmp_path / "other.zarr", "zarr3")
     again = evaluate_forecast(tmp_path, lead_hours=[6], data_path=str(other), progress=False)
     assert [r["rmse"] for r in again["metrics"]] == pytest.approx([r["rmse"] for r in result["metrics"][:2]], rel=1e-4)
+
+    # without its statistics the run cannot be evaluated in physical units: one line, not a traceback
+    for found in tmp_path.rglob("stats.json"):
+        found.unlink()
+    with pytest.raises(ConfigError, match="has no normalisation statistics"):
+        evaluate_forecast(tmp_path, lead_hours=[6], progress=False)
 
 
 def test_eval_cli_writes_json_and_a_table(tmp_path):

@@ -39,7 +39,8 @@ ALLOWED: dict[str, set[str]] = {
     "dchag.eval": _BASE | {"dchag.parallel", "dchag.train", "dchag.viz"},
     "dchag.checks": _BASE | {"dchag.compare", "dchag.parallel", "dchag.train"},
     "dchag.bench": _BASE | {"dchag.parallel", "dchag.train", "dchag.eval"},
-    "dchag.planning": {"dchag.config", "dchag.configure", "dchag.model", "dchag.parallel", "dchag.train", "dchag.bench"},
+    "dchag.planning": {"dchag.config", "dchag.configure", "dchag.model", "dchag.parallel", "dchag.train"}
+    | {"dchag.bench"},
     "dchag.cli": _BASE
     | {"dchag", "dchag.parallel", "dchag.train", "dchag.eval", "dchag.checks", "dchag.bench", "dchag.planning"}
     | {"dchag.viz"},

@@ -129,6 +129,7 @@ def test_the_masked_forecast_loss_equals_a_hand_computed_one_and_ignores_invalid
     assert float(loss.detach()) == pytest.approx(num / den, rel=1e-6)
     loss.backward()
     assert torch.isfinite(pred.grad).all() and (pred.grad[~valid] == 0).all()
+    pred = pred.detach()
     # counter-check: without the mask the 1e6 values dominate
     assert float(lat_weighted_mse(pred, target, w)) > 1e9
     # with every pixel valid the masked loss is the plain one

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dchag.bench.fake_group import fake_process_group
 from dchag.cli import main
 from dchag.configure import load_config
-from dchag.bench.fake_group import fake_process_group
 from dchag.planning.paper_table import PAPER_VARIANTS, paper_plan_table
 from dchag.planning.planner import Candidate, Machine, candidates, layouts, plan_one
 from dchag.planning.trace import trace_rank

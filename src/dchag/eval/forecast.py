@@ -27,6 +27,7 @@ from dchag.tasks.metrics import anomaly_correlation, weighted_mse
 from dchag.train.checkpoint import complete_checkpoints, read_logical_weights, read_stats
 
 SYNTHETIC_EVAL_SAMPLES = 64
+FILE_BACKED = ("era5", "spectral_cube")  # sources normalised by statistics of their training split
 SYNTHETIC_CLIMATOLOGY_SAMPLES = 128
 
 
@@ -49,6 +50,11 @@ def load_run(run: str | Path, data_path: str | None = None) -> tuple[Config, tor
     stats = read_stats(checkpoints[-1])
     if stats is None and (run / "stats.json").is_file():
         stats = json.loads((run / "stats.json").read_text())
+    if stats is None and cfg.data.kind in FILE_BACKED:
+        raise ConfigError(
+            f"--run {str(run)!r} has no normalisation statistics (stats.json in {str(checkpoints[-1])!r} or in the "
+            "run folder), which its model was trained with; copy them back, or train the run again"
+        )
     return cfg, model.eval(), stats
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 
+from dchag.bench.variants import VARIANTS, variant_overrides, variant_pairs
 from dchag.config import Config, ConfigError, to_dict
 from dchag.planning.jobs import run_jobs
-from dchag.bench.variants import VARIANTS, variant_overrides, variant_pairs
 
 GIB = 2**30
 
