@@ -97,6 +97,15 @@ def _resume_from(prepare, *overrides: str, flags: tuple[str, ...] = ()):
     return argv
 
 
+def _nan_field(tmp: Path, trained: Path) -> list[str]:
+    """argv builder: `dchag train` on an ERA5 file whose sea field is NaN over land from time index 3 on."""
+    from era5_files import dataset, with_sea_field, write
+
+    path = write(with_sea_field(dataset(times=16), from_time=3), tmp / "sea.nc", "netcdf")
+    era5 = [f"data.path={path}", "data.channels=[t2m, sst]", "data.out_channels=[t2m, sst]", "data.lead_hours=[6, 6]"]
+    return _train("data.kind=era5", *era5, "data.grid=[16, 32]", "model.hierarchy.groups=2")(tmp, trained)
+
+
 # (case id, argv builder, what the message must say)
 CASES = [
     # config files
@@ -129,6 +138,9 @@ CASES = [
     ("timeout-zero", _train("parallel.timeout_s=0"), "parallel.timeout_s=0.0 must be > 0"),
     ("channels-zero", _train("data.channels=0"), "data.channels=0 must be >= 1"),
     ("noise-negative", _train("data.noise=-1"), "data.noise=-1.0 must be >= 0"),
+    # NaN in the data (owner B: data.nan)
+    ("nan-mode-unknown", _train("data.nan=drop"), "data.nan='drop' is unknown; use 'error'"),
+    ("nan-in-training-data", _nan_field, "channel 'sst' (variable 'sst') holds NaN at 2020-01-01T18:00 (time index 3)"),
     # the mesh against the processes, the channels and the model
     ("mesh-vs-world-size", _train("parallel.tp=2"), "launch with: torchrun --nproc-per-node 2"),
     ("channels-vs-mesh", _train("parallel.tp=4", "model.hierarchy.groups=3"), "3 groups, fewer than parallel.tp=4"),
@@ -170,6 +182,12 @@ CASES = [
     ("eval-not-a-run", lambda t, _: ["eval", "--run", str(t)], "is not a run folder with a checkpoint"),
     ("eval-option-of-another-task", lambda t, tr: ["eval", "--run", str(tr), "--samples", "3"],
      "--samples apply to mae runs"),
+    ("eval-json-unwritable", lambda t, tr: ["eval", "--run", str(tr), "--json", "/proc/version/e.json"],
+     "'/proc/version' is a file, not a folder"),
+    ("bench-table-is-a-folder", lambda t, _: ["bench", "--sweep", "fused-cpu", "--json", str(t / "b.json"),
+     "--table", str(t)], "' is a folder; give a file name"),
+    ("parity-tolerance-negative", lambda t, _: ["check-parity", "--nproc", "2", "--tolerance", "-1"],
+     "--tolerance -1.0 must be > 0"),
     ("bench-unknown-sweep", lambda t, _: ["bench", "--sweep", "fastest", "--json", str(t / "b.json")], "'fastest'"),
     ("simulate-rank-out-of-range", lambda t, _: ["bench", "--sweep", "paper-cpu", "--simulate-tp", "4",
      "--simulate-rank", "4", "--json", str(t / "b.json")], "simulate_rank=4 must be in [0, simulate_tp=4)"),

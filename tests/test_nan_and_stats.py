@@ -283,3 +283,25 @@ def test_stats_are_reused_for_the_same_data_and_recomputed_when_path_grid_or_spl
     (out / "stats.json").write_text(json.dumps({k: v for k, v in coarse.items() if k != "fingerprint"}))
     again, computed, said = prepare(moved, split={"train": 0.25, "test": 0.75}, grid=[10, 18])
     assert computed and "stats.json has no data fingerprint" in said and again == coarse
+
+
+def test_a_spectral_cube_with_nan_is_refused_naming_file_and_band_or_masked_per_channel(tmp_path):
+    from dchag.data.spectral_cube import SpectralCubeSource
+
+    data = np.arange(3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
+    data[1, :2, :] = np.nan  # band 1 has no value in the first two rows
+    path = tmp_path / "c.npy"
+    np.save(path, data)
+
+    def source(nan):
+        return SpectralCubeSource(str(path), (8, 8), band_wavelengths=[450.0, 550.0, 650.0], num_samples=1, nan=nan)
+
+    with pytest.raises(DataError, match=r"band 1 of '.*c.npy' holds NaN in the crop of sample 0 .*data.nan: mask"):
+        source("error").compute_stats()
+    src = source("mask")
+    src.stats = src.compute_stats()
+    assert src.stats["channels"]["b550.0"]["mean"] == pytest.approx(float(data[1, 2:].mean()), rel=1e-12)
+    batch = src.batch([0])
+    valid = batch["x_valid"][0]  # [C, h, w]: only band 1's first rows are invalid, the other bands stay valid
+    assert not valid[1, :2].any() and valid[1, 2:].all() and valid[0].all() and valid[2].all()
+    assert torch.isfinite(batch["x"]).all()

@@ -17,6 +17,31 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_outputs(args, *, files: tuple[str, ...] = (), folders: tuple[str, ...] = ()) -> None:
+    """Output paths are checked before the work, not after minutes of it: each can be created and written."""
+    import os
+    from pathlib import Path
+
+    for name in (*files, *folders):
+        value = getattr(args, name, None)
+        if not value:
+            continue
+        path, option = Path(value), "--" + name.replace("_", "-")
+        if name in files and path.is_dir():
+            raise ConfigError(f"{option} {value!r} is a folder; give a file name")
+        folder = path if name in folders else path.parent
+        blocking = next((f for f in (folder, *folder.parents) if f.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise ConfigError(f"cannot write {option} {value!r}: {str(blocking)!r} is a file, not a folder")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".dchag-write-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(f"cannot write {option} {value!r}: {err.strerror or err}") from None
+
+
 def cmd_train(args) -> int:
     from dchag.train.entry import run_training
 
@@ -44,6 +69,7 @@ def cmd_eval(args) -> int:
 
     cfg, _, _ = load_run(args.run)
     check_eval_options(args, cfg.train.task)
+    _check_outputs(args, files=("json",), folders=("plots",))
     if cfg.train.task == "mae":
         from dchag.eval.mae import evaluate_mae, format_mae_table
 
@@ -99,6 +125,8 @@ def cmd_check_parity(args) -> int:
     cfg = load_config(args.config, args.set)
     if args.fault not in FAULTS:
         raise ConfigError(f"--fault {args.fault!r} is unknown; use one of {FAULTS}")
+    if args.tolerance is not None and not args.tolerance > 0:
+        raise ConfigError(f"--tolerance {args.tolerance} must be > 0 (the largest allowed max|a-b|/max|b|)")
     passed, text = check_parity(cfg, args.nproc, args.tolerance, args.fault)
     print(text)
     return 0 if passed else 1
@@ -123,6 +151,7 @@ def cmd_bench(args) -> int:
         if args.sweep != "paper-cpu":
             raise ConfigError(f"--simulate-tp is available for --sweep paper-cpu, not {args.sweep!r}")
         args.set = [*args.set, f"simulate_tp={args.simulate_tp}", f"simulate_rank={args.simulate_rank}"]
+    _check_outputs(args, files=("json", "table"), folders=("plots",))
     size = sweep_size(args.sweep, args.set, SWEEPS)
     records = SWEEPS[args.sweep][1](size)
     meta = {
@@ -155,6 +184,7 @@ def cmd_plan(args) -> int:
 
     from dchag.bench.report import write_json
 
+    _check_outputs(args, files=("json", "table"))
     if args.validate:
         from dchag.planning.validate import validate_paper_cpu, validation_table
 

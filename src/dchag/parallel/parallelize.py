@@ -315,7 +315,10 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
         fsdp_mesh = dp_mesh(mesh)
         for block in model.blocks:
             fully_shard(block, mesh=fsdp_mesh, mp_policy=mp)
-        fully_shard(model, mesh=fsdp_mesh, mp_policy=mp)
+        # a parameter without elements on this rank (the forecast head of a TP rank that owns none of the
+        # output channels) has nothing to shard or reduce, and FSDP's gradient reduction fails on it
+        empty = {q for q in model.parameters() if q.numel() == 0}
+        fully_shard(model, mesh=fsdp_mesh, mp_policy=mp, ignored_params=empty or None)
         for module in model.modules():  # plain sums (gloo has no AVG/PREMUL_SUM): the loss carries 1/dp
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
