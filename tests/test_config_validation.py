@@ -133,7 +133,10 @@ def test_a_torch_older_than_the_floor_is_refused_in_one_line(monkeypatch, capsys
     assert err.count("\n") == 0 and "2.6.0" in err and ">= 2.8" in err
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["export"], ["eval"], ["info"], ["bench"], ["plan"], ["check-parity"]])
+COMMANDS = [[], ["train"], ["export"], ["eval"], ["info"], ["bench"], ["plan"], ["check-parity"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_works_for_every_command_even_on_a_torch_too_old_to_train(command, monkeypatch, capsys):
     import torch
 

@@ -14,6 +14,7 @@ from dchag.config import LevelConfig
 from dchag.model.hierarchy import ChannelHierarchy
 from dchag.model.tokenizer import ChannelTokenizer
 
+
 def tokenize_and_aggregate(
     tokenizer: ChannelTokenizer, level, x: torch.Tensor, index: torch.Tensor | None, fused: bool
 ) -> torch.Tensor:

@@ -7,7 +7,6 @@ trains the same model, on the same samples, at any parallel layout.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -196,14 +195,8 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
     source = build_source(cfg, channels=plan.input_channels if plan else None)
     optimizer = build_optimizer(model, t)
     run = _start(cfg, layout, optimizer, out, resume, resume_changed)
-    if run.resume_from is not None:
-        source.stats = stats = read_stats(run.resume_from)
-        if stats is None:
-            stats = prepare_stats(source, layout, out)
-        elif out is not None and layout.is_main:  # check_out_dir created the run folder
-            (out / "stats.json").write_text(json.dumps(stats))
-    else:
-        stats = prepare_stats(source, layout, out)
+    saved = read_stats(run.resume_from) if run.resume_from is not None else None  # reused if the data match
+    stats = prepare_stats(source, layout, out, saved=saved)
     write = out is not None and layout.is_main
     if write:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
