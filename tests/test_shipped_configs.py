@@ -16,6 +16,7 @@ single-process loss, and the padding of uneven groups is zero in every checkpoin
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -73,9 +74,12 @@ def shrink_overrides(path: Path) -> list[str]:
 
 
 STEP1 = "checkpoints/step-00000001"
-PADDED = "tiny-hyperspectral"  # fp32, linear level 1 with uneven groups: the counter-checks' config
-FP32_RTOL = 1e-5  # distributed vs single-process loss, fp32 (the parity criterion)
-BF16_RTOL = 3.1e-2  # the same under bf16 autocast: 8 unit roundoffs (dchag check-parity's criterion)
+PADDED = "hyperspectral-500"  # issue 17's config: bf16, linear level 1 padded; the counter-checks' config
+FP32_RTOL = 1e-5  # a loss at another layout vs the reference, fp32 (the parity criterion)
+# the same under bf16 autocast: a quarter of bf16's unit roundoff 2**-8, since a loss is a mean over
+# thousands of elements whose roundings average out (measured: at most 3e-5); a checkpoint of another
+# seed moves the issue's config by 4e-3
+BF16_RTOL = 1e-3
 
 
 def shrunk(path: Path, *extra: str):
@@ -101,7 +105,9 @@ def read_everything(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint (weights and AdamW state) by key, in the logical layout (one process)."""
     metadata = read_metadata_safely(Path(path) / ".metadata").state_dict_metadata
     tensors = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items()}
-    dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it assumes one process: it is one
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=True)
     return tensors
 
 
@@ -219,11 +225,9 @@ def test_distributed_losses_equal_the_single_process_loss(runs, path):
 def test_the_padding_of_uneven_groups_is_zero_in_every_checkpoint(runs, path):
     """The single-device model holds a linear level's padding slots as zeros that never train; every
     layout's checkpoint holds the same zeros (weights and AdamW moments)."""
-    cfg = shrunk(path)
-    with torch.device("meta"):
-        model = build_model(cfg, init=False)
+    model = build_model(shrunk(path), init=False)  # the group layout only (shrunk: small)
     padded = {
-        f"front_end.hierarchy.levels.{i}.aggregator.weight": ~level.valid.to("cpu")  # [G, n_max]
+        f"front_end.hierarchy.levels.{i}.aggregator.weight": ~level.valid  # [G, n_max]
         for i, level in enumerate(model.front_end.hierarchy.levels)
         if level.kind == "linear" and level.valid is not None
     }
@@ -237,10 +241,10 @@ def test_the_padding_of_uneven_groups_is_zero_in_every_checkpoint(runs, path):
 
 def test_counter_check_a_checkpoint_of_another_seed_does_not_continue_the_run(runs):
     """The resume check can fail: the other seed's step-1 checkpoint, resumed at tp 2 x dp_shard 2, gives a
-    step-1 loss far outside the tolerance that the right checkpoint meets."""
+    step-1 loss outside the tolerance that the right checkpoint meets (bf16's, the looser one)."""
     got = losses(runs["root"] / "tp2dp2-from-other-seed")[0]
     want = losses(runs["root"] / PADDED / "tp2dp2")[1]
-    assert _rel(got, want) > 100 * FP32_RTOL, (got, want)
+    assert _rel(got, want) > 2 * BF16_RTOL, (got, want)
 
 
 def test_counter_check_without_the_padding_chunks_the_save_fails_as_an_internal_error(runs):
@@ -250,3 +254,13 @@ def test_counter_check_without_the_padding_chunks_the_save_fails_as_an_internal_
     assert error is not None and "invalid fill" in error
     assert "internal error: the ranks' shards do not tile the model's tensors under parallel.tp=2" in error
     assert "disk" not in error and "permission" not in error
+
+
+def test_counter_check_the_round_trip_comparison_sees_one_step_of_training(runs):
+    """The bit-for-bit comparison reads real values: the re-saved step-1 checkpoint differs from the
+    step-2 one of the same run in the weights (one AdamW step)."""
+    run = runs["root"] / PADDED
+    a = read_everything(run / "tp2-resaved-at-tp2dp2" / STEP1)
+    b = read_everything(run / "tp2/checkpoints/step-00000002")
+    assert sorted(a) == sorted(b)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("model."))

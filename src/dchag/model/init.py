@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,12 +40,13 @@ def uniform_to_trunc_normal_(u: torch.Tensor, std: float, a: float, b: float) ->
     draws are first moved inside the open interval (the end's neighbouring float, one grid step of the
     uniform draw away, so -1 becomes about -5.4 sigma, as far as float32 tails reach), and the results
     kept strictly inside (a, b) against erfinv's rounding; no other draw changes."""
-    ends = torch.tensor([math.erf(x / (std * math.sqrt(2.0))) for x in (a, b)], dtype=u.dtype)
-    inside = torch.nextafter(ends, ends.flip(0)).tolist()  # the floats next to each end, towards the other
-    u.clamp_(min=inside[0], max=inside[1]).erfinv_().mul_(std * math.sqrt(2.0))
-    bounds = torch.tensor([a, b], dtype=u.dtype)
-    kept = torch.nextafter(bounds, bounds.flip(0)).tolist()
-    return u.clamp_(min=kept[0], max=kept[1])
+    # scalars in u's precision, on the host (no tensor: building a rank's shards is measured to the byte,
+    # and `info` builds on the meta device)
+    real = np.dtype(torch.finfo(u.dtype).dtype).type
+    lo, hi = (real(math.erf(x / (std * math.sqrt(2.0)))) for x in (a, b))
+    u.clamp_(min=float(np.nextafter(lo, hi)), max=float(np.nextafter(hi, lo)))  # the floats next to the ends
+    u.erfinv_().mul_(std * math.sqrt(2.0))
+    return u.clamp_(min=float(np.nextafter(real(a), real(b))), max=float(np.nextafter(real(b), real(a))))
 
 
 def _module_values(module: nn.Module, g: torch.Generator) -> Iterator[tuple[str, torch.Tensor]]:

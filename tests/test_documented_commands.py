@@ -1,0 +1,303 @@
+"""Every command shown in README.md and docs/*.md runs, shrunk, so a documented command cannot break
+unnoticed.
+
+The commands are extracted from the documents' fenced code blocks (a newly documented command is picked
+up by itself), `\\` continuations joined, comments dropped. Each document's commands run in order in one
+folder of their own (train before eval/export of the same run folder), with configs/, benchmarks/ and
+examples/ linked in, so every relative output path (`runs/...`, `out.json`, `plots`) lands in tmp_path.
+
+Shrinking changes sizes only: a config gets `shrink_overrides` (tests/test_shipped_configs.py: 1 step,
+tiny width, 2 channels per group); a bench sweep gets its smallest size from BENCH_SIZES; a Slurm
+script runs with `srun` and `scontrol` faked, on one node, at the layout of SBATCH_LAYOUTS. Both tables
+are reviewed by hand: a documented command that none of the rules can run fails the test (never a
+silent skip). `dchag ...` runs in-process through `dchag.cli.main`; torchrun and sbatch lines run as
+real processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_shipped_configs import shrink_overrides
+
+from dchag.cli import main
+
+ROOT = Path(__file__).parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINKED = ("configs", "benchmarks", "examples")  # what the commands read, by relative path
+SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
+PROGRAMS = {"dchag", "torchrun", "python", "sbatch", "make"}
+OUT_OF_SCOPE = {"make"}  # `make demo` / `make test`: the demo is minutes long; `make test` runs this suite
+BIN = Path(sys.executable).parent
+
+# The smallest size of each documented sweep: `dchag bench --sweep NAME ...` gets these `--set` values
+# (after any documented ones). Keyed by (sweep, --simulate-tp or None). A sweep documented without an
+# entry here fails the test.
+BENCH_SIZES: dict[tuple[str, int | None], list[str]] = {
+    ("fused-cpu", None): [
+        "channels=24", "embed_dim=32", "heads=4", "img_size=[16, 16]", "depth=1", "repeats=1", "warmup=0",
+        "paper_scale=false",
+    ],
+    ("channel-parallel-cpu", None): ["channels=16", "embed_dim=32", "heads=4", "img_size=[16, 16]", "tp=[2]"],
+    ("tp-comm-cpu", None): ["channels=8", "embed_dim=32", "heads=4", "img_size=[8, 16]", "depth=1", "tp=[2]"],
+    ("paper-cpu", None): ["quick=true"],  # 16 channels, tp 2, width 32, depth 1 (PaperSize.resolved)
+    # quick's 4 heads do not split 8 ways: the quick sizes with 8 heads, one rank of tp = 8
+    ("paper-cpu", 8): ["channels=16", "img_size=[16, 32]", "embed_dim=64", "heads=8", "depth=1", "timed_steps=1"],
+    ("paper-plan", None): ["quick=true"],  # the paper table's first row at depth 1, no 7B part
+}  # fmt: skip
+
+# Slurm scripts: (processes on the one node, function of the documented script arguments -> arguments
+# to run). Each keeps the kinds of parallelism the documented layout has, at the smallest sizes.
+SBATCH_LAYOUTS = {
+    # CONFIG OUT KEY=VALUE...: tp x dp_shard stays tp x dp_shard, 2 x 2 on 4 processes
+    "examples/slurm/train.sbatch": (
+        4,
+        lambda a: [a[0], a[1], *a[2:], *shrink_overrides(ROOT / a[0]), "parallel.tp=2", "parallel.dp_shard=2"],
+    ),
+    # CONFIG NPROC KEY=VALUE...: tp = NPROC becomes tp = 2
+    "examples/slurm/check-parity.sbatch": (
+        1,
+        lambda a: [a[0], "2", *a[2:], *shrink_overrides(ROOT / a[0]), "parallel.tp=2"],
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    document: str  # path relative to the repository
+    line: int  # where the command starts in the document
+    text: str  # as documented, continuations joined, comment dropped
+    env: tuple[tuple[str, str], ...]  # leading VAR=value assignments
+    argv: tuple[str, ...]
+
+
+def extract_commands(text: str, document: str) -> list[Command]:
+    """The shell commands in `text`'s fenced code blocks (yaml and other data blocks are skipped; in a
+    shell block every line is a command or a comment)."""
+    commands = []
+    for block in re.finditer(r"^```(\w*)[^\n]*\n(.*?)^```", text, flags=re.M | re.S):
+        language, body = block.group(1).lower(), block.group(2)
+        first_line = text[: block.start(2)].count("\n") + 1
+        lines, start, pending = [], 0, ""
+        for i, line in enumerate(body.splitlines()):
+            if not pending:
+                start = first_line + i
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            lines.append((start, pending + line))
+            pending = ""
+        for number, line in lines:
+            words = shlex.split(line, comments=True)
+            env = []
+            while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+                env.append(tuple(words.pop(0).split("=", 1)))
+            if not words:
+                continue
+            if language in SHELL_BLOCKS or words[0] in PROGRAMS:
+                text_ = " ".join(shlex.quote(w) for w in [*(f"{k}={v}" for k, v in env), *words])
+                commands.append(Command(document, number, text_, tuple(env), tuple(words)))
+    return commands
+
+
+def documented_commands() -> list[Command]:
+    return [c for doc in DOCUMENTS for c in extract_commands(doc.read_text(), str(doc.relative_to(ROOT)))]
+
+
+def _with_set(args: list[str], extra: list[str]) -> list[str]:
+    """`args` with `extra` appended to its `--set` values (argparse keeps only the last `--set`)."""
+    if "--set" not in args:
+        return [*args, "--set", *extra]
+    i = args.index("--set") + 1
+    while i < len(args) and not args[i].startswith("--"):
+        i += 1
+    return [*args[:i], *extra, *args[i:]]
+
+
+def _option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
+
+
+def shrink_dchag(args: list[str]) -> list[str]:
+    """The arguments of one `dchag` command (after `dchag` / `-m dchag`), shrunk in size only."""
+    sub = args[0] if args else ""
+    if sub in ("train", "check-parity"):
+        config = _option(args, "--config")
+        if config is None:
+            raise LookupError(f"`dchag {sub}` without --config: add a shrinking rule for the built-in defaults")
+        return _with_set(args, shrink_overrides(ROOT / config))
+    if sub == "bench":
+        sweep, simulate = _option(args, "--sweep"), _option(args, "--simulate-tp")
+        key = (sweep, int(simulate) if simulate else None)
+        if key not in BENCH_SIZES:
+            raise LookupError(f"bench sweep {key} has no smallest size in BENCH_SIZES: add one")
+        return _with_set(args, BENCH_SIZES[key])
+    if sub in ("eval", "export", "info", "plan"):  # eval/export: a shrunk run; info, plan: meta / fake tensors
+        return list(args)
+    raise LookupError(f"`dchag {sub}` has no shrinking rule in this test: add one")
+
+
+def _dchag_args(argv: tuple[str, ...]) -> list[str] | None:
+    """The dchag arguments of `dchag ...`, `python -m dchag ...` or `torchrun ... -m dchag ...`."""
+    if argv[0] == "dchag":
+        return list(argv[1:])
+    for i in range(len(argv) - 1):
+        if argv[i] == "-m" and argv[i + 1] == "dchag":
+            return list(argv[i + 2 :])
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fake_slurm(folder: Path) -> Path:
+    """`srun` (runs its command once, on this node), `scontrol show hostnames` and `python` (this venv's)."""
+    bin_ = folder / "fake-slurm-bin"
+    bin_.mkdir(exist_ok=True)
+    scripts = {
+        "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+        "scontrol": "#!/bin/bash\necho localhost\n",
+        "python": f'#!/bin/bash\nexec {shlex.quote(sys.executable)} "$@"\n',
+    }
+    for name, body in scripts.items():
+        (bin_ / name).write_text(body)
+        (bin_ / name).chmod(0o755)
+    return bin_
+
+
+def to_run(command: Command, folder: Path) -> tuple[str, list[str], dict[str, str]]:
+    """("main", dchag args, {}) for an in-process run, or ("process", argv, env) for a subprocess."""
+    argv, env = list(command.argv), dict(command.env)
+    base_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    if argv[0] == "sbatch":
+        script = next((a for a in argv[1:] if not a.startswith("-")), None)
+        if script not in SBATCH_LAYOUTS:
+            raise LookupError(f"Slurm script {script!r} has no layout in SBATCH_LAYOUTS: add one")
+        procs, shrink = SBATCH_LAYOUTS[script]
+        args = shrink(argv[argv.index(script) + 1 :])
+        slurm = {
+            "PATH": f"{_fake_slurm(folder)}:{BIN}:{os.environ['PATH']}",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_NNODES": "1",
+            "SLURM_GPUS_ON_NODE": str(procs),
+            "SLURM_CPUS_PER_TASK": str(procs),  # one thread per process
+            "SLURM_JOB_ID": str(os.getpid()),
+            "RDZV_PORT": str(_free_port()),
+        }
+        return "process", ["bash", script, *args], {**base_env, **slurm}
+    args = _dchag_args(tuple(argv))
+    if args is None:
+        raise LookupError(f"{argv[0]!r} is a documented program this test cannot run: add a rule")
+    args = shrink_dchag(args)
+    if argv[0] == "dchag" or (argv[0] == "python" and not env):
+        return "main", args, {}
+    if argv[0] == "torchrun":
+        launcher = argv[: argv.index("-m")]
+        return "process", [str(BIN / "torchrun"), *launcher[1:], "-m", "dchag", *args], base_env
+    raise LookupError(f"{command.text!r}: no way to run it here")
+
+
+def run_command(command: Command, folder: Path, capsys) -> tuple[int, str]:
+    """Runs one documented command in `folder`; (exit code, the last lines of its error output)."""
+    how, argv, env = to_run(command, folder)
+    if how == "main":
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except Exception as error:  # a traceback is a failure of the documented command, not of this test
+            return 1, f"{type(error).__name__}: {error}"
+        return code, capsys.readouterr().err.strip()[-2000:]
+    done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    return done.returncode, (done.stderr.strip() or done.stdout.strip())[-2000:]
+
+
+def _workspace(tmp_path: Path) -> Path:
+    for name in LINKED:
+        (tmp_path / name).symlink_to(ROOT / name)
+    return tmp_path
+
+
+# --- the extraction and the rules (fast) -----------------------------------------------------------
+
+
+def test_the_commands_of_the_readme_and_docs_are_found():
+    texts = [c.text for c in documented_commands()]
+    assert "dchag info --config configs/era5-84.yaml" in texts
+    # a continuation is joined, its comment dropped, its environment kept apart
+    restart = next(c for c in documented_commands() if "--max-restarts" in c.argv)
+    assert restart.env == (("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1"),) and restart.argv[-1] == "auto"
+    assert {c.document for c in documented_commands()} >= {"README.md", "docs/cluster.md", "docs/data.md"}
+    assert len(texts) >= 25
+
+
+def test_a_documented_command_without_a_rule_fails_instead_of_being_skipped(tmp_path):
+    """Counter-check: an unknown program, subcommand, sweep or Slurm script is an error, not a skip."""
+    doc = "\n".join(
+        [
+            "```bash",
+            "dchag frobnicate --config configs/tiny-weather.yaml",
+            "dchag bench --sweep fastest-cpu --json out.json",
+            "sbatch examples/slurm/other.sbatch configs/tiny-weather.yaml",
+            "deepspeed train.py",
+            "make demo   # out of scope",
+            "```",
+            "```yaml",
+            "data: {kind: era5}",
+            "```",
+        ]
+    )
+    commands = extract_commands(doc, "test.md")
+    assert [c.argv[0] for c in commands] == ["dchag", "dchag", "sbatch", "deepspeed", "make"]
+    for command in commands[:4]:
+        with pytest.raises(LookupError, match="add|no way|cannot run"):
+            to_run(command, tmp_path)
+
+
+def test_shrinking_adds_to_the_documented_overrides_and_keeps_them():
+    args = ["train", "--config", "configs/tiny-weather.yaml", "--set", "parallel.tp=2", "--out", "runs/x"]
+    shrunk = shrink_dchag(args)
+    overrides = shrunk[shrunk.index("--set") + 1 : shrunk.index("--out")]
+    assert overrides[0] == "parallel.tp=2" and "train.steps=1" in overrides
+    assert shrunk[-2:] == ["--out", "runs/x"]
+
+
+# --- the documented commands themselves ------------------------------------------------------------
+
+
+def _in_scope(document: Path) -> list[Command]:
+    return [c for c in extract_commands(document.read_text(), str(document.relative_to(ROOT))) if c.argv[0] not in OUT_OF_SCOPE]
+
+
+WITH_COMMANDS = [d for d in DOCUMENTS if _in_scope(d)]
+
+
+@pytest.mark.parametrize("document", WITH_COMMANDS, ids=[d.name for d in WITH_COMMANDS])
+def test_every_documented_command_runs(document, tmp_path, monkeypatch, capsys):
+    """The document's commands in order, in one folder; every failing one is listed with its message."""
+    folder = _workspace(tmp_path)
+    monkeypatch.chdir(folder)
+    failures, times = [], []
+    for command in _in_scope(document):
+        start = time.perf_counter()
+        code, message = run_command(command, folder, capsys)
+        times.append(f"{time.perf_counter() - start:6.1f} s  {command.text}")
+        if code != 0:
+            failures.append(f"{command.document}:{command.line}: `{command.text}` exited {code}: {message}")
+    print("\n".join(times))
+    assert not failures, "documented commands that fail:\n" + "\n\n".join(failures)
