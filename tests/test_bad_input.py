@@ -163,6 +163,9 @@ CASES = [
     ("resume-incomplete", _resume_from(lambda c: (c / "train_state.json").unlink() or c), "has no train_state.json"),
     ("resume-truncated-data", _resume_from(lambda c: _truncate(c / "__0_0.distcp") or c), "reading checkpoint"),
     ("resume-truncated-metadata", _resume_from(lambda c: _truncate(c / ".metadata") or c), "is damaged or truncated"),
+    # a failed read or save names its cause (owner A: checkpoint hints)
+    ("resume-missing-data-file", _resume_from(lambda c: (c / "__0_0.distcp").unlink() or c),
+     "(a file of the checkpoint folder is missing: was it moved or deleted meanwhile?)"),
     ("resume-newer-format", _resume_from(lambda c: _set_format(c, 99)), "format version 99, newer than"),
     ("resume-other-channels", _resume_from(lambda c: c, "data.channels=16"),
      "trained on 12 channels, this config gives 16"),
