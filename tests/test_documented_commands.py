@@ -4,7 +4,7 @@ unnoticed.
 The commands are extracted from the documents' fenced code blocks (a newly documented command is picked
 up by itself), `\\` continuations joined, comments dropped. Each document's commands run in order in one
 folder of their own (train before eval/export of the same run folder), with configs/, benchmarks/ and
-examples/ linked in, so every relative output path (`runs/...`, `out.json`, `plots`) lands in tmp_path.
+examples/ copied in, so every relative output path (`runs/...`, `out.json`, `plots`) lands in tmp_path.
 
 Shrinking changes sizes only: a config gets `shrink_overrides` (tests/test_shipped_configs.py: 1 step,
 tiny width, 2 channels per group); a bench sweep gets its smallest size from BENCH_SIZES; a Slurm
@@ -16,11 +16,11 @@ real processes.
 
 from __future__ import annotations
 
-import contextlib
-import io
+import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +35,7 @@ from dchag.cli import main
 
 ROOT = Path(__file__).parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LINKED = ("configs", "benchmarks", "examples")  # what the commands read, by relative path
+COPIED = ("configs", "benchmarks", "examples")  # what the commands read, by relative path
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
 PROGRAMS = {"dchag", "torchrun", "python", "sbatch", "make"}
 OUT_OF_SCOPE = {"make"}  # `make demo` / `make test`: the demo is minutes long; `make test` runs this suite
@@ -99,6 +99,9 @@ def extract_commands(text: str, document: str) -> list[Command]:
             lines.append((start, pending + line))
             pending = ""
         for number, line in lines:
+            plain = [w for w in line.split() if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", w)]
+            if language not in SHELL_BLOCKS and (not plain or plain[0] not in PROGRAMS):
+                continue  # a diagram, a file tree, data
             words = shlex.split(line, comments=True)
             env = []
             while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
@@ -129,7 +132,19 @@ def _option(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
 
 
-def shrink_dchag(args: list[str]) -> list[str]:
+def validation_subset(path: Path, folder: Path) -> Path:
+    """The points of a paper-cpu result the test validates: D-CHAG-L at the smallest channel count at
+    tp = 2, fused and not (2 of 84 points; each is one traced step)."""
+    data = json.loads(path.read_text())
+    smallest = min(r["channels"] for r in data["records"])
+    keep = [r for r in data["records"] if (r["variant"], r["tp"], r["channels"]) == ("dchag-L", 2, smallest)]
+    assert keep, f"{path} has no dchag-L point at tp 2: change validation_subset"
+    subset = folder / f"subset-{path.name}"
+    subset.write_text(json.dumps({**data, "records": keep}))
+    return subset
+
+
+def shrink_dchag(args: list[str], folder: Path) -> list[str]:
     """The arguments of one `dchag` command (after `dchag` / `-m dchag`), shrunk in size only."""
     sub = args[0] if args else ""
     if sub in ("train", "check-parity"):
@@ -143,7 +158,13 @@ def shrink_dchag(args: list[str]) -> list[str]:
         if key not in BENCH_SIZES:
             raise LookupError(f"bench sweep {key} has no smallest size in BENCH_SIZES: add one")
         return _with_set(args, BENCH_SIZES[key])
-    if sub in ("eval", "export", "info", "plan"):  # eval/export: a shrunk run; info, plan: meta / fake tensors
+    if sub == "plan" and "--validate" in args:
+        i = args.index("--validate") + 1
+        return [*args[:i], str(validation_subset(Path(args[i]), folder)), *args[i + 1 :]]
+    if sub == "plan":  # every variant x layout of 2 GPUs (not N: 32 GPUs trace 141 candidates) on the shrunk config
+        args = [*args[: args.index("--gpus") + 1], "2", *args[args.index("--gpus") + 2 :]] if "--gpus" in args else args
+        return _with_set(args, shrink_overrides(ROOT / _option(args, "--config")))
+    if sub in ("eval", "export", "info"):  # eval/export: of a shrunk run; info: on the meta device
         return list(args)
     raise LookupError(f"`dchag {sub}` has no shrinking rule in this test: add one")
 
@@ -202,7 +223,7 @@ def to_run(command: Command, folder: Path) -> tuple[str, list[str], dict[str, st
     args = _dchag_args(tuple(argv))
     if args is None:
         raise LookupError(f"{argv[0]!r} is a documented program this test cannot run: add a rule")
-    args = shrink_dchag(args)
+    args = shrink_dchag(args, folder)
     if argv[0] == "dchag" or (argv[0] == "python" and not env):
         return "main", args, {}
     if argv[0] == "torchrun":
@@ -224,12 +245,16 @@ def run_command(command: Command, folder: Path, capsys) -> tuple[int, str]:
             return 1, f"{type(error).__name__}: {error}"
         return code, capsys.readouterr().err.strip()[-2000:]
     done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    return done.returncode, (done.stderr.strip() or done.stdout.strip())[-2000:]
+    output = done.stderr.strip() or done.stdout.strip()
+    ours = sorted({line for line in output.splitlines() if line.startswith("dchag: ")})  # once, not per rank
+    return done.returncode, "\n".join(ours) if ours else output[-2000:]
 
 
 def _workspace(tmp_path: Path) -> Path:
-    for name in LINKED:
-        (tmp_path / name).symlink_to(ROOT / name)
+    """tmp_path with copies of what the commands read (copies: a command writing into benchmarks/results
+    must not change the repository)."""
+    for name in COPIED:
+        shutil.copytree(ROOT / name, tmp_path / name)
     return tmp_path
 
 
@@ -269,11 +294,22 @@ def test_a_documented_command_without_a_rule_fails_instead_of_being_skipped(tmp_
             to_run(command, tmp_path)
 
 
+def test_a_failing_documented_command_is_reported_with_its_message(tmp_path, monkeypatch, capsys):
+    """Counter-check: the runner sees a non-zero exit (in-process and as a process) and keeps the message."""
+    monkeypatch.chdir(_workspace(tmp_path))
+    lines = ["dchag info --config no-such.yaml", "torchrun --nproc-per-node 1 -m dchag info --config no-such.yaml"]
+    doc = "\n".join(["```bash", *lines, "```"])
+    for command in extract_commands(doc, "test.md"):
+        code, message = run_command(command, tmp_path, capsys)
+        assert code != 0 and message == "dchag: config error: config file 'no-such.yaml' does not exist", message
+
+
 def test_shrinking_adds_to_the_documented_overrides_and_keeps_them():
     args = ["train", "--config", "configs/tiny-weather.yaml", "--set", "parallel.tp=2", "--out", "runs/x"]
-    shrunk = shrink_dchag(args)
+    shrunk = shrink_dchag(args, Path("."))
     overrides = shrunk[shrunk.index("--set") + 1 : shrunk.index("--out")]
-    assert overrides[0] == "parallel.tp=2" and "train.steps=1" in overrides
+    assert overrides[0] == "parallel.tp=2"
+    assert set(shrink_overrides(ROOT / "configs/tiny-weather.yaml")) <= set(overrides)
     assert shrunk[-2:] == ["--out", "runs/x"]
 
 
@@ -281,7 +317,8 @@ def test_shrinking_adds_to_the_documented_overrides_and_keeps_them():
 
 
 def _in_scope(document: Path) -> list[Command]:
-    return [c for c in extract_commands(document.read_text(), str(document.relative_to(ROOT))) if c.argv[0] not in OUT_OF_SCOPE]
+    commands = extract_commands(document.read_text(), str(document.relative_to(ROOT)))
+    return [c for c in commands if c.argv[0] not in OUT_OF_SCOPE]
 
 
 WITH_COMMANDS = [d for d in DOCUMENTS if _in_scope(d)]
