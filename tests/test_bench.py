@@ -1,6 +1,8 @@
 """`dchag bench` writes comparable records and a ratio table; the measurement helpers measure."""
 
 import json
+import math
+import statistics
 
 import pytest
 import torch
@@ -166,3 +168,42 @@ def test_the_planner_predicts_every_measured_quick_point_within_15_percent(paper
     capsys.readouterr()
     assert main(["plan", "--validate", str(bad), "--no-progress"]) == 1
     assert "over tolerance" in capsys.readouterr().out
+
+
+def test_accuracy_ratio_is_paired_by_seed_with_a_t_interval():
+    from dchag.bench.accuracy_sweep import paired_ratio
+
+    base = {0: 1.0, 1: 2.0, 2: 4.0}
+    same_shift = paired_ratio({s: 1.02 * v for s, v in base.items()}, base)
+    assert same_shift["ratio"] == pytest.approx(1.02) and same_shift["ci_high"] == pytest.approx(1.02)
+    # log ratios ln(1.0), ln(1.1), ln(1.2): mean m, sd s, t(0.975, 2) = 4.302653 (tables)
+    logs = [math.log(r) for r in (1.0, 1.1, 1.2)]
+    m, s = sum(logs) / 3, statistics.stdev(logs)
+    got = paired_ratio({0: 1.0, 1: 2.2, 2: 4.8}, base)
+    assert got["ratio"] == pytest.approx(math.exp(m))
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(
+        (math.exp(m - 4.302653 * s / math.sqrt(3)), math.exp(m + 4.302653 * s / math.sqrt(3)))
+    )
+    # counter-check: unpaired, the same values give a far wider interval (seed effects are not removed)
+    shuffled = paired_ratio({0: 4.4, 1: 1.0, 2: 2.4}, base)
+    assert shuffled["ci_high"] - shuffled["ci_low"] > 10 * (got["ci_high"] - got["ci_low"])
+    assert paired_ratio({0: 1.0}, base)["ci_high"] is None  # no interval from one seed
+
+
+def test_accuracy_sweep_adds_seeds_until_the_interval_is_narrow_and_records_the_commit(tmp_path):
+    from dchag.cli import main
+
+    out = tmp_path / "acc.json"
+    size = [
+        "config=configs/tiny-weather.yaml", "steps=2", "seeds=[0, 1]", "max_seeds=3", "target_half_width=1e-9",
+        "variants=[flat, dchag-L]", "val_samples=2", "threads=1",
+        "overrides=[data.workers=0, model.depth=1, model.embed_dim=32, 'model.img_size=[16, 32]', data.channels=6, "
+        "train.warmup_steps=0, train.lr=0.01]",
+    ]  # fmt: skip
+    assert main(["bench", "--sweep", "accuracy-cpu", "--json", str(out), "--set", *size]) == 0
+    doc = json.loads(out.read_text())
+    assert sorted({r["seed"] for r in doc["records"]}) == [0, 1, 2]  # one seed added, then max_seeds
+    assert {r["threads"] for r in doc["records"]} == {1} and doc["threads"] == 1
+    assert len(doc["commit"]) == 40 and isinstance(doc["dirty"], bool)
+    row = next(s for s in doc["summary"] if s["variant"] == "dchag-L")
+    assert row["seeds"] == 3 and row["ci_low"] <= row["ratio"] <= row["ci_high"]

@@ -35,7 +35,7 @@ def _yaml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-OPEN, FIXED = _fields("open"), _fields("fixed")
+OPEN, FIXED = [f for f in _fields("open") if f[2]], _fields("fixed")  # a default to take a scalar from
 
 
 def test_every_sweep_has_list_valued_size_fields_to_check():

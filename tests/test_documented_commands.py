@@ -2,7 +2,9 @@
 unnoticed.
 
 The commands are extracted from the documents' fenced code blocks (a newly documented command is picked
-up by itself), `\\` continuations joined, comments dropped. Each document's commands run in order in one
+up by itself; a block may be indented, inside a list item), `\\` continuations joined, comments dropped,
+except a trailing `# exits N: why`: such a command is documented to fail (e.g. a parity check catching an
+injected fault) and must exit with N, not 0. Each document's commands run in order in one
 folder of their own (train before eval/export of the same run folder), with configs/, benchmarks/ and
 examples/ copied in, so every relative output path (`runs/...`, `out.json`, `plots`) lands in tmp_path.
 
@@ -55,6 +57,8 @@ BENCH_SIZES: dict[tuple[str, int | None], list[str]] = {
     # quick's 4 heads do not split 8 ways: the quick sizes with 8 heads, one rank of tp = 8
     ("paper-cpu", 8): ["channels=16", "img_size=[16, 32]", "embed_dim=64", "heads=8", "depth=1", "timed_steps=1"],
     ("paper-plan", None): ["quick=true"],  # the paper table's first row at depth 1, no 7B part
+    # every variant (the table's ratios to flat), one seed of 1 step on the documented config
+    ("accuracy-cpu", None): ["steps=1", "seeds=[0]", "val_samples=2"],
 }  # fmt: skip
 
 # Slurm scripts: (processes on the one node, function of the documented script arguments -> arguments
@@ -80,17 +84,22 @@ class Command:
     text: str  # as documented, continuations joined, comment dropped
     env: tuple[tuple[str, str], ...]  # leading VAR=value assignments
     argv: tuple[str, ...]
+    exits: int = 0  # the exit code the document states (`# exits N: why`); 0 when it states none
+
+
+EXPECTED_EXIT = re.compile(r"(?:^|\s)#\s*exits\s+(\d+)\b")  # a trailing comment `# exits N: why`
 
 
 def extract_commands(text: str, document: str) -> list[Command]:
     """The shell commands in `text`'s fenced code blocks (yaml and other data blocks are skipped; in a
     shell block every line is a command or a comment)."""
     commands = []
-    for block in re.finditer(r"^```(\w*)[^\n]*\n(.*?)^```", text, flags=re.M | re.S):
-        language, body = block.group(1).lower(), block.group(2)
-        first_line = text[: block.start(2)].count("\n") + 1
+    for block in re.finditer(r"^( *)```(\w*)[^\n]*\n(.*?)^\1```", text, flags=re.M | re.S):
+        indent, language, body = len(block.group(1)), block.group(2).lower(), block.group(3)
+        first_line = text[: block.start(3)].count("\n") + 1
         lines, start, pending = [], 0, ""
         for i, line in enumerate(body.splitlines()):
+            line = line[indent:] if line[:indent].isspace() else line
             if not pending:
                 start = first_line + i
             if line.rstrip().endswith("\\"):
@@ -110,7 +119,9 @@ def extract_commands(text: str, document: str) -> list[Command]:
                 continue
             if language in SHELL_BLOCKS or words[0] in PROGRAMS:
                 text_ = " ".join(shlex.quote(w) for w in [*(f"{k}={v}" for k, v in env), *words])
-                commands.append(Command(document, number, text_, tuple(env), tuple(words)))
+                exits = EXPECTED_EXIT.search(line)
+                command = Command(document, number, text_, tuple(env), tuple(words), int(exits[1]) if exits else 0)
+                commands.append(command)
     return commands
 
 
@@ -250,6 +261,14 @@ def run_command(command: Command, folder: Path, capsys) -> tuple[int, str]:
     return done.returncode, "\n".join(ours) if ours else output[-2000:]
 
 
+def failure(command: Command, code: int, message: str) -> str | None:
+    """Why `command`'s run counts as a failure (None: it exited as documented)."""
+    if code == command.exits:
+        return None
+    stated = f", documented `# exits {command.exits}`" if command.exits else ""
+    return f"{command.document}:{command.line}: `{command.text}` exited {code}{stated}: {message}"
+
+
 def _workspace(tmp_path: Path) -> Path:
     """tmp_path with copies of what the commands read (copies: a command writing into benchmarks/results
     must not change the repository)."""
@@ -269,6 +288,9 @@ def test_the_commands_of_the_readme_and_docs_are_found():
     assert restart.env == (("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1"),) and restart.argv[-1] == "auto"
     assert {c.document for c in documented_commands()} >= {"README.md", "docs/cluster.md", "docs/data.md"}
     assert len(texts) >= 25
+    # a command documented to fail, in an indented block, with the exit code its comment states
+    faults = [c for c in documented_commands() if "--fault" in c.argv]
+    assert faults and all(c.document == "docs/design.md" and c.exits == 1 for c in faults)
 
 
 def test_a_documented_command_without_a_rule_fails_instead_of_being_skipped(tmp_path):
@@ -304,6 +326,27 @@ def test_a_failing_documented_command_is_reported_with_its_message(tmp_path, mon
         assert code != 0 and message == "dchag: config error: config file 'no-such.yaml' does not exist", message
 
 
+def test_a_command_documented_to_fail_must_fail_with_the_stated_code(tmp_path, monkeypatch, capsys):
+    """`# exits N: why` after a command: exit N passes, exit 0 or another code fails; the indented block
+    (inside a list item) is found."""
+    monkeypatch.chdir(_workspace(tmp_path))
+    lines = [
+        "dchag info --config no-such.yaml  # exits 2: no such file",
+        "dchag info --config configs/tiny-weather.yaml  # exits 1: but it succeeds",
+        "dchag info --config no-such.yaml  # exits 1: the wrong code",
+        "dchag info --config no-such.yaml  # the comment states no exit code",
+    ]
+    doc = "\n".join(["1. An item:", "", "   ```bash", *(f"   {line}" for line in lines), "   ```"])
+    commands = extract_commands(doc, "test.md")
+    assert [c.exits for c in commands] == [2, 1, 1, 0]
+    assert [c.text for c in commands] == [line.split("  #")[0] for line in lines]
+    outcomes = [failure(c, *run_command(c, tmp_path, capsys)) for c in commands]
+    assert outcomes[0] is None
+    assert "exited 0, documented `# exits 1`" in outcomes[1]
+    assert "exited 2, documented `# exits 1`: dchag: config error" in outcomes[2]
+    assert "exited 2: dchag: config error" in outcomes[3]
+
+
 def test_shrinking_adds_to_the_documented_overrides_and_keeps_them():
     args = ["train", "--config", "configs/tiny-weather.yaml", "--set", "parallel.tp=2", "--out", "runs/x"]
     shrunk = shrink_dchag(args, Path("."))
@@ -334,7 +377,7 @@ def test_every_documented_command_runs(document, tmp_path, monkeypatch, capsys):
         start = time.perf_counter()
         code, message = run_command(command, folder, capsys)
         times.append(f"{time.perf_counter() - start:6.1f} s  {command.text}")
-        if code != 0:
-            failures.append(f"{command.document}:{command.line}: `{command.text}` exited {code}: {message}")
+        if (why := failure(command, code, message)) is not None:
+            failures.append(why)
     print("\n".join(times))
     assert not failures, "documented commands that fail:\n" + "\n\n".join(failures)

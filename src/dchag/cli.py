@@ -74,7 +74,8 @@ def cmd_eval(args) -> int:
         from dchag.eval.mae import evaluate_mae, format_mae_table
 
         samples = 64 if args.samples is None else args.samples
-        result = evaluate_mae(args.run, samples=samples, plots=args.plots, progress=not args.no_progress)
+        split = args.split or "test"
+        result = evaluate_mae(args.run, split=split, samples=samples, plots=args.plots, progress=not args.no_progress)
         print(format_mae_table(result))
     else:
         from dchag.eval.forecast import evaluate_forecast, format_table
@@ -97,8 +98,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-# eval options that only one task uses: refused for the other, never silently ignored
-EVAL_OPTIONS = {"forecast": ("split", "lead_hours", "data_path"), "mae": ("samples",)}
+# eval options that only one task uses: refused for the other, never silently ignored (--split serves both)
+EVAL_OPTIONS = {"forecast": ("lead_hours", "data_path"), "mae": ("samples",)}
 
 
 def check_eval_options(args, task: str) -> None:
@@ -139,8 +140,8 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from dchag.bench.report import write_json
-    from dchag.bench.sweeps import sweep_size
+    from dchag.bench.report import source_commit, write_json
+    from dchag.bench.sweeps import SUMMARIES, sweep_size
     from dchag.planning.sweeps import SWEEPS  # bench's sweeps and the planner's paper-plan
 
     if args.sweep not in SWEEPS:
@@ -162,7 +163,10 @@ def cmd_bench(args) -> int:
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
         "threads": torch.get_num_threads(),
     }
-    write_json(records, args.json, meta)
+    top = {**source_commit(), "threads": meta["threads"]}
+    if args.sweep in SUMMARIES:
+        top["summary"] = SUMMARIES[args.sweep](records)
+    write_json(records, args.json, meta, **top)
     table = SWEEPS[args.sweep][2](records)
     print(table)
     if args.table:
@@ -264,9 +268,17 @@ def _export_parser(sub) -> None:
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained run on held-out data against its field's baselines")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a trained run against its field's baselines on a split it never trained on (default test); "
+        "synthetic runs: samples past data.num_samples",
+    )
     p.add_argument("--run", required=True, help="the run folder dchag train wrote (config.yaml, checkpoints/)")
-    p.add_argument("--split", choices=["train", "val", "test"], help="forecast: the split to evaluate (default test)")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        help="the data.split part to evaluate (default test): ERA5 time steps, spectral-cube tiles or files",
+    )
     p.add_argument("--lead-hours", type=int, nargs="+", help="lead times (default: the trained range's ends)")
     p.add_argument("--data-path", help="evaluate on another file holding the same variables")
     p.add_argument("--json", help="also write the metrics here as JSON")

@@ -7,6 +7,7 @@ can fix a config file without reading the code.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import math
 import re
 import types
@@ -27,6 +28,7 @@ HIERARCHY_PRESETS = ("flat", "dchag-L", "dchag-C", "tree")
 DATA_KINDS = ("synthetic-weather", "synthetic-hyperspectral", "era5", "spectral_cube")
 SPLITS = ("train", "val", "test")
 NAN_MODES = ("error", "mask")
+SPLIT_BY = ("region", "file")
 TASKS = ("forecast", "mae")
 PARALLEL_MODES = ("dchag", "replicated", "naive")
 
@@ -113,6 +115,7 @@ class DataConfig:
     select: dict = field(default_factory=dict)  # {dim: value} for extra dimensions (ensemble member, ...)
     grid: Union[str, list[int]] = "native"  # "native" or [H, W]: bilinear regridding to the model's grid
     split: dict = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})  # fractions or dates
+    split_by: str = "region"  # spectral_cube: "region" (tiles of each scene) or "file" (whole files) per split
     lead_hours: list[int] = field(default_factory=lambda: [6, 72])  # era5: [min, max] lead in training
     # spectral_cube (see docs/data.md): band selection, wavelengths, file layout
     bands: list[int] | None = None  # band indices to keep
@@ -453,6 +456,74 @@ def _validate_spectral_cube(d: DataConfig) -> None:
             set(d.wavelengths) == {"start", "stop", "count"} and int(d.wavelengths["count"]) >= 1,
             f"data.wavelengths={d.wavelengths} must be {{start: NM, stop: NM, count: N}}",
         )
+    _check_cube_split(d)
+
+
+def _check_cube_split(d: DataConfig) -> None:
+    """A cube is split by area (tiles) or by file, so its split gives fractions, never dates."""
+    _check(d.split_by in SPLIT_BY, f"data.split_by={d.split_by!r} is unknown; use 'region' (tiles) or 'file'")
+    bad = sorted(set(d.split) - set(SPLITS))
+    _check(not bad, f"data.split has unknown parts {bad}; use {SPLITS}")
+    fractions = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.split.values())
+    _check(
+        fractions and d.split.get("train", 0) > 0 and min(d.split.values()) >= 0 and sum(d.split.values()) <= 1 + 1e-9,
+        f"data.split={d.split} must give fractions of the scene area (or files) with train > 0, adding up to at most 1",
+    )
+
+
+def split_range(value) -> tuple[_dt.datetime, _dt.datetime, bool]:
+    """(start, end, end_exclusive) of a date-range split part [START, END]. A bare date as END means the
+    whole day (end: the next midnight, exclusive); an explicit timestamp keeps its meaning (inclusive)."""
+    start, end = (_as_datetime(v) for v in value)
+    if _is_bare_date(value[1]):
+        return start, end + _dt.timedelta(days=1), True
+    return start, end, False
+
+
+def _is_bare_date(value) -> bool:
+    if isinstance(value, _dt.datetime):
+        return False
+    return isinstance(value, _dt.date) or bool(re.fullmatch(r"\s*\d{4}-\d{2}-\d{2}\s*", str(value)))
+
+
+def _as_datetime(value) -> _dt.datetime:
+    if isinstance(value, _dt.datetime):
+        return value.replace(tzinfo=None)
+    if isinstance(value, _dt.date):
+        return _dt.datetime(value.year, value.month, value.day)
+    try:
+        return _dt.datetime.fromisoformat(str(value).strip()).replace(tzinfo=None)
+    except ValueError:
+        raise ConfigError(f"data.split date {value!r} is not a date (YYYY-MM-DD) or a timestamp (YYYY-MM-DDTHH:MM)")
+
+
+def _fmt(t: _dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M")
+
+
+def check_split_dates(split: dict, max_lead_hours: float) -> None:
+    """Date-range splits name input (initialisation) times; a target may lie up to the lead after its
+    split's end, as in WeatherBench 2. Refused: two parts that share a time, and a part whose targets
+    (its last input + `max_lead_hours`) reach another part's inputs (that target would be trained on,
+    or scored, on both sides)."""
+    ranges = sorted((split_range(v) + (k,) for k, v in split.items()), key=lambda r: r[0])
+    minute = _dt.timedelta(minutes=1)
+    for i, (start_a, end_a, excl_a, a) in enumerate(ranges):
+        last_a = end_a - minute if excl_a else end_a  # the last input time, as the user reads it
+        reach = last_a + _dt.timedelta(hours=max_lead_hours)  # its latest target
+        for start_b, end_b, excl_b, b in ranges[i + 1 :]:
+            last_b = end_b - minute if excl_b else end_b
+            if start_b <= last_a:
+                raise ConfigError(
+                    f"data.split parts {a!r} and {b!r} overlap from {_fmt(start_b)} to {_fmt(min(last_a, last_b))}; "
+                    "make their date ranges disjoint"
+                )
+            if start_b <= reach:
+                raise ConfigError(
+                    f"data.split: {a!r} ends {_fmt(last_a)} and its targets reach {max_lead_hours:g} h later, into "
+                    f"{b!r} inputs from {_fmt(start_b)} to {_fmt(min(reach, last_b))}; start {b!r} after "
+                    f"{_fmt(reach)} or end {a!r} earlier"
+                )
 
 
 def _validate_era5(d: DataConfig, m: ModelConfig) -> None:
@@ -481,6 +552,8 @@ def _validate_era5(d: DataConfig, m: ModelConfig) -> None:
             all(v >= 0 for v in d.split.values()) and sum(d.split.values()) <= 1 + 1e-9,
             f"data.split fractions {d.split} must be >= 0 and add up to at most 1",
         )
+    if dates:
+        check_split_dates(d.split, d.lead_hours[1])
     _check(
         not isinstance(d.channels, int),
         "data.kind=era5 needs data.channels as a list of names, e.g. [t2m, u10, z_500, t_850]",

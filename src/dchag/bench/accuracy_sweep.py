@@ -2,18 +2,28 @@
 coincides with the baseline's.)
 
 Trains the same config with each hierarchy variant and several seeds (the seed sets the initial
-weights and dropout; the data stay the same), one process each, and records the final training loss and
-the validation loss on data the run never saw (`dchag.eval.validation`). The table gives each variant's
-mean and spread over seeds and its ratio to the flat (ClimaX/ORBIT) baseline.
+weights and dropout; the data stay the same), one process each, with one set of hyperparameters for every
+variant and a fixed thread count (CPU results depend on it: the reduction order changes), and records the
+final training loss and the validation loss on held-out data (`dchag.eval.validation`).
+
+The comparison is paired by seed: for each seed, variant / flat of the validation loss; the summary gives
+the geometric mean of those ratios with a 95% t-interval over seeds (computed on their logarithms). With
+`max_seeds` above the initial seeds, the sweep adds seeds (every variant, paired) until each variant's
+interval is at most `target_half_width` wide on either side, or `max_seeds` is reached; the JSON records
+how many seeds each interval rests on.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from dchag.configure import load_config
+
+BASELINE = "flat"
 
 
 @dataclass
@@ -23,57 +33,120 @@ class AccuracySize:
     config: str = "configs/tiny-weather.yaml"
     steps: int = 300
     seeds: tuple[int, ...] = (0, 1, 2)
+    max_seeds: int = 0  # > len(seeds): add seeds until every interval is narrow enough (0: the seeds only)
+    target_half_width: float = 0.015  # of the ratio's 95% interval, relative
     variants: tuple[str, ...] = ("flat", "dchag-L", "dchag-C")
     val_samples: int = 64
+    threads: int = 1  # torch.set_num_threads for every run: results depend on it
+    overrides: tuple[str, ...] = ()  # config overrides for every variant alike, e.g. ["data.workers=0"]
 
 
-def accuracy_cpu(size: AccuracySize) -> list[dict]:
+def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
     from dchag.bench.fused_sweep import log
     from dchag.eval.validation import validation_loss
     from dchag.train.loop import train
 
-    records = []
-    for variant in size.variants:
-        for seed in size.seeds:
-            overrides = [f"model.hierarchy.preset={variant}", f"train.seed={seed}", f"train.steps={size.steps}"]
-            cfg = load_config(size.config, overrides)
-            with tempfile.TemporaryDirectory(prefix="dchag-accuracy-") as run:
-                summary = train(cfg, run, progress=False)
-                val = validation_loss(run, size.val_samples)
-                val_initial = validation_loss(run, size.val_samples, initial=True)
-            log(f"accuracy-cpu: {variant} seed {seed}: train {summary['final_loss']:.5f} val {val:.5f}")
-            records.append(
-                {
-                    "config": size.config,
-                    "variant": variant,
-                    "seed": seed,
-                    "steps": size.steps,
-                    "final_train_loss": summary["final_loss"],
-                    "val_loss": val,
-                    "initial_val_loss": val_initial,
-                    "train_time_s": summary["elapsed_s"],
-                }
-            )
+    variant_seed = [f"model.hierarchy.preset={variant}", f"train.seed={seed}", f"train.steps={size.steps}"]
+    cfg = load_config(size.config, [*size.overrides, *variant_seed])
+    with tempfile.TemporaryDirectory(prefix="dchag-accuracy-") as run:
+        summary = train(cfg, run, progress=False)
+        val = validation_loss(run, size.val_samples)
+        val_initial = validation_loss(run, size.val_samples, initial=True)
+    log(f"accuracy-cpu: {variant} seed {seed}: train {summary['final_loss']:.5f} val {val:.5f}")
+    return {
+        "config": size.config,
+        "dataset": Path(size.config).stem,
+        "variant": variant,
+        "seed": seed,
+        "steps": size.steps,
+        "threads": size.threads,
+        "final_train_loss": summary["final_loss"],
+        "val_loss": val,
+        "initial_val_loss": val_initial,
+        "train_time_s": summary["elapsed_s"],
+    }
+
+
+def accuracy_cpu(size: AccuracySize) -> list[dict]:
+    import torch
+
+    if BASELINE not in size.variants:
+        from dchag.config import ConfigError
+
+        raise ConfigError(f"accuracy-cpu compares with {BASELINE!r}: add it to variants={list(size.variants)}")
+    torch.set_num_threads(size.threads)
+    records = [_one_run(size, variant, seed) for seed in size.seeds for variant in size.variants]
+    seed = max(size.seeds, default=-1)
+    while len({r["seed"] for r in records}) < size.max_seeds and not _narrow_enough(records, size):
+        seed += 1
+        records += [_one_run(size, variant, seed) for variant in size.variants]
     return records
 
 
-def accuracy_table(records: list[dict]) -> str:
-    by_variant: dict[str, list[dict]] = {}
+def _narrow_enough(records: list[dict], size: AccuracySize) -> bool:
+    rows = [s for s in accuracy_summary(records) if s["variant"] != BASELINE]
+    return all(s["ci_high"] is not None and s["half_width"] <= size.target_half_width for s in rows)
+
+
+def paired_ratio(variant: dict[int, float], base: dict[int, float]) -> dict:
+    """Geometric mean of variant/base over the seeds both have, with a 95% t-interval on the log ratios:
+    {ratio, ci_low, ci_high, half_width (the larger side, relative), seeds}. No interval from one seed."""
+    from scipy import stats
+
+    seeds = sorted(set(variant) & set(base))
+    logs = [math.log(variant[s] / base[s]) for s in seeds]
+    if not logs:
+        return {"ratio": None, "ci_low": None, "ci_high": None, "half_width": None, "seeds": 0}
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return {"ratio": math.exp(mean), "ci_low": None, "ci_high": None, "half_width": None, "seeds": 1}
+    half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    low, high = math.exp(mean - half), math.exp(mean + half)
+    ratio = math.exp(mean)
+    return {
+        "ratio": ratio,
+        "ci_low": low,
+        "ci_high": high,
+        "half_width": max(high / ratio - 1, 1 - low / ratio),
+        "seeds": len(logs),
+    }
+
+
+def accuracy_summary(records: list[dict]) -> list[dict]:
+    """[{dataset, variant, ratio, ci_low, ci_high, half_width, seeds}] of the validation loss against flat,
+    paired by seed, one row per dataset and variant (flat itself included, at ratio 1)."""
+    loss: dict[tuple[str, str], dict[int, float]] = {}
     for r in records:
-        by_variant.setdefault(r["variant"], []).append(r)
-    base = statistics.mean(r["val_loss"] for r in by_variant.get("flat", records))
+        loss.setdefault((r.get("dataset", Path(r["config"]).stem), r["variant"]), {})[r["seed"]] = r["val_loss"]
+    out = []
+    for (dataset, variant), by_seed in loss.items():
+        base = loss.get((dataset, BASELINE), {})
+        out.append({"dataset": dataset, "variant": variant, **paired_ratio(by_seed, base)})
+    return out
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def accuracy_table(records: list[dict]) -> str:
+    summary = {(s["dataset"], s["variant"]): s for s in accuracy_summary(records)}
+    by_variant: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        by_variant.setdefault((r.get("dataset", Path(r["config"]).stem), r["variant"]), []).append(r)
     lines = [
-        "| variant | seeds | final train loss (mean) | validation loss (mean ± sd) | per seed | val / flat |"
-        " val / initial val |",
+        "| dataset | variant | seeds | final train loss (mean) | validation loss (mean ± sd) | val / flat "
+        "(paired, 95% CI) | val / initial val |",
         "|---|---|---|---|---|---|---|",
     ]
-    for variant, rs in by_variant.items():
+    for key, rs in by_variant.items():
         vals = [r["val_loss"] for r in rs]
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        s = summary[key]
         lines.append(
-            f"| {variant} | {len(rs)} | {statistics.mean(r['final_train_loss'] for r in rs):.5f} | "
-            f"{statistics.mean(vals):.5f} ± {sd:.5f} | {', '.join(f'{v:.5f}' for v in vals)} | "
-            f"{statistics.mean(vals) / base:.3f} | "
+            f"| {key[0]} | {key[1]} | {len(rs)} | {statistics.mean(r['final_train_loss'] for r in rs):.5f} | "
+            f"{statistics.mean(vals):.5f} ± {sd:.5f} | {_fmt(s['ratio'])} [{_fmt(s['ci_low'])}, "
+            f"{_fmt(s['ci_high'])}] | "
             f"{statistics.mean(r['val_loss'] / r['initial_val_loss'] for r in rs if 'initial_val_loss' in r):.3f} |"
         )
     return "\n".join(lines)

@@ -6,10 +6,27 @@ import json
 from pathlib import Path
 
 
-def write_json(records: list[dict], path: str | Path, meta: dict) -> None:
+def write_json(records: list[dict], path: str | Path, meta: dict, **top) -> None:
+    """{"meta", "records"} plus any `top`-level fields (a sweep's summary, the commit)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+    path.write_text(json.dumps({"meta": meta, **top, "records": records}, indent=2))
+
+
+def source_commit() -> dict:
+    """{"commit": the checkout's HEAD, "dirty": whether tracked files differ from it}: the code a result
+    came from ("unknown" outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def _mib(n: float) -> str:

@@ -9,7 +9,7 @@ import dataclasses
 import typing
 from typing import Callable
 
-from dchag.bench.accuracy_sweep import AccuracySize, accuracy_cpu, accuracy_table
+from dchag.bench.accuracy_sweep import AccuracySize, accuracy_cpu, accuracy_summary, accuracy_table
 from dchag.bench.channel_parallel_sweep import ChannelParallelSize, channel_parallel_cpu, channel_parallel_table
 from dchag.bench.fused_sweep import FusedSweepSize, fused_cpu
 from dchag.bench.paper_sweep import PaperSize, paper_cpu, paper_table
@@ -24,14 +24,15 @@ SWEEPS: dict[str, tuple[type, Callable, Callable]] = {
     "accuracy-cpu": (AccuracySize, accuracy_cpu, accuracy_table),
     "paper-cpu": (PaperSize, paper_cpu, paper_table),
 }
+# name -> summary(records) -> list of rows, written beside the records as "summary"
+SUMMARIES: dict[str, Callable] = {"accuracy-cpu": accuracy_summary}
 
 
 def sweep_size(name: str, overrides: list[str], sweeps: dict | None = None):
     """The sweep's size dataclass with `key=value` overrides applied (values parsed as YAML); the sweep
     is looked up in `sweeps` (default: SWEEPS)."""
-    import yaml
 
-    from dchag.config import ConfigError
+    from dchag.config import ConfigError, parse_override
 
     cls = (SWEEPS if sweeps is None else sweeps)[name][0]
     size = cls()
@@ -41,7 +42,7 @@ def sweep_size(name: str, overrides: list[str], sweeps: dict | None = None):
         key, _, raw = text.partition("=")
         if key not in fields:
             raise ConfigError(f"unknown bench setting {key!r} for sweep {name!r} (known: {', '.join(fields)})")
-        value = _coerce(yaml.safe_load(raw), hints[key])
+        value = _coerce(parse_override(text)[1] if raw.strip() else None, hints[key])
         if value is None:
             raise ConfigError(f"bench setting {text!r} for sweep {name!r}: expected {_describe(hints[key])}")
         size = dataclasses.replace(size, **{key: value})

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dchag.config import check_split_dates, split_range
 from dchag.data.errors import DataError
 from dchag.data.moments import Partial, merge_partials
 from dchag.data.packaged import resolve_path
@@ -297,7 +298,9 @@ class ERA5Source:
             )
         self.fields = {c: self._field(ds, c, where) for c in dict.fromkeys(self.channels + self.out_channels)}
         self.split_indices = split_indices(self.times, self.split_spec, split_name, where)
-        self.pairs = lead_pairs(self.times, self.split_indices, lead_range, fixed_lead, where, split_name)
+        self.pairs = lead_pairs(
+            self.times, self.split_indices, lead_range, fixed_lead, where, split_name, self._target_pool(lead_range, fixed_lead)
+        )
         self.num_samples = len(self.pairs)
         self.stats = stats
 
@@ -499,14 +502,14 @@ class ERA5Source:
 
 def split_indices(times: np.ndarray, spec: dict, name: str, where: str) -> np.ndarray:
     """Time indices of split `name`: fractions of the axis in time order (train, val, test), or dates
-    [start, end] (inclusive)."""
+    [start, end] (inclusive; an end given as a bare date includes its whole day)."""
     if name not in spec:
         raise DataError(f"data.split has no {name!r} part (it has {sorted(spec)})")
     n = len(times)
     value = spec[name]
     if isinstance(value, (list, tuple)):
-        start, end = (np.datetime64(str(v), "ns") for v in value)
-        return np.nonzero((times >= start) & (times <= end))[0]
+        start, end, exclusive = (np.datetime64(t, "ns") for t in split_range(value)[:2]) + (split_range(value)[2],)
+        return np.nonzero((times >= start) & ((times < end) if exclusive else (times <= end)))[0]
     begin = 0.0
     for part in ("train", "val", "test"):
         if part == name:

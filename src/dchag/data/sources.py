@@ -16,8 +16,10 @@ def build_source(
     """The configured source for `channels` (default: all of the config's channels).
 
     Forecast targets are the output channels among `channels`: under channel parallelism a rank reads
-    (or generates) only its own channels, inputs and targets alike. `split`, `lead_hours` (a fixed lead
-    for evaluation) and `stats` (normalisation) apply to file-backed sources (era5)."""
+    (or generates) only its own channels, inputs and targets alike. `split` (train / val / test: dates
+    or fractions of the time steps for era5, regions or files for spectral_cube), `lead_hours` (a fixed
+    lead for evaluation) and `stats` (normalisation) apply to file-backed sources. Synthetic sources have
+    no split: evaluation takes sample indices from data.num_samples on, which training never draws."""
     d = cfg.data
     channels = cfg.channels if channels is None else list(channels)
     outs = [c for c in cfg.out_channels if c in channels] if cfg.train.task == "forecast" else []
@@ -57,6 +59,9 @@ def build_source(
             num_samples=d.num_samples,
             stats=stats,
             nan=d.nan,
+            split=d.split,
+            split_name=split,
+            split_by=d.split_by,
         )
     if d.kind == "synthetic-weather":
         return SyntheticWeather(

@@ -5,7 +5,8 @@ One source for every format, each read by its field's library: ENVI `.hdr` + bin
 (`rasterio`), MATLAB `.mat` v5 (`scipy.io`) and v7.3 (`h5py`), HDF5 (`h5py`), `.npy` / `.npz`. A folder
 or glob of cube files is one dataset of several scenes; a folder of single-band rasters is one scene.
 
-A sample is a crop of `model.img_size` at a seeded position in a seeded scene. Reads are windowed: a
+A sample is a crop of `model.img_size` at a seeded position inside its split's region (`data.split`,
+`data.split_by`: tiles of each scene, or whole files, drawn to train / val / test). Reads are windowed: a
 sample reads its crop of the bands it needs, so a tensor-parallel rank reads only its own bands.
 Channels are named by wavelength (`b664.6`), so sensors share vocabulary rows where their bands
 coincide. docs/data.md describes selection, resampling, statistics and no-data handling.
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dchag.config import SPLITS
 from dchag.data.errors import DataError
 from dchag.data.moments import Partial, merge_partials
 from dchag.data.packaged import resolve_path
@@ -267,6 +269,109 @@ def select_bands(wavelengths: list[float], bands=None, wavelength_range=None, re
 
 
 # ---------------------------------------------------------------------------------------------------
+# train / val / test regions: every crop lies inside the region of its split
+
+
+_REGION_STREAM = 7919  # seeds the draw of tiles (or files) to splits, apart from the crop positions
+
+
+def allocate(fractions: list[float], n: int) -> list[int]:
+    """How many of `n` tiles (or files) each part gets: floor(f * n), the rest by largest remainder
+    (ties to the earlier part), round(sum(f) * n) in all, so the shares are as close to the fractions as
+    whole tiles allow."""
+    exact = [f * n for f in fractions]
+    counts = [math.floor(e + 1e-9) for e in exact]
+    total = min(n, math.floor(sum(exact) + 0.5 + 1e-9))
+    order = sorted(range(len(exact)), key=lambda k: counts[k] - exact[k])  # largest remainder first, stable
+    for k in order[: max(0, total - sum(counts))]:
+        counts[k] += 1
+    return counts
+
+
+def tile_edges(size: int, crop: int) -> np.ndarray:
+    """Edges of size // crop tiles along one axis [n + 1], as even as whole pixels allow: every tile is
+    at least one crop wide, and together they cover the axis."""
+    n = size // crop
+    return (np.arange(n + 1) * size) // n
+
+
+class SplitRegions:
+    """Which scene pixels serve which split, and where a crop of that split may lie.
+
+    region: each scene is cut into tiles of one crop (model.img_size, remainders spread over the tiles);
+    a seeded draw (data.seed) gives each split round(fraction x tiles) of all scenes' tiles. A crop of a
+    split covers only tiles of that split (at most 2 x 2 of them, as tiles are at least one crop wide),
+    so no pixel a val or test crop reads is ever read by a training crop.
+    file: the same draw over whole files (scenes); a crop lies anywhere in a file of its split."""
+
+    def __init__(self, sizes: list[tuple[int, int]], crop: tuple[int, int], fractions: dict, by: str, seed: int, where):
+        self.crop, self.by = crop, by
+        h, w = crop
+        if by == "file":
+            shapes = [(1, 1)] * len(sizes)
+            self.edges = [(np.array([0, H]), np.array([0, W])) for H, W in sizes]
+        else:
+            shapes = [(H // h, W // w) for H, W in sizes]
+            self.edges = [(tile_edges(H, h), tile_edges(W, w)) for H, W in sizes]
+        n = sum(a * b for a, b in shapes)
+        counts = allocate([float(fractions.get(s, 0)) for s in SPLITS], n)
+        for part, count in zip(SPLITS, counts):
+            if fractions.get(part, 0) > 0 and count == 0:
+                raise DataError(_empty_part_message(where, fractions, part, by, sizes, crop, n))
+        labels = np.full(n, -1, dtype=np.int8)  # index into SPLITS; -1: in no split (fractions add up to < 1)
+        order = np.random.default_rng([seed, _REGION_STREAM]).permutation(n)
+        labels[order[: sum(counts)]] = np.repeat(np.arange(len(SPLITS)), counts)
+        bounds = np.cumsum([0] + [a * b for a, b in shapes])
+        self.labels = [labels[bounds[k] : bounds[k + 1]].reshape(shapes[k]) for k in range(len(sizes))]
+        self.sizes = sizes
+
+    def tiles(self, part: str) -> np.ndarray:
+        """[n, 3] (scene, tile row, tile column) of every tile of `part`."""
+        found = []
+        for scene, labels in enumerate(self.labels):
+            rows, cols = np.nonzero(labels == SPLITS.index(part))
+            found.append(np.column_stack([np.full(len(rows), scene), rows, cols]))
+        return np.concatenate(found).astype(np.int64)
+
+    def covers_only(self, scene: int, row: int, col: int, part: str) -> bool:
+        """True when the crop at (row, col) of `scene` covers only tiles of `part`."""
+        rows, cols = self.edges[scene]
+        h, w = self.crop
+        r0, r1 = np.searchsorted(rows, [row, row + h - 1], side="right") - 1
+        c0, c1 = np.searchsorted(cols, [col, col + w - 1], side="right") - 1
+        return bool((self.labels[scene][r0 : r1 + 1, c0 : c1 + 1] == SPLITS.index(part)).all())
+
+    def draw(self, g: np.random.Generator, tiles: np.ndarray, part: str) -> tuple[int, int, int]:
+        """(scene, row, column) of a crop of `part`: a seeded tile of the part, then a position of a crop
+        that overlaps it, redrawn while it covers a tile of another split; after 8 tries a position inside
+        the tile (always allowed: tiles are at least one crop wide)."""
+        scene, ty, tx = (int(v) for v in tiles[g.integers(len(tiles))])
+        (H, W), (h, w) = self.sizes[scene], self.crop
+        rows, cols = self.edges[scene]
+        top, bottom, left, right = int(rows[ty]), int(rows[ty + 1]), int(cols[tx]), int(cols[tx + 1])
+        for _ in range(8):
+            r = int(g.integers(max(0, top - h + 1), min(H - h, bottom - 1) + 1))
+            c = int(g.integers(max(0, left - w + 1), min(W - w, right - 1) + 1))
+            if self.covers_only(scene, r, c, part):
+                return scene, r, c
+        return scene, int(g.integers(top, bottom - h + 1)), int(g.integers(left, right - w + 1))
+
+
+def _empty_part_message(where, fractions, part, by, sizes, crop, n) -> str:
+    if by == "file":
+        return (
+            f"{where}: data.split {fractions} leaves {part!r} with no file of the {n} (data.split_by: file); "
+            f"give more files, or data.split_by: region"
+        )
+    shown = ", ".join(f"{H} x {W}" for H, W in sizes[:3]) + (", ..." if len(sizes) > 3 else "")
+    return (
+        f"{where}: data.split {fractions} leaves {part!r} with no tile: scene {shown} holds {n} tile(s) of the "
+        f"crop size model.img_size {list(crop)}; lower model.img_size, raise the {part!r} fraction, or leave "
+        f"{part!r} out of data.split"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
 # the source
 
 
@@ -290,6 +395,9 @@ class SpectralCubeSource:
         num_samples: int = 512,
         stats: dict | None = None,
         nan: str = "error",
+        split: dict | None = None,
+        split_name: str = "train",
+        split_by: str = "region",
     ):
         self.path = str(path)
         self.nan = nan  # "error": NaN that is not the no-data value is refused; "mask": masked out
@@ -324,6 +432,14 @@ class SpectralCubeSource:
             )
         self.nodata = nodata if nodata is not None else first.nodata
         self.seed, self.num_samples, self.stats = seed, num_samples, stats
+        # split None: crops anywhere (a source built directly); else only inside split_name's region
+        self.split, self.split_name, self.split_by, self.regions = split, split_name, split_by, None
+        if split is not None:
+            sizes = [(s.height, s.width) for s in self.scenes]
+            self.regions = SplitRegions(sizes, tuple(img_size), split, split_by, seed, where)
+            if not float(split.get(split_name, 0)) > 0:
+                raise DataError(f"{where}: data.split {split} has no {split_name!r} part; evaluate another split")
+            self._tiles = self.regions.tiles(split_name)  # [n, 3] (scene, tile row, tile column)
         self.bands_read: set[int] = set()
 
     @property
@@ -334,7 +450,11 @@ class SpectralCubeSource:
         return self._scenes
 
     def crop(self, index: int) -> tuple[int, int, int]:
-        """(scene, row, column) of sample `index`, from a generator seeded by (seed, index)."""
+        """(scene, row, column) of sample `index` of this source's split, from a generator seeded by
+        (seed, split, index); without a split, anywhere in a seeded scene."""
+        if self.regions is not None:
+            g = np.random.default_rng([self.seed, 1 + SPLITS.index(self.split_name), index])
+            return self.regions.draw(g, self._tiles, self.split_name)
         g = np.random.default_rng([self.seed, index])
         scene = int(g.integers(len(self.scenes)))
         s = self.scenes[scene]
@@ -398,6 +518,8 @@ class SpectralCubeSource:
             **self._selection,
             "crop": [self.height, self.width],
             "seed": self.seed,
+            "split": self.split,  # the training region depends on every fraction, the seed and the crop size
+            "split_by": self.split_by if self.split is not None else None,
             "stat_crops": min(self.num_samples, 64),
             "nodata": self.nodata,
             "nan": self.nan,
@@ -405,7 +527,8 @@ class SpectralCubeSource:
 
     def partial_stats(self, share: int = 0, shares: int = 1, channels=None, climatology=None, samples=None) -> Partial:
         """This data-parallel rank's part of the statistics: crops share, share + shares, ... of the first
-        min(num_samples, 64) training crops. A refused crop is recorded (the merge raises the first)."""
+        min(num_samples, 64) crops of this source's split (training: the train region only). A refused crop
+        is recorded (the merge raises the first)."""
         channels = self.channels if channels is None else channels
         part = Partial(f"data.path {self.path!r}", share)
         for i in range(min(self.num_samples, samples or 64))[share::shares]:

@@ -23,7 +23,8 @@ from dchag.config import Config, ConfigError, ParallelConfig
 from dchag.configure import load_config
 from dchag.data import build_source
 from dchag.model import build_model
-from dchag.tasks.metrics import anomaly_correlation, weighted_mse
+from dchag.tasks.forecast import lat_weighted_mse
+from dchag.tasks.metrics import anomaly_correlation
 from dchag.train.checkpoint import complete_checkpoints, read_logical_weights, read_stats
 
 SYNTHETIC_EVAL_SAMPLES = 64
@@ -137,11 +138,11 @@ def evaluate_forecast(
             valid = batch.get("y_valid")  # [B, C_out, H, W] under data.nan=mask: score valid pixels only
             has = valid.flatten(2).any(-1) if valid is not None else torch.ones(truth.shape[:2], dtype=torch.bool)
             terms = {
-                "mse": weighted_mse(pred, truth, weights, valid),
+                "mse": lat_weighted_mse(pred, truth, weights, valid, dims=(2, 3)),
                 "acc": anomaly_correlation(pred, truth, climatology, weights, valid),
-                "p_mse": weighted_mse(persistence, truth, weights, valid),
+                "p_mse": lat_weighted_mse(persistence, truth, weights, valid, dims=(2, 3)),
                 "p_acc": anomaly_correlation(persistence, truth, climatology, weights, valid),
-                "c_mse": weighted_mse(clim, truth, weights, valid),
+                "c_mse": lat_weighted_mse(clim, truth, weights, valid, dims=(2, 3)),
             }
             for key, term in terms.items():  # [B, C]; a field with no valid pixel is not scored
                 sums[key] += torch.where(has, term, 0.0).sum(0)

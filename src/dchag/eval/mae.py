@@ -1,10 +1,13 @@
 """`dchag eval` for masked-autoencoder runs: reconstruction quality in the spectral imaging field's terms.
 
-On crops the run never trained on (sample indices from `data.num_samples` on, with fixed masks), in the
-data's physical units, over the masked patches and over the whole image:
+On crops the run never trained on, with fixed masks: for spectral cubes, crops of the chosen split
+(`--split`, default test), which lie inside that split's tiles (or files) and share no pixel with a
+training crop (docs/data.md, "Splits"); for synthetic cubes, sample indices from `data.num_samples` on.
+In the data's physical units, over the masked patches and over the whole image:
 
-- `psnr_db`: mean over bands of 10 log10(peak_b^2 / MSE_b), peak_b the band's largest true value;
-- `sam_deg`: the spectral angle between reconstructed and true spectra, mean over pixels, degrees;
+- `psnr_db`: mean over bands of 10 log10(peak_b^2 / MSE_b), peak_b the band's largest absolute true value
+  and MSE_b over all scored pixels of all crops (`dchag.tasks.metrics.ReconstructionScores`);
+- `sam_deg`: the spectral angle between reconstructed and true spectra, mean over all pixels, degrees;
 - `band_rmse`: RMSE per band;
 - `baseline_psnr_db`, `baseline_sam_deg`: the same for the mean-spectrum baseline, which predicts every
   masked pixel as the mean spectrum of the crop's visible pixels (computed on the same pixels).
@@ -23,43 +26,20 @@ from dchag.config import ConfigError
 from dchag.data import build_source
 from dchag.eval.forecast import HeldOut, load_run
 from dchag.tasks import mask_noise_for_step
+from dchag.tasks.metrics import ReconstructionScores
 
 
-class _Accumulator:
-    """Sums for per-band MSE, band peaks and spectral angles over a set of pixels."""
-
-    def __init__(self, bands: int):
-        self.sse = np.zeros(bands)
-        self.count = 0
-        self.peak = np.full(bands, -np.inf)
-        self.angle_sum, self.pixels = 0.0, 0
-
-    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
-        """pred, truth [C, N] (N pixels)."""
-        if truth.shape[1] == 0:
-            return
-        self.sse += ((pred - truth) ** 2).sum(axis=1)
-        self.count += truth.shape[1]
-        self.peak = np.maximum(self.peak, np.abs(truth).max(axis=1))
-        cos = (pred * truth).sum(0) / (np.linalg.norm(pred, axis=0) * np.linalg.norm(truth, axis=0) + 1e-30)
-        self.angle_sum += float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))).sum())
-        self.pixels += truth.shape[1]
-
-    def result(self, names: list[str]) -> dict:
-        mse = self.sse / max(self.count, 1)
-        psnr = 10 * np.log10(np.maximum(self.peak, 1e-30) ** 2 / np.maximum(mse, 1e-30))
-        return {
-            "psnr_db": float(psnr.mean()),
-            "sam_deg": self.angle_sum / max(self.pixels, 1),
-            "band_rmse": {n: float(v) for n, v in zip(names, np.sqrt(mse))},
-        }
-
-
-def evaluate_mae(run: str | Path, *, samples: int = 64, batch_size: int = 8, plots=None, progress: bool = True) -> dict:
+def evaluate_mae(
+    run: str | Path, *, split: str = "test", samples: int = 64, batch_size: int = 8, plots=None, progress: bool = True
+) -> dict:
+    """Metrics of an MAE run on `samples` crops of `split` (spectral cubes; synthetic runs: held-out indices)."""
     cfg, model, stats = load_run(run)
     if cfg.train.task != "mae":
         raise ConfigError(f"--run {str(run)!r} trained task {cfg.train.task!r}; this evaluation is for MAE runs")
-    source = HeldOut(build_source(cfg, stats=stats), cfg.data.num_samples, samples)
+    if cfg.data.kind == "spectral_cube":
+        source = build_source(cfg, split=split, stats=stats)
+    else:  # synthetic: the generator's samples past the training range
+        source, split = HeldOut(build_source(cfg, stats=stats), cfg.data.num_samples, samples), "held-out"
     names = source.channels
     if stats is not None:
         mean = np.array([stats["channels"][c]["mean"] for c in names])[:, None, None]
@@ -67,7 +47,7 @@ def evaluate_mae(run: str | Path, *, samples: int = 64, batch_size: int = 8, plo
     else:  # synthetic cubes are standardised with one (mean, scale); undo it to get reflectance
         offset, scale = getattr(source.source, "standardisation", (0.0, 1.0))
         mean, std = np.full((len(names), 1, 1), offset), np.full((len(names), 1, 1), scale)
-    parts = {k: _Accumulator(len(names)) for k in ("masked", "whole", "baseline_masked")}
+    parts = {k: ReconstructionScores(len(names)) for k in ("masked", "whole", "baseline_masked")}
     patch = cfg.model.patch_size
     grid_w = cfg.model.img_size[1] // patch
     shown = None
@@ -100,6 +80,7 @@ def evaluate_mae(run: str | Path, *, samples: int = 64, batch_size: int = 8, plo
     masked, base = parts["masked"].result(names), parts["baseline_masked"].result(names)
     result = {
         "run": str(run),
+        "split": split,
         "samples": samples,
         "mask_ratio": cfg.train.mask_ratio,
         **masked,
@@ -119,7 +100,7 @@ def format_mae_table(result: dict) -> str:
     w = result["whole_image"]
     return "\n".join(
         [
-            f"{result['run']}: {result['samples']} held-out crops, mask ratio {result['mask_ratio']}",
+            f"{result['run']}: {result['samples']} {result['split']} crops, mask ratio {result['mask_ratio']}",
             f"{'':<28} {'PSNR (dB)':>10} {'SAM (deg)':>10}",
             f"{'model, masked patches':<28} {result['psnr_db']:>10.2f} {result['sam_deg']:>10.2f}",
             f"{'mean-spectrum baseline':<28} {result['baseline_psnr_db']:>10.2f} {result['baseline_sam_deg']:>10.2f}",

@@ -1,7 +1,9 @@
 """The validation loss of a run: its training loss, on data it never trained on, in eval mode.
 
-Synthetic runs: samples from `data.num_samples` on (training draws indices below it). ERA5 runs: the
-pairs of the `val` split (or `test` when the split has no `val` part) with the trained lead range.
+File-backed runs read the `val` split (or `test` when data.split has no `val` part), never a training
+pixel: ERA5, its time steps with the trained lead range; spectral cubes, crops inside the split's tiles
+(or files, data.split_by: file), disjoint from every training crop. Synthetic runs: samples from
+`data.num_samples` on (training draws indices below it; the generator makes every sample anew).
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from dchag.eval.forecast import HeldOut, load_run
 from dchag.tasks import compute_loss, mask_noise_for_step
 
 
+def held_out_split(cfg) -> str:
+    """The split validation reads: `val`, or `test` when data.split gives `val` no part."""
+    return "val" if cfg.data.split.get("val") else "test"
+
+
 def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8, *, initial: bool = False) -> float:
     """The loss of the run's trained model (or, with `initial`, of the model it started from: the same
     seed, before any step) on `samples` held-out samples."""
@@ -24,10 +31,10 @@ def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8, *, 
 
         torch.manual_seed(cfg.train.seed)  # as training does before building the model
         model = build_model(cfg).eval()
-    if cfg.data.kind == "era5":
-        split = "val" if "val" in cfg.data.split else "test"
+    if cfg.data.kind in ("era5", "spectral_cube"):
+        split = held_out_split(cfg)
         source = build_source(cfg, split=split, stats=stats)
-        count = min(samples, source.num_samples)
+        count = min(samples, source.num_samples) if cfg.data.kind == "era5" else samples  # a cube has crops to spare
     else:
         source = HeldOut(build_source(cfg, stats=stats), cfg.data.num_samples, samples)
         count = samples

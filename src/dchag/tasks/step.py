@@ -21,14 +21,12 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
         valid = batch.get("y_valid")  # [B, C_out, H, W] under data.nan=mask: NaN pixels leave the loss
         if channel_shard is None:
             return lat_weighted_mse(out.pred, batch["y"], weights, valid), out
-        if valid is not None:  # add the masked sums and the valid weights over ranks, then divide
-            sums = channel_shard.sum_over_ranks(
-                torch.stack(masked_sse((out.pred.float() - batch["y"].float()) ** 2, weights, valid))
-            )
+        # this rank's output channels [B, C_out_r, H, W] (maybe none): its weighted sums, added over ranks
+        sse, weight = masked_sse((out.pred.float() - batch["y"].float()) ** 2, weights, valid)
+        if valid is not None:  # divide by the valid weight of the whole prediction
+            sums = channel_shard.sum_over_ranks(torch.stack([sse, weight]))
             return sums[0] / sums[1].clamp(min=1e-12), out
-        # this rank's output channels [B, C_out_r, H, W] (maybe none): sum the weighted squared errors,
-        # add them up over ranks, divide by the element count of the whole prediction
-        sse = ((out.pred.float() - batch["y"].float()) ** 2 * weights[None, None, :, None]).sum()
+        # ... or, as lat_weighted_mse's mean does, by the element count of the whole prediction
         b, _, h, w = batch["y"].shape
         return channel_shard.sum_over_ranks(sse) / (b * channel_shard.total_out * h * w), out
     out = model(batch["x"], mask_noise=mask_noise)
