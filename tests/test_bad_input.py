@@ -106,6 +106,8 @@ def _nan_field(tmp: Path, trained: Path) -> list[str]:
     return _train("data.kind=era5", *era5, "data.grid=[16, 32]", "model.hierarchy.groups=2")(tmp, trained)
 
 
+_ERA5_DATES = ("data.kind=era5", "data.path=era5.nc", "data.channels=[t2m]", "data.lead_hours=[6, 12]")
+
 # (case id, argv builder, what the message must say)
 CASES = [
     # config files
@@ -141,6 +143,12 @@ CASES = [
     # NaN in the data (owner B: data.nan)
     ("nan-mode-unknown", _train("data.nan=drop"), "data.nan='drop' is unknown; use 'error'"),
     ("nan-in-training-data", _nan_field, "channel 'sst' (variable 'sst') holds NaN at 2020-01-01T18:00 (time index 3)"),
+    # ERA5 date splits (owner G: leakage)
+    ("split-dates-overlap", _train(*_ERA5_DATES, "data.split={train: [2020-01-01, 2020-01-02], test: [2020-01-02, "
+     "2020-01-03]}"), "data.split parts 'train' and 'test' overlap from 2020-01-02T00:00 to 2020-01-02T23:59"),
+    ("split-targets-reach-next-split", _train(*_ERA5_DATES, "data.split={train: [2020-01-01, 2020-01-01], test: "
+     "[2020-01-02T06:00, 2020-01-03]}"), "data.split: 'train' ends 2020-01-01T23:59 and its targets reach 12 h "
+     "later, into 'test' inputs from 2020-01-02T06:00 to 2020-01-02T11:59"),
     # the mesh against the processes, the channels and the model
     ("mesh-vs-world-size", _train("parallel.tp=2"), "launch with: torchrun --nproc-per-node 2"),
     ("channels-vs-mesh", _train("parallel.tp=4", "model.hierarchy.groups=3"), "3 groups, fewer than parallel.tp=4"),

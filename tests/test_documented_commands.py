@@ -253,7 +253,7 @@ def run_command(command: Command, folder: Path, capsys) -> tuple[int, str]:
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
         except Exception as error:  # a traceback is a failure of the documented command, not of this test
-            return 1, f"{type(error).__name__}: {error}"
+            return 1, f"{UNCAUGHT}{type(error).__name__}: {error}"
         return code, capsys.readouterr().err.strip()[-2000:]
     done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     output = done.stderr.strip() or done.stdout.strip()
@@ -261,9 +261,12 @@ def run_command(command: Command, folder: Path, capsys) -> tuple[int, str]:
     return done.returncode, "\n".join(ours) if ours else output[-2000:]
 
 
+UNCAUGHT = "uncaught "  # run_command's message of an in-process run that raised (exit 1 from a traceback)
+
+
 def failure(command: Command, code: int, message: str) -> str | None:
-    """Why `command`'s run counts as a failure (None: it exited as documented)."""
-    if code == command.exits:
+    """Why `command`'s run counts as a failure (None: it exited as documented; a traceback never does)."""
+    if code == command.exits and not message.startswith(UNCAUGHT):
         return None
     stated = f", documented `# exits {command.exits}`" if command.exits else ""
     return f"{command.document}:{command.line}: `{command.text}` exited {code}{stated}: {message}"
@@ -345,6 +348,11 @@ def test_a_command_documented_to_fail_must_fail_with_the_stated_code(tmp_path, m
     assert "exited 0, documented `# exits 1`" in outcomes[1]
     assert "exited 2, documented `# exits 1`: dchag: config error" in outcomes[2]
     assert "exited 2: dchag: config error" in outcomes[3]
+    # a crash is not the documented failure, even with the documented code
+    monkeypatch.setattr(sys.modules[__name__], "main", lambda argv: 1 / 0)
+    assert "exited 1, documented `# exits 1`: uncaught ZeroDivisionError" in failure(
+        commands[1], *run_command(commands[1], tmp_path, capsys)
+    )
 
 
 def test_shrinking_adds_to_the_documented_overrides_and_keeps_them():

@@ -262,7 +262,7 @@ def test_under_tp4_each_rank_reads_only_its_own_bands(tmp_path):
 
     from dchag.parallel.launch import spawn
 
-    data = cube(bands=8)
+    data = cube(bands=8, height=40, width=48)  # 30 tiles of 8 x 8: room for the train / val / test regions
     path = write_h5(tmp_path / "c.h5", data)
     with h5py.File(path, "a") as f:  # 8 bands: extend the wavelength list
         del f["wavelength"]

@@ -22,7 +22,7 @@ import torch
 
 from dchag.config import check_split_dates, split_range
 from dchag.data.errors import DataError
-from dchag.data.moments import Partial, merge_partials
+from dchag.data.moments import WB2_WINDOW_DAYS, Partial, SeasonalSums, day_of_year_and_hour, merge_partials
 from dchag.data.packaged import resolve_path
 
 LEVEL_DIMS = ("level", "pressure_level", "isobaricInhPa", "plev")
@@ -298,11 +298,23 @@ class ERA5Source:
             )
         self.fields = {c: self._field(ds, c, where) for c in dict.fromkeys(self.channels + self.out_channels)}
         self.split_indices = split_indices(self.times, self.split_spec, split_name, where)
-        self.pairs = lead_pairs(
-            self.times, self.split_indices, lead_range, fixed_lead, where, split_name, self._target_pool(lead_range, fixed_lead)
-        )
+        pool = self._target_pool(lead_range, fixed_lead)
+        self.pairs = lead_pairs(self.times, self.split_indices, lead_range, fixed_lead, where, split_name, pool)
         self.num_samples = len(self.pairs)
         self.stats = stats
+
+    def _target_pool(self, lead_range, fixed_lead) -> np.ndarray | None:
+        """Time indices a target may come from. Fraction splits: the split's own (no target crosses into
+        the next split). Date splits name input times, as WeatherBench 2's initialisation times: a target
+        may lie up to the largest lead after the split's end, once `check_split_dates` has made sure no
+        other split's input lies there."""
+        values = list(self.split_spec.values())
+        if not values or not isinstance(values[0], (list, tuple)) or not len(self.split_indices):
+            return None
+        largest = max(lead_range[1], fixed_lead or 0)
+        check_split_dates(self.split_spec, largest)
+        last = self.times[self.split_indices[-1]] + np.timedelta64(int(largest * 3600), "s")
+        return np.arange(self.split_indices[0], np.searchsorted(self.times, last, side="right"))
 
     # ---- opening, lazily per process (DataLoader workers reopen after fork) -----------------------
     def _dataset(self):
@@ -499,6 +511,38 @@ class ERA5Source:
         Computed on the model grid, in float64, NaN excluded."""
         return merge_partials([self.partial_stats(0, 1, channels, climatology, chunk)])
 
+    def seasonal_climatology(
+        self, channels: list[str], static: dict, window_days: int = WB2_WINDOW_DAYS, chunk: int = 16
+    ) -> dict | None:
+        """WeatherBench 2's climatology of `channels`: per day of year x hour of day and cell, the mean of
+        the training split smoothed over `window_days` (physical units, model grid, NaN excluded), as
+        {"hours": [...], "table": {channel: [366, hours, H, W] float32}}. None where it cannot be made:
+        the training split lacks a day of the year (shorter than a year), or the data holds hours of day
+        the training split does not. `static` ({channel: [H, W]}): where a cell has no valid value.
+        Streams the training split once; memory 12 bytes x 366 x hours x H x W per channel."""
+        train = split_indices(self.times, self.split_spec, "train", f"data.path {self.path!r}")
+        doy, hour = day_of_year_and_hour(self.times[train])
+        hours = sorted(set(hour.tolist()))
+        if len(set(doy.tolist()) & set(range(365))) < 365 or set(day_of_year_and_hour(self.times)[1].tolist()) - set(
+            hours
+        ):
+            return None
+        sums = {c: SeasonalSums(hours, (len(self.grid.lat), len(self.grid.lon))) for c in channels}
+        for start in range(0, len(train), chunk):
+            times = train[start : start + chunk]
+            blocks = self.read_many(channels, times)
+            for c in channels:
+                sums[c].add(self.times[times], blocks[c].astype(np.float64))
+        table = {
+            c: sums[c].smoothed(window_days, np.asarray(static[c], dtype=np.float64)).astype(np.float32)
+            for c in channels
+        }
+        return {"hours": hours, "table": table}
+
+    def target_times(self, indices) -> np.ndarray:
+        """The valid times (datetime64) of the targets of samples `indices`: [B]."""
+        return self.times[self.pairs[np.asarray(indices, dtype=np.int64), 1]]
+
 
 def split_indices(times: np.ndarray, spec: dict, name: str, where: str) -> np.ndarray:
     """Time indices of split `name`: fractions of the axis in time order (train, val, test), or dates
@@ -508,7 +552,8 @@ def split_indices(times: np.ndarray, spec: dict, name: str, where: str) -> np.nd
     n = len(times)
     value = spec[name]
     if isinstance(value, (list, tuple)):
-        start, end, exclusive = (np.datetime64(t, "ns") for t in split_range(value)[:2]) + (split_range(value)[2],)
+        first, last, exclusive = split_range(value)
+        start, end = np.datetime64(first, "ns"), np.datetime64(last, "ns")
         return np.nonzero((times >= start) & ((times < end) if exclusive else (times <= end)))[0]
     begin = 0.0
     for part in ("train", "val", "test"):
@@ -519,8 +564,9 @@ def split_indices(times: np.ndarray, spec: dict, name: str, where: str) -> np.nd
     return np.arange(a, min(b, n))
 
 
-def lead_pairs(times, indices, lead_range, fixed_lead, where: str, split_name: str) -> np.ndarray:
-    """[N, 3] int64 (input index, target index, lead hours) of all pairs inside `indices` whose lead is
+def lead_pairs(times, indices, lead_range, fixed_lead, where: str, split_name: str, pool=None) -> np.ndarray:
+    """[N, 3] int64 (input index, target index, lead hours) of all pairs whose input is in `indices`, whose
+    target is in `pool` (contiguous, starting at indices[0]; default: `indices`), and whose lead is
     `fixed_lead`, or lies in `lead_range` (hours). A lead must be a multiple of the time step (on an
     irregular axis: the distance between some two time steps)."""
     hours = (times - times[0]) / np.timedelta64(1, "h")
@@ -534,7 +580,8 @@ def lead_pairs(times, indices, lead_range, fixed_lead, where: str, split_name: s
         if regular and (lead / steps[0]) % 1:
             raise DataError(f"{where}: lead time {lead} h is not a multiple of the time step ({step_text})")
     low, high = (fixed_lead, fixed_lead) if fixed_lead is not None else lead_range
-    idx = np.asarray(indices)
+    inputs = np.asarray(indices)
+    idx = np.asarray(pool) if pool is not None and len(inputs) else inputs
     h = hours[idx]
     found = []
     for k in range(1, len(idx)):  # pairs k steps apart; the split's indices are in time order
@@ -545,11 +592,12 @@ def lead_pairs(times, indices, lead_range, fixed_lead, where: str, split_name: s
         i = np.nonzero(ok)[0]
         found.append(np.stack([idx[i], idx[i + k], np.round(diff[i]).astype(np.int64)], axis=1))
     pairs = np.concatenate(found).astype(np.int64) if found else np.zeros((0, 3), dtype=np.int64)
+    pairs = pairs[np.isin(pairs[:, 0], inputs)] if len(pairs) else pairs
     pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))] if len(pairs) else pairs
     if not len(pairs):
         wanted = f"at lead {fixed_lead} h" if fixed_lead is not None else f"with a lead in {list(lead_range)} h"
         raise DataError(
-            f"{where}: split {split_name!r} ({len(idx)} time steps) holds no (input, target) pair {wanted}"
+            f"{where}: split {split_name!r} ({len(inputs)} time steps) holds no (input, target) pair {wanted}"
             f" (time step {step_text}); widen the split or change the lead"
         )
     return pairs

@@ -5,7 +5,8 @@ A part holds, per channel, the (count, mean, sum of squared deviations) of each 
 (a chunk of time steps, or one crop), keyed by the chunk's position. The merge sorts the chunks of a
 channel by position and combines them in that order (Chan et al.'s pairwise update), so the result does
 not depend on how the chunks were shared out: one process and 2 ranks give the same numbers. The
-climatology is a per-cell sum and count of valid values, divided per cell by the count.
+climatology is a per-cell sum and count of valid values, divided per cell by the count; `SeasonalSums`
+keeps them per day of year and hour of day for WeatherBench 2's climatology (docs/data.md).
 """
 
 from __future__ import annotations
@@ -102,3 +103,54 @@ def merge_partials(parts: list[Partial]) -> dict:
         # cells never valid in training (land under a sea field) get the channel mean: finite, never scored
         out["climatology"][name] = np.where(count > 0, total / np.maximum(count, 1), mean).tolist()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# climatology by day of year and hour of day (WeatherBench 2)
+
+WB2_WINDOW_DAYS = 61  # WeatherBench 2's ERA5 climatology: a 61-day triangular window (compute_climatology.py)
+
+
+def day_of_year_and_hour(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(day of year 0..365, hour of day 0..23) of datetime64 `times` [k], as xarray's `time.dt.dayofyear`
+    (1..366, minus one) and `time.dt.hour` count them (so 1 March is day 59 in common years, 60 in leap
+    years, as in WeatherBench 2)."""
+    t = np.asarray(times).astype("datetime64[ns]")
+    day = t.astype("datetime64[D]")
+    doy = (day - day.astype("datetime64[Y]").astype("datetime64[D]")).astype(np.int64)
+    hour = ((t - day) // np.timedelta64(1, "h")).astype(np.int64)
+    return doy, hour
+
+
+class SeasonalSums:
+    """Per (day of year, hour of day, cell) sums and counts of the finite values of one field: the raw
+    material of a climatology by day of year x hour of day. `hours`: the hours of day kept (a slot each)."""
+
+    def __init__(self, hours: list[int], shape: tuple[int, int]):
+        self.hours = sorted(hours)
+        self.slot = {h: i for i, h in enumerate(self.hours)}
+        self.sum = np.zeros((366, len(self.hours), *shape), dtype=np.float64)  # [day, hour slot, H, W]
+        self.count = np.zeros((366, len(self.hours), *shape), dtype=np.int64)
+
+    def add(self, times: np.ndarray, block: np.ndarray) -> None:
+        """Values `block` [k, H, W] (NaN = invalid) at datetime64 `times` [k]."""
+        doy, hour = day_of_year_and_hour(times)
+        slots = np.array([self.slot[int(h)] for h in hour], dtype=np.int64)
+        finite = np.isfinite(block)
+        np.add.at(self.sum, (doy, slots), np.where(finite, block, 0.0))
+        np.add.at(self.count, (doy, slots), finite.astype(np.int64))
+
+    def smoothed(self, window_days: int, fallback: np.ndarray) -> np.ndarray:
+        """The climatology [366, hours, H, W]: for each day d, the mean of the values of days d - w .. d + w
+        (w = window_days // 2, circular over the year) weighted by WeatherBench 2's triangular window
+        (1 at d, falling linearly to 0 at d +- w, as its create_window_weights), over all years, NaN
+        excluded; cells with no value in the window get `fallback` [H, W] (the static mean)."""
+        half = window_days // 2
+        weights = np.concatenate([np.linspace(0, 1, half + 1), np.linspace(1, 0, half + 1)[1:]])
+        total = np.zeros_like(self.sum)
+        count = np.zeros(self.sum.shape, dtype=np.float64)
+        for offset, w in zip(range(-half, half + 1), weights, strict=True):
+            if w:
+                total += w * np.roll(self.sum, -offset, axis=0)
+                count += w * np.roll(self.count, -offset, axis=0)
+        return np.where(count > 0, total / np.maximum(count, 1e-300), fallback[None, None])

@@ -22,6 +22,7 @@ import torch
 from dchag.config import Config, ConfigError, ParallelConfig
 from dchag.configure import load_config
 from dchag.data import build_source
+from dchag.data.moments import day_of_year_and_hour
 from dchag.model import build_model
 from dchag.tasks.forecast import lat_weighted_mse
 from dchag.tasks.metrics import anomaly_correlation
@@ -93,6 +94,18 @@ def _synthetic_climatology(cfg: Config, lead: int) -> torch.Tensor:
     return total / count
 
 
+def _climatology_of(source, seasonal: dict | None, static: torch.Tensor, outs, start: int, truth) -> torch.Tensor:
+    """The climatology [B, C_out, H, W] of the forecasts `start`, start + 1, ... (as many as `truth` holds):
+    WeatherBench 2's value for each target's day of year and hour of day when `seasonal` has a table,
+    else the static per-cell training mean `static` [C_out, H, W]."""
+    if not seasonal:
+        return static[None].expand_as(truth)
+    doy, hour = day_of_year_and_hour(source.target_times(range(start, start + truth.shape[0])))
+    slot = np.array([seasonal["hours"].index(int(h)) for h in hour])
+    fields = np.stack([seasonal["table"][c][doy, slot] for c in outs], axis=1)  # [B, C_out, H, W]
+    return torch.from_numpy(fields).double()
+
+
 def default_leads(cfg: Config) -> list[int]:
     if cfg.data.kind == "era5":
         low, high = cfg.data.lead_hours
@@ -117,10 +130,13 @@ def evaluate_forecast(
     outs, channels = cfg.out_channels, cfg.channels
     persist_index = [channels.index(c) for c in outs]
     records, maps = [], []
+    seasonal = None  # WeatherBench 2's climatology by day of year x hour of day, when the data allow it
     for lead in lead_hours or default_leads(cfg):
         if cfg.data.kind == "era5":
             source = build_source(cfg, split=split, lead_hours=lead, stats=stats)
             climatology = torch.tensor(np.array([stats["climatology"][c] for c in outs]), dtype=torch.float64)
+            if seasonal is None:
+                seasonal = source.seasonal_climatology(outs, stats["climatology"]) or {}
         else:
             source = HeldOut(build_source(cfg, lead_hours=lead), cfg.data.num_samples, SYNTHETIC_EVAL_SAMPLES)
             climatology = _synthetic_climatology(cfg, lead)
@@ -134,14 +150,15 @@ def evaluate_forecast(
                 pred = model(batch["x"], batch["lead_hours"]).pred
             pred, truth = _physical(pred, outs, stats), _physical(batch["y"], outs, stats)
             persistence = _physical(batch["x"][:, persist_index], outs, stats)
-            clim = climatology[None].expand_as(truth)
+            clim = _climatology_of(source, seasonal, climatology, outs, start, truth)  # [B, C_out, H, W]
+            zero = torch.zeros_like(climatology)  # anomalies are taken against `clim` (per forecast time) above
             valid = batch.get("y_valid")  # [B, C_out, H, W] under data.nan=mask: score valid pixels only
             has = valid.flatten(2).any(-1) if valid is not None else torch.ones(truth.shape[:2], dtype=torch.bool)
             terms = {
                 "mse": lat_weighted_mse(pred, truth, weights, valid, dims=(2, 3)),
-                "acc": anomaly_correlation(pred, truth, climatology, weights, valid),
+                "acc": anomaly_correlation(pred - clim, truth - clim, zero, weights, valid),
                 "p_mse": lat_weighted_mse(persistence, truth, weights, valid, dims=(2, 3)),
-                "p_acc": anomaly_correlation(persistence, truth, climatology, weights, valid),
+                "p_acc": anomaly_correlation(persistence - clim, truth - clim, zero, weights, valid),
                 "c_mse": lat_weighted_mse(clim, truth, weights, valid, dims=(2, 3)),
             }
             for key, term in terms.items():  # [B, C]; a field with no valid pixel is not scored
@@ -167,7 +184,12 @@ def evaluate_forecast(
             )
         if progress:
             print(f"eval: lead {lead} h done ({n} samples)", file=sys.stderr)
-    result = {"run": str(run), "split": split if cfg.data.kind == "era5" else "held-out", "metrics": records}
+    result = {
+        "run": str(run),
+        "split": split if cfg.data.kind == "era5" else "held-out",
+        "climatology": "day_of_year_hour" if seasonal else "static",
+        "metrics": records,
+    }
     if plots is not None:
         from dchag.viz.maps import forecast_maps
 

@@ -19,9 +19,13 @@ class CrossAttentionPool(nn.Module):
     """Multi-head cross-attention from k learned queries per group to the group's channel tokens.
 
     Per group g and head h: q = query_g Wq_g, keys/values = tokens Wk_g / tokens Wv_g, softmax over the
-    group's channels, then an output projection Wo_g with bias. No q/k/v bias (as in ClimaX). The number
-    of heads in use is read from the weight shapes, so a head-sharded copy of this module computes its
-    share of the heads with the same code.
+    group's channels, then an output projection Wo_g with bias. The number of heads in use is read from the
+    weight shapes, so a head-sharded copy of this module computes its share of the heads with the same code.
+
+    No q/k/v biases, by design rather than omission: with one learned query per token, a key bias adds
+    the same q.b_k to every channel's score (softmax ignores it), a value bias passes through the
+    attention unchanged (its weights sum to 1) and folds into the output bias, and a query bias is a
+    reparametrisation of the learned query itself. None of them changes what the module can compute.
     """
 
     group_params = ("query", "wq", "wk", "wv", "proj_weight", "proj_bias")
@@ -49,12 +53,21 @@ class CrossAttentionPool(nn.Module):
             getattr(self, name).copy_(value)
 
     def initial_values(self, g: torch.Generator):
-        """Zero queries (uniform attention at start), projections N(0, 0.02) truncated, zero bias."""
+        """Zero queries, width-aware projections, zero bias.
+
+        The projections get std sqrt(0.5 / D), what ClimaX's channel aggregation gets (torch's
+        MultiheadAttention: xavier-uniform over its stacked [3D, D] in-projection). The ViT's fixed
+        N(0, 0.02) shrinks a signal by 0.02 sqrt(D) per matrix (5x at D = 96), and a hierarchy chains
+        several (value and output projection at every level), so at small widths D-CHAG-C's front end
+        started ~26x weaker than flat's; with the width-aware std the gain per matrix is 1/sqrt(2) at any
+        width. The output projection gets the same std (measured on sentinel2-mae: docs/data.md)."""
         from dchag.model.init import trunc_normal
 
+        dim = self.wq.shape[-1]
+        std = (0.5 / dim) ** 0.5
         yield "query", torch.zeros(self.query.shape)
         for name in ("wq", "wk", "wv", "proj_weight"):
-            yield name, trunc_normal(getattr(self, name).shape, g)
+            yield name, trunc_normal(getattr(self, name).shape, g, std=std)
         if self.proj_bias is not None:
             yield "proj_bias", torch.zeros(self.proj_bias.shape)
 
@@ -85,20 +98,25 @@ class CrossAttentionPool(nn.Module):
             out = out + self.proj_bias[None, :, None, None, :]
         return out
 
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def attention(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention weights [B, G, L, H, k, n] of each query token over its group's n channel tokens
+        (padding slots get 0); what `forward` uses, and what the entropy diagnostic reads."""
         q = self.project_query()  # [G, k, H, e]
         keys = rearrange(
             torch.einsum("bgnld,ged->bgnle", tokens, self.wk), "b g n l (h e) -> b g n l h e", e=self.head_dim
-        )
-        values = rearrange(
-            torch.einsum("bgnld,ged->bgnle", tokens, self.wv), "b g n l (h e) -> b g n l h e", e=self.head_dim
         )
         if self.k_norm is not None:
             keys = self.k_norm(keys)
         scores = torch.einsum("gkhe,bgnlhe->bglhkn", q, keys) * self.head_dim**-0.5  # [B, G, L, H, k, n]
         if valid is not None:
             scores = scores.masked_fill(~valid[None, :, None, None, None, :], float("-inf"))
-        attn = scores.softmax(dim=-1)
+        return scores.softmax(dim=-1)
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.attention(tokens, valid)  # [B, G, L, H, k, n]
+        values = rearrange(
+            torch.einsum("bgnld,ged->bgnle", tokens, self.wv), "b g n l (h e) -> b g n l h e", e=self.head_dim
+        )
         heads_out = torch.einsum("bglhkn,bgnlhe->bgklhe", attn, values)  # [B, G, k, L, H, e]
         return self.finish(heads_out)
 

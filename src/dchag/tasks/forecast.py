@@ -18,7 +18,8 @@ def lat_weighted_mse(
     over `dims` (all: a scalar, the loss; (2, 3): per field [B, C], the evaluation's terms). `valid`
     [B, C, H, W] (bool, under data.nan=mask): over valid pixels only, sum(w e v) / sum(w v) (0 where a
     field has none). Computed in float32, or in float64 when an input is float64 (evaluation)."""
-    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), lat_weights.dtype)
+    dtype = torch.promote_types(dtype, torch.float32)
     err = (pred.to(dtype) - target.to(dtype)) ** 2
     if valid is None:
         return (err * lat_weights.to(dtype)[None, None, :, None]).mean(dim=dims)
