@@ -108,6 +108,23 @@ def _nan_field(tmp: Path, trained: Path) -> list[str]:
 
 _ERA5_DATES = ("data.kind=era5", "data.path=era5.nc", "data.channels=[t2m]", "data.lead_hours=[6, 12]")
 
+
+def _small_cube(*overrides: str):
+    """argv builder: MAE training on a 4-band 40 x 48 .npy cube (6 tiles of 16 x 16 crops), with `overrides`."""
+
+    def argv(tmp: Path, trained: Path) -> list[str]:
+        import numpy as np
+
+        path = tmp / "small.npy"
+        np.save(path, np.random.default_rng(0).uniform(0.1, 1.0, (4, 40, 48)).astype(np.float32))
+        cube = [f"data.path={path}", "data.channels=all", "data.band_wavelengths=[450, 550, 650, 750]"]
+        return _train("data.kind=spectral_cube", *cube, "train.task=mae", "model.hierarchy.groups=2", *overrides)(
+            tmp, trained
+        )
+
+    return argv
+
+
 # (case id, argv builder, what the message must say)
 CASES = [
     # config files
@@ -149,6 +166,10 @@ CASES = [
     ("split-targets-reach-next-split", _train(*_ERA5_DATES, "data.split={train: [2020-01-01, 2020-01-01], test: "
      "[2020-01-02T06:00, 2020-01-03]}"), "data.split: 'train' ends 2020-01-01T23:59 and its targets reach 12 h "
      "later, into 'test' inputs from 2020-01-02T06:00 to 2020-01-02T11:59"),
+    # spectral-cube splits (owner F: regions without leakage)
+    ("split-by-unknown", _small_cube("data.split_by=rows"), "data.split_by='rows' is unknown; use 'region'"),
+    ("split-leaves-a-part-without-a-tile", _small_cube("model.img_size=[16, 16]"),
+     "leaves 'test' with no tile: scene 40 x 48 holds 6 tile(s) of the crop size model.img_size [16, 16]"),
     # the mesh against the processes, the channels and the model
     ("mesh-vs-world-size", _train("parallel.tp=2"), "launch with: torchrun --nproc-per-node 2"),
     ("channels-vs-mesh", _train("parallel.tp=4", "model.hierarchy.groups=3"), "3 groups, fewer than parallel.tp=4"),
@@ -193,6 +214,8 @@ CASES = [
     ("eval-not-a-run", lambda t, _: ["eval", "--run", str(t)], "is not a run folder with a checkpoint"),
     ("eval-option-of-another-task", lambda t, tr: ["eval", "--run", str(tr), "--samples", "3"],
      "--samples apply to mae runs"),
+    ("eval-split-of-a-synthetic-run", lambda t, tr: ["eval", "--run", str(tr), "--split", "val"],
+     "--split applies to runs on files (era5, spectral_cube)"),
     ("eval-json-unwritable", lambda t, tr: ["eval", "--run", str(tr), "--json", "/proc/version/e.json"],
      "'/proc/version' is a file, not a folder"),
     ("bench-table-is-a-folder", lambda t, _: ["bench", "--sweep", "fused-cpu", "--json", str(t / "b.json"),

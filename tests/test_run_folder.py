@@ -121,3 +121,12 @@ def test_timed_checkpoints_are_written_when_the_minutes_pass(tmp_path):
     train(cfg, tmp_path / "untimed", progress=False)  # default 30 min: only the end
     assert _steps(tmp_path / "timed") == ["step-00000001", "step-00000002", "step-00000003"]
     assert _steps(tmp_path / "untimed") == ["step-00000003"]
+
+
+def test_torchruns_default_job_id_names_no_job(tmp_path, monkeypatch):
+    """torchrun without --rdzv-id calls every job "none": another such job's live lock is respected."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    _lock(tmp_path, Owner(socket.gethostname(), 1, "2026-01-01T00:00:00+00:00", "none", _process_start(1)))
+    with pytest.raises(ConfigError, match="in use by another job"):
+        train(resume_config("train.steps=2"), tmp_path, progress=False)

@@ -68,7 +68,7 @@ def cmd_eval(args) -> int:
     from dchag.eval.forecast import load_run
 
     cfg, _, _ = load_run(args.run)
-    check_eval_options(args, cfg.train.task)
+    check_eval_options(args, cfg.train.task, cfg.data.kind)
     _check_outputs(args, files=("json",), folders=("plots",))
     if cfg.train.task == "mae":
         from dchag.eval.mae import evaluate_mae, format_mae_table
@@ -102,7 +102,12 @@ def cmd_eval(args) -> int:
 EVAL_OPTIONS = {"forecast": ("lead_hours", "data_path"), "mae": ("samples",)}
 
 
-def check_eval_options(args, task: str) -> None:
+def check_eval_options(args, task: str, kind: str | None = None) -> None:
+    if args.split is not None and kind is not None and kind.startswith("synthetic"):
+        raise ConfigError(
+            f"--split applies to runs on files (era5, spectral_cube); --run {args.run!r} is a {kind} run, "
+            "evaluated on samples from data.num_samples on, which it never trained on; leave --split out"
+        )
     for other, names in EVAL_OPTIONS.items():
         given = ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
         if other != task and given:

@@ -507,18 +507,18 @@ def check_split_dates(split: dict, max_lead_hours: float) -> None:
     (its last input + `max_lead_hours`) reach another part's inputs (that target would be trained on,
     or scored, on both sides)."""
     ranges = sorted((split_range(v) + (k,) for k, v in split.items()), key=lambda r: r[0])
-    minute = _dt.timedelta(minutes=1)
+    minute, lead = _dt.timedelta(minutes=1), _dt.timedelta(hours=max_lead_hours)
     for i, (start_a, end_a, excl_a, a) in enumerate(ranges):
         last_a = end_a - minute if excl_a else end_a  # the last input time, as the user reads it
-        reach = last_a + _dt.timedelta(hours=max_lead_hours)  # its latest target
+        reach = last_a + lead  # its latest target
         for start_b, end_b, excl_b, b in ranges[i + 1 :]:
             last_b = end_b - minute if excl_b else end_b
-            if start_b <= last_a:
+            if start_b < end_a or start_b == end_a and not excl_a:
                 raise ConfigError(
                     f"data.split parts {a!r} and {b!r} overlap from {_fmt(start_b)} to {_fmt(min(last_a, last_b))}; "
                     "make their date ranges disjoint"
                 )
-            if start_b <= reach:
+            if start_b < end_a + lead or start_b == end_a + lead and not excl_a:
                 raise ConfigError(
                     f"data.split: {a!r} ends {_fmt(last_a)} and its targets reach {max_lead_hours:g} h later, into "
                     f"{b!r} inputs from {_fmt(start_b)} to {_fmt(min(reach, last_b))}; start {b!r} after "

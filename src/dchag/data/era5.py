@@ -519,7 +519,7 @@ class ERA5Source:
         {"hours": [...], "table": {channel: [366, hours, H, W] float32}}. None where it cannot be made:
         the training split lacks a day of the year (shorter than a year), or the data holds hours of day
         the training split does not. `static` ({channel: [H, W]}): where a cell has no valid value.
-        Streams the training split once; memory 12 bytes x 366 x hours x H x W per channel."""
+        Streams the training split once; memory 16 bytes x 366 x hours x H x W per channel."""
         train = split_indices(self.times, self.split_spec, "train", f"data.path {self.path!r}")
         doy, hour = day_of_year_and_hour(self.times[train])
         hours = sorted(set(hour.tolist()))

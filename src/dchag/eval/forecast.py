@@ -3,7 +3,9 @@
 For every output variable and lead time it reports, on held-out data and in the variable's physical
 units, the latitude-weighted RMSE (WeatherBench 2: the square root of the weighted MSE averaged over
 all forecast times, on the model's grid) and the anomaly correlation (ACC) of the model, of
-persistence (the input field as the forecast) and of climatology (the training-split mean field).
+persistence (the input field as the forecast) and of climatology: WeatherBench 2's, by day of year x
+hour of day from the training split, where the split covers a year (else the static training-split
+mean; the JSON's "climatology" says which, docs/data.md).
 
 ERA5 runs evaluate the pairs of the chosen split at each lead; synthetic runs evaluate samples the run
 never trained on (indices from `data.num_samples` on), with a climatology averaged over training samples.

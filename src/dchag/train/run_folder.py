@@ -55,8 +55,10 @@ def check_out_dir(out: Path) -> None:
 
 
 def _job_id() -> str:
-    """The scheduler's or launcher's id of this job (the same for every restart of a torchrun job)."""
-    return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or ""
+    """The scheduler's or launcher's id of this job (the same for every restart of a torchrun job). torchrun
+    without --standalone or --rdzv-id calls every job "none": that names no job."""
+    torchrun = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return os.environ.get("SLURM_JOB_ID") or (torchrun if torchrun != "none" else "")
 
 
 def _process_start(pid: int) -> str | None:
