@@ -145,6 +145,8 @@ class TrainConfig:
     mae_loss_on: str = "all"  # "all" pixels (the paper) or "masked" patches only
     log_every: int = 10
     checkpoint_every: int = 0  # steps between sharded checkpoints (0: only at the end)
+    eval_every: int = 0  # steps between validation losses (val_loss in metrics.jsonl; 0: never)
+    eval_samples: int = 64  # held-out samples in that validation set
     checkpoint_every_minutes: float = 30.0  # also save when this much time passed since the last save (0: never)
     keep_checkpoints: int = 3  # complete checkpoints kept in RUN/checkpoints (0: keep all)
     max_bad_steps: int = 10  # steps with a non-finite loss or gradient skipped before training stops
@@ -571,6 +573,8 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 switches clipping off)")
     _check(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0: only at the end)")
+    _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0: no validation during training)")
+    _check(t.eval_samples >= 1, f"train.eval_samples={t.eval_samples} must be >= 1")
     _check(
         t.checkpoint_every_minutes >= 0,
         f"train.checkpoint_every_minutes={t.checkpoint_every_minutes} must be >= 0 (0: by steps only)",

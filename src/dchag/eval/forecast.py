@@ -24,6 +24,7 @@ import torch
 from dchag.config import Config, ConfigError, ParallelConfig
 from dchag.configure import load_config
 from dchag.data import build_source
+from dchag.data.held_out import HeldOut
 from dchag.data.moments import day_of_year_and_hour
 from dchag.model import build_model
 from dchag.tasks.forecast import lat_weighted_mse
@@ -60,20 +61,6 @@ def load_run(run: str | Path, data_path: str | None = None) -> tuple[Config, tor
             "run folder), which its model was trained with; copy them back, or train the run again"
         )
     return cfg, model.eval(), stats
-
-
-class HeldOut:
-    """Synthetic samples [offset, offset + count): never used in training (it draws indices < offset)."""
-
-    def __init__(self, source, offset: int, count: int):
-        self.source, self.offset, self.num_samples = source, offset, count
-        self.channels, self.out_channels = source.channels, getattr(source, "out_channels", [])
-
-    def batch(self, indices):
-        return self.source.batch([self.offset + i for i in indices])
-
-    def lat_weights(self):
-        return self.source.lat_weights()
 
 
 def _physical(values: torch.Tensor, names: list[str], stats: dict | None) -> torch.Tensor:

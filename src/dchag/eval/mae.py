@@ -24,7 +24,8 @@ from einops import repeat
 
 from dchag.config import ConfigError
 from dchag.data import build_source
-from dchag.eval.forecast import HeldOut, load_run
+from dchag.data.held_out import HeldOut
+from dchag.eval.forecast import load_run
 from dchag.tasks import mask_noise_for_step
 from dchag.tasks.metrics import ReconstructionScores
 

@@ -12,14 +12,9 @@ from pathlib import Path
 
 import torch
 
-from dchag.data import build_source
-from dchag.eval.forecast import HeldOut, load_run
-from dchag.tasks import compute_loss, mask_noise_for_step
-
-
-def held_out_split(cfg) -> str:
-    """The split validation reads: `val`, or `test` when data.split gives `val` no part."""
-    return "val" if cfg.data.split.get("val") else "test"
+from dchag.data.held_out import held_out_source
+from dchag.eval.forecast import load_run
+from dchag.tasks.held_out import held_out_loss
 
 
 def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8, *, initial: bool = False) -> float:
@@ -31,23 +26,7 @@ def validation_loss(run: str | Path, samples: int = 64, batch_size: int = 8, *, 
 
         torch.manual_seed(cfg.train.seed)  # as training does before building the model
         model = build_model(cfg).eval()
-    if cfg.data.kind in ("era5", "spectral_cube"):
-        split = held_out_split(cfg)
-        source = build_source(cfg, split=split, stats=stats)
-        count = min(samples, source.num_samples) if cfg.data.kind == "era5" else samples  # a cube has crops to spare
-    else:
-        source = HeldOut(build_source(cfg, stats=stats), cfg.data.num_samples, samples)
-        count = samples
+    source, count = held_out_source(cfg, stats, samples)
     lat = source.lat_weights() if cfg.train.task == "forecast" else None
-    total, seen = 0.0, 0
-    for start in range(0, count, batch_size):
-        indices = list(range(start, min(start + batch_size, count)))
-        batch = source.batch(indices)
-        noise = None
-        if cfg.train.task == "mae":  # fixed masks per batch: every variant sees the same ones
-            noise = mask_noise_for_step(cfg, 10_000 + start, len(indices), model.num_patches)
-        with torch.no_grad():
-            loss, _ = compute_loss(model, batch, cfg, lat_weights=lat, mask_noise=noise)
-        total += float(loss) * len(indices)
-        seen += len(indices)
-    return total / seen
+    total, seen = held_out_loss(model, cfg, source, count, batch_size, lat)
+    return float(total / seen)

@@ -20,9 +20,11 @@ from tqdm import tqdm
 
 from dchag.config import Config, ConfigError, to_dict
 from dchag.data import build_source
+from dchag.data.held_out import held_out_source
 from dchag.data.pipeline import step_batches
 from dchag.model import build_model
 from dchag.tasks import compute_loss, mask_noise_for_step
+from dchag.tasks.held_out import held_out_loss
 from dchag.train.checkpoint import load_checkpoint, read_stats, read_train_state, resolve_resume, save_checkpoint
 from dchag.train.guards import BadSteps, decide, findings
 from dchag.train.metrics import MetricsLog
@@ -206,6 +208,7 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
     bad.count = run.skipped_steps  # the limit counts over the whole run
     start = time.perf_counter()
     saves = CheckpointClock(cfg, layout, out)
+    validation = Validation(cfg, layout, stats)
     local_batch = t.batch_size // layout.dp_size
     lat_weights = source.lat_weights().to(device) if t.task == "forecast" else None
     rows = slice(layout.dp_rank * local_batch, (layout.dp_rank + 1) * local_batch)
@@ -234,7 +237,8 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
         every = cfg.parallel.check_replicas_every
         if plan is not None and every and (step % every == 0 or step == t.steps - 1):
             plan.check_replicas(step)
-        if step % t.log_every == 0 or step == t.steps - 1 or skipped:
+        val_loss = validation.loss_if_due(step + 1)
+        if step % t.log_every == 0 or step == t.steps - 1 or skipped or val_loss is not None:
             record = {
                 "step": step,
                 "loss": layout.mean_over_ranks(loss),
@@ -246,6 +250,8 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
             }
             if skipped:
                 record["skipped"] = True
+            if val_loss is not None:
+                record["val_loss"] = val_loss
             waited = 0.0
             history.append(record)
             log.write(record)
@@ -267,6 +273,7 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
     }
     if run.resume_from is not None:
         summary["resumed_from_step"] = run.begin
+    summary.update(validation.summary(history))
     if run.changes:
         summary["resume_changed"] = {k: {"checkpoint": old, "now": new} for k, old, new in run.changes}
     if checkpoint is not None:
@@ -289,6 +296,60 @@ def _progress_bar(begin: int, steps: int, show: bool) -> tqdm:
         mininterval=1.0,
         dynamic_ncols=True,
     )
+
+
+class Validation:
+    """`train.eval_every`: the loss on a fixed validation set (the held-out split, fixed masks and leads)
+    under any layout, equal to what `dchag.eval.validation` computes for the same weights on one device.
+    Each TP rank reads its own channels; the fixed chunks are dealt out to the data-parallel ranks."""
+
+    CHUNK = 8  # samples per forward: fixed, so the masks and the numbers do not depend on the layout
+
+    def __init__(self, cfg: Config, layout: Layout, stats: dict | None):
+        self.cfg, self.layout = cfg, layout
+        self.every = cfg.train.eval_every
+        if self.every:
+            plan = layout.plan
+            channels = plan.input_channels if plan else None
+            self.source, self.count = held_out_source(cfg, stats, cfg.train.eval_samples, channels)
+            self.lat = self.source.lat_weights() if cfg.train.task == "forecast" else None
+
+    def loss_if_due(self, done: int) -> float | None:
+        if not self.every or not (done % self.every == 0 or done == self.cfg.train.steps):
+            return None
+        layout, plan = self.layout, self.layout.plan
+        layout.model.eval()
+        total, seen = held_out_loss(
+            layout.model,
+            self.cfg,
+            self.source,
+            self.count,
+            self.CHUNK,
+            self.lat,
+            rank=layout.dp_rank,
+            ranks=layout.dp_size,
+            channel_shard=plan.channel_shard if plan else None,
+        )
+        layout.model.train()
+        sums = torch.tensor([total, float(seen)], dtype=torch.float64)
+        if plan is not None:  # TP peers hold the same sums: the ratio is unchanged by counting them too
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+        return float(sums[0] / sums[1])
+
+    @staticmethod
+    def summary(history: list[dict]) -> dict:
+        """final_val_loss, best_val_loss and its step, when validation ran."""
+        found = [r for r in history if "val_loss" in r]
+        if not found:
+            return {}
+        best = min(found, key=lambda r: r["val_loss"])
+        return {
+            "final_val_loss": found[-1]["val_loss"],
+            "best_val_loss": best["val_loss"],
+            "best_val_step": best["step"],
+        }
 
 
 class CheckpointClock:
