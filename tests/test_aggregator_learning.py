@@ -70,3 +70,16 @@ def test_the_diagnostic_reads_the_attention_forward_uses():
     values = values.unflatten(-1, (agg.aggregator.heads, -1))  # [B, G, n, L, H, e]
     by_hand = agg.aggregator.finish(torch.einsum("bglhkn,bgnlhe->bgklhe", attn, values))
     torch.testing.assert_close(by_hand, agg.aggregator(grouped, agg.valid))
+
+
+def test_eval_reports_each_levels_attention_entropy(tmp_path):
+    import json
+
+    from dchag.cli import main
+
+    cfg_args = ["--config", "configs/tiny-weather.yaml", "--set", "train.steps=2", "model.depth=1", "data.workers=0"]
+    assert main(["train", *cfg_args, "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["eval", "--run", str(tmp_path), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "e.json").read_text())["attention_entropy"]
+    assert [r["level"] for r in rows] == [0, 1]  # tiny-weather is D-CHAG-C: two cross-attention levels
+    assert all(0.0 <= r["entropy"] <= 1.0 + 1e-9 for r in rows)

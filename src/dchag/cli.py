@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
         samples = 64 if args.samples is None else args.samples
         split = args.split or "test"
         result = evaluate_mae(args.run, split=split, samples=samples, plots=args.plots, progress=not args.no_progress)
-        print(format_mae_table(result))
+        table = format_mae_table(result)
     else:
         from dchag.eval.forecast import evaluate_forecast, format_table
 
@@ -88,7 +88,11 @@ def cmd_eval(args) -> int:
             plots=args.plots,
             progress=not args.no_progress,
         )
-        print(format_table(result))
+        table = format_table(result)
+    from dchag.eval.attention import entropy_line, run_attention_entropy
+
+    result["attention_entropy"] = run_attention_entropy(args.run)  # per level: does the aggregation learn?
+    print(table + "\n" + entropy_line(result["attention_entropy"]))
     if args.json:
         from pathlib import Path
 

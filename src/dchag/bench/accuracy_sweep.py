@@ -43,6 +43,7 @@ class AccuracySize:
 
 def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
     from dchag.bench.fused_sweep import log
+    from dchag.eval.attention import run_attention_entropy
     from dchag.eval.validation import validation_loss
     from dchag.train.loop import train
 
@@ -52,6 +53,7 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
         summary = train(cfg, run, progress=False)
         val = validation_loss(run, size.val_samples)
         val_initial = validation_loss(run, size.val_samples, initial=True)
+        entropy = run_attention_entropy(run)
     log(f"accuracy-cpu: {variant} seed {seed}: train {summary['final_loss']:.5f} val {val:.5f}")
     return {
         "config": size.config,
@@ -64,6 +66,7 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
         "val_loss": val,
         "initial_val_loss": val_initial,
         "train_time_s": summary["elapsed_s"],
+        "attention_entropy": entropy,  # per cross-attention level: 1.0 = attention never left uniform
     }
 
 

@@ -41,3 +41,26 @@ def attention_entropy(model: torch.nn.Module, x: torch.Tensor) -> list[dict]:
             )
         tokens = level(tokens)
     return rows
+
+
+def run_attention_entropy(run, samples: int = 8) -> list[dict]:
+    """`attention_entropy` of a trained run's newest checkpoint on its first held-out samples (what
+    `dchag eval` reports as "attention_entropy" and the accuracy sweep records per run)."""
+    from dchag.data.held_out import held_out_source
+    from dchag.eval.forecast import load_run
+
+    cfg, model, stats = load_run(run)
+    source, count = held_out_source(cfg, stats, samples)
+    x = source.batch(list(range(min(samples, count))))["x"]  # [B, C, H, W]
+    return attention_entropy(model, x)
+
+
+def entropy_line(rows: list[dict]) -> str:
+    """One line for the eval table: each cross-attention level's entropy (1.000 = uniform)."""
+    if not rows:
+        return "channel attention: no cross-attention level"
+    parts = [
+        f"level {r['level']} {r['entropy']:.3f} (max weight {r['max_weight']:.3f} vs {r['uniform_max_weight']:.3f})"
+        for r in rows
+    ]
+    return "channel attention entropy (1.000 = uniform): " + "; ".join(parts)
