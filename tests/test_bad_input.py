@@ -185,6 +185,7 @@ CASES = [
     ("out-locked-by-a-live-job", lambda t, tr: _train(out=_locked(t))(t, tr), "is in use by another job (host"),
     ("overwrite-and-resume-auto", _train(resume="auto", flags=("--overwrite",)), "give one of them"),
     ("set-scalar-for-a-pair", _train("model.img_size=32"), "model.img_size=[32] must be [height, width]"),
+    ("eval-every-negative", _train("train.eval_every=-1"), "train.eval_every=-1 must be >= 0"),
     ("checkpoint-minutes-negative", _train("train.checkpoint_every_minutes=-1"),
      "train.checkpoint_every_minutes=-1.0 must be >= 0"),
     # checkpoints to resume from
