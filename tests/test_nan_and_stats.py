@@ -305,3 +305,49 @@ def test_a_spectral_cube_with_nan_is_refused_naming_file_and_band_or_masked_per_
     valid = batch["x_valid"][0]  # [C, h, w]: only band 1's first rows are invalid, the other bands stay valid
     assert not valid[1, :2].any() and valid[1, 2:].all() and valid[0].all() and valid[2].all()
     assert torch.isfinite(batch["x"]).all()
+
+
+def _masked_parity_at_tp2_dp2(path) -> dict:
+    """One step of the masked forecaster at tp 2 x dp_shard 2 against the single-device model, where the
+    DP ranks' samples hold different numbers of valid pixels; also the naive per-rank masked mean."""
+    from dchag.checks.parity import run_parity
+    from dchag.tasks import compute_loss
+    from dchag.train.loop import Layout
+
+    cfg = sea_config(path, "data.nan=mask", "parallel.tp=2", "parallel.dp_shard=2")
+    report = run_parity(cfg)
+    # counter-check: each DP rank dividing by its own valid weight (no dp_mean) is not one device's loss
+    from dchag.checks.parity import reference_and_parallel
+    from dchag.data import batch_indices
+
+    reference, plan = reference_and_parallel(cfg)
+    full = build_source(cfg, stats=build_source(cfg).compute_stats())
+    indices = batch_indices(full.num_samples, 4, 0, cfg.data.seed)
+    weights = full.lat_weights()
+    local = build_source(cfg, channels=plan.input_channels, stats=full.stats)
+    rows = indices[plan.dp_rank * 2 : plan.dp_rank * 2 + 2]
+    shard = plan.channel_shard
+    with torch.no_grad():
+        ref, _ = compute_loss(reference, full.batch(indices), cfg, lat_weights=weights)
+        naive, _ = compute_loss(plan.model, local.batch(rows), cfg, lat_weights=weights, channel_shard=shard)
+        exact, _ = compute_loss(
+            plan.model, local.batch(rows), cfg, lat_weights=weights, channel_shard=shard, dp_mean=plan.dp_mean
+        )
+    layout = Layout(plan.model, plan)
+    return {
+        "loss_rel": report.loss_rel,
+        "grad_rel": max(report.grad_rel.values()),
+        "naive": layout.mean_over_ranks(naive),
+        "exact": layout.mean_over_ranks(exact),
+        "reference": float(ref),
+    }
+
+
+def test_a_masked_loss_under_data_parallelism_equals_one_device_when_ranks_hold_different_valid_counts(tmp_path):
+    # land turns NaN from time 15 on: the training samples of one batch hold different valid counts
+    path = write(with_sea_field(dataset(times=40), from_time=15), tmp_path / "sea.nc", "netcdf")
+    results = spawn(_masked_parity_at_tp2_dp2, 4, str(path))
+    for r in results:
+        assert r["loss_rel"] < 1e-5 and r["grad_rel"] < 1e-4, r
+        assert r["exact"] == pytest.approx(r["reference"], rel=1e-5)
+        assert abs(r["naive"] / r["reference"] - 1) > 1e-4, r  # the per-rank mean: 10x outside the tolerance

@@ -130,6 +130,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
 
     batch_size = cfg.train.batch_size // dims.dp  # per data-parallel rank
     source = build_source(cfg)
+    if hasattr(source, "compute_stats"):  # file-backed data: normalised by its training statistics
+        source.stats = source.compute_stats()
     global_indices = batch_indices(source.num_samples, cfg.train.batch_size, 0, cfg.data.seed)
     batch = {k: v.to(device) for k, v in source.batch(global_indices).items()}
     lat_weights = source.lat_weights().to(device) if cfg.train.task == "forecast" else None
@@ -147,9 +149,13 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     rows = slice(plan.dp_rank * batch_size, (plan.dp_rank + 1) * batch_size)
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
     local = {k: v[rows] for k, v in batch.items()}
-    local["x"] = local["x"][:, c0:c1]  # only this rank's channels
+    for key in ("x", "x_valid"):
+        if key in local:
+            local[key] = local[key][:, c0:c1]  # only this rank's channels
     if plan.channel_shard is not None and cfg.train.task == "forecast":
-        local["y"] = local["y"][:, plan.channel_shard.out_index]  # and only its own targets
+        for key in ("y", "y_valid"):  # and only its own targets
+            if key in local:
+                local[key] = local[key][:, plan.channel_shard.out_index]
     local_noise = noise[rows] if noise is not None else None
     torch.manual_seed(seed + 12345)
     try:
@@ -161,6 +167,7 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
                 lat_weights=lat_weights,
                 mask_noise=local_noise,
                 channel_shard=plan.channel_shard,
+                dp_mean=plan.dp_mean if plan.dp_size > 1 else None,
             )
         (loss / plan.dp_size).backward()
     finally:

@@ -206,6 +206,13 @@ class ParallelPlan:
             buckets.setdefault((dp_split, tp_split), []).append(grad.detach())
         return buckets
 
+    def dp_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over data-parallel ranks of `value`, which TP peers hold alike (no gradient): one
+        all-reduce over every rank, divided by the world size (each TP peer adds the same value)."""
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / dist.get_world_size()
+
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients, each logical element counted once, as a 0-d float64 tensor on
         the model's device (no host synchronisation).

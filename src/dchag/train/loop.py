@@ -394,6 +394,7 @@ def loss_and_gradients(layout: Layout, optimizer, batch: dict, cfg: Config, lat_
             lat_weights=lat_weights,
             mask_noise=noise,
             channel_shard=plan.channel_shard if plan else None,
+            dp_mean=plan.dp_mean if plan is not None and plan.dp_size > 1 else None,
         )
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
