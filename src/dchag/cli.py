@@ -163,6 +163,7 @@ def cmd_bench(args) -> int:
         args.set = [*args.set, f"simulate_tp={args.simulate_tp}", f"simulate_rank={args.simulate_rank}"]
     _check_outputs(args, files=("json", "table"), folders=("plots",))
     size = sweep_size(args.sweep, args.set, SWEEPS)
+    code = source_commit()  # the code the sweep starts from, before anything can change under it
     records = SWEEPS[args.sweep][1](size)
     meta = {
         "sweep": args.sweep,
@@ -172,7 +173,7 @@ def cmd_bench(args) -> int:
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
         "threads": torch.get_num_threads(),
     }
-    top = {**source_commit(), "threads": meta["threads"]}
+    top = {**code, "threads": meta["threads"]}
     if args.sweep in SUMMARIES:
         top["summary"] = SUMMARIES[args.sweep](records)
     write_json(records, args.json, meta, **top)
