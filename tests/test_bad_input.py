@@ -82,6 +82,22 @@ def _locked(tmp: Path) -> str:
     return str(folder)
 
 
+def _era5_run_without_stats(tmp: Path, trained: Path) -> list[str]:
+    """argv: `dchag eval` of a finished one-step ERA5 run whose stats.json files were deleted."""
+    import contextlib
+    import io
+
+    from era5_files import dataset, write
+    from test_data_pipeline import era5_config
+
+    path = write(dataset(times=16), tmp / "era5.nc", "netcdf")
+    with contextlib.redirect_stderr(io.StringIO()):
+        train(era5_config(path, "train.steps=1", "data.workers=0"), tmp / "era5-run", progress=False)
+    for found in (tmp / "era5-run").rglob("stats.json"):
+        found.unlink()
+    return ["eval", "--run", str(tmp / "era5-run"), "--no-progress"]
+
+
 def _config_file(content: bytes):
     """argv builder: `dchag train --config FILE` with FILE holding `content`."""
     return lambda tmp, trained: _train(config=_file(tmp, "bad.yaml", content))(tmp, trained)
@@ -213,6 +229,7 @@ CASES = [
     ("export-without-checkpoint", lambda t, _: ["export", "--run", str(t)], "has no complete checkpoint"),
     ("export-to-a-folder", lambda t, tr: ["export", "--run", str(tr), "--out", str(t)], "is a folder; give a file"),
     ("eval-not-a-run", lambda t, _: ["eval", "--run", str(t)], "is not a run folder with a checkpoint"),
+    ("eval-run-without-statistics", _era5_run_without_stats, "has no normalisation statistics"),
     ("eval-option-of-another-task", lambda t, tr: ["eval", "--run", str(tr), "--samples", "3"],
      "--samples apply to mae runs"),
     ("eval-split-of-a-synthetic-run", lambda t, tr: ["eval", "--run", str(tr), "--split", "val"],
