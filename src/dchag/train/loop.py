@@ -247,11 +247,9 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
                 "elapsed_s": round(time.perf_counter() - start, 3),
                 "data_wait_s": round(waited, 4),
                 "skipped_steps": bad.count,
+                **({"skipped": True} if skipped else {}),
+                **({"val_loss": val_loss} if val_loss is not None else {}),
             }
-            if skipped:
-                record["skipped"] = True
-            if val_loss is not None:
-                record["val_loss"] = val_loss
             waited = 0.0
             history.append(record)
             log.write(record)
@@ -270,19 +268,26 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
         "data_wait_s": round(batches.total_wait_s, 3),
         "ranks": layout.world_size,
         "skipped_steps": bad.count,
+        **_run_facts(cfg, run, history, checkpoint, out),
     }
-    if run.resume_from is not None:
-        summary["resumed_from_step"] = run.begin
-    summary.update(validation.summary(history))
-    if run.changes:
-        summary["resume_changed"] = {k: {"checkpoint": old, "now": new} for k, old, new in run.changes}
-    if checkpoint is not None:
-        summary["checkpoint"] = str(checkpoint)
-    if out is not None:
-        summary["parameters"] = sum(p.numel() for p in build_model_meta(cfg).parameters())
-        if write:
-            (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+    if write:
+        (out / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     return summary
+
+
+def _run_facts(cfg: Config, run: RunStart, history: list[dict], checkpoint: Path | None, out: Path | None) -> dict:
+    """The summary's optional part: where the run resumed and what changed, validation, the checkpoint."""
+    facts: dict = {}
+    if run.resume_from is not None:
+        facts["resumed_from_step"] = run.begin
+    facts.update(Validation.summary(history))
+    if run.changes:
+        facts["resume_changed"] = {k: {"checkpoint": old, "now": new} for k, old, new in run.changes}
+    if checkpoint is not None:
+        facts["checkpoint"] = str(checkpoint)
+    if out is not None:
+        facts["parameters"] = sum(p.numel() for p in build_model_meta(cfg).parameters())
+    return facts
 
 
 def _progress_bar(begin: int, steps: int, show: bool) -> tqdm:
