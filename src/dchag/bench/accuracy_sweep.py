@@ -39,6 +39,7 @@ class AccuracySize:
     val_samples: int = 64
     threads: int = 1  # torch.set_num_threads for every run: results depend on it
     overrides: tuple[str, ...] = ()  # config overrides for every variant alike, e.g. ["data.workers=0"]
+    split: str = "val"  # file-backed data: the held-out split scored (val or test; synthetic: one held-out set)
 
 
 def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
@@ -51,8 +52,8 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
     cfg = load_config(size.config, [*size.overrides, *variant_seed])
     with tempfile.TemporaryDirectory(prefix="dchag-accuracy-") as run:
         summary = train(cfg, run, progress=False)
-        val = validation_loss(run, size.val_samples)
-        val_initial = validation_loss(run, size.val_samples, initial=True)
+        val = validation_loss(run, size.val_samples, split=size.split)
+        val_initial = validation_loss(run, size.val_samples, initial=True, split=size.split)
         entropy = run_attention_entropy(run)
     log(f"accuracy-cpu: {variant} seed {seed}: train {summary['final_loss']:.5f} val {val:.5f}")
     return {
@@ -62,6 +63,7 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
         "seed": seed,
         "steps": size.steps,
         "threads": size.threads,
+        "split": size.split,
         "final_train_loss": summary["final_loss"],
         "val_loss": val,
         "initial_val_loss": val_initial,
