@@ -359,8 +359,9 @@ class Validation:
 
 class CheckpointClock:
     """When to save: every `train.checkpoint_every` steps, whenever `train.checkpoint_every_minutes` have
-    passed since the last save (so a long run always has something recent to resume from), and at the
-    end. Rank 0's clock decides for every rank: a save is collective, and clocks differ between ranks."""
+    passed since the last save (so a long run always has something recent to resume from; read every
+    `train.log_every` steps), and at the end. Rank 0's clock decides for every rank (one broadcast): a save
+    is collective, and clocks differ between ranks."""
 
     def __init__(self, cfg: Config, layout: Layout, out: Path | None):
         self.t, self.layout, self.out = cfg.train, layout, out
@@ -372,7 +373,7 @@ class CheckpointClock:
             return False
         if done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0):
             return True
-        if not t.checkpoint_every_minutes:
+        if not t.checkpoint_every_minutes or done % t.log_every:  # the clock is read on logged steps only
             return False
         late = time.monotonic() - self.last >= 60.0 * t.checkpoint_every_minutes
         return self.layout.rank0_says(late)
