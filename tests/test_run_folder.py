@@ -108,7 +108,9 @@ def test_resume_changed_accepts_the_differences_and_records_them(tmp_path):
 
 def test_a_resume_that_changes_only_the_layout_or_bookkeeping_is_accepted(tmp_path):
     train(resume_config("train.steps=4"), tmp_path, progress=False)
-    allowed = resume_config("train.steps=6", "train.log_every=2", "train.keep_checkpoints=1", "data.workers=1")
+    allowed = resume_config(
+        "train.steps=6", "train.log_every=2", "train.keep_checkpoints=1", "data.workers=1", "train.eval_every=2"
+    )
     assert "resume_changed" not in train(allowed, tmp_path, progress=False, resume="auto")
 
 

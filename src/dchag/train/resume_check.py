@@ -24,6 +24,8 @@ MAY_CHANGE = (
     "train.checkpoint_every_minutes",
     "train.keep_checkpoints",
     "train.max_bad_steps",
+    "train.eval_every",  # validation reads the model, never changes it
+    "train.eval_samples",
     "train.device",
     "data.workers",
     "data.prefetch",
