@@ -101,3 +101,30 @@ def with_sea_field(ds, name: str = "sst", from_time: int = 0):
     land = land_mask(ds["latitude"].values, np.mod(ds["longitude"].values, 360.0))
     values[from_time:, land] = np.nan
     return ds.assign({name: (("time", "latitude", "longitude"), values.astype(np.float32), {"units": "K"})})
+
+
+def era5_config(path, *extra):
+    """A small forecaster on the files above (t2m and geopotential, regridded to 16 x 32); `extra`
+    overrides come last, so a test changes channels, groups or anything else."""
+    from dchag.configure import load_config
+
+    return load_config(
+        None,
+        [
+            "data.kind=era5",
+            f"data.path={path}",
+            "data.channels=[t2m, z_250, z_500, z_850]",
+            "data.out_channels=[t2m, z_500]",
+            "data.split={train: 0.75, test: 0.25}",
+            "data.lead_hours=[6, 6]",
+            "model.img_size=[16, 32]",
+            "data.grid=[16, 32]",
+            "model.patch_size=4",
+            "model.embed_dim=32",
+            "model.depth=1",
+            "model.num_heads=4",
+            "model.hierarchy.groups=4",
+            "train.batch_size=4",
+            *extra,
+        ],
+    )

@@ -87,8 +87,7 @@ def _era5_run_without_stats(tmp: Path, trained: Path) -> list[str]:
     import contextlib
     import io
 
-    from era5_files import dataset, write
-    from test_data_pipeline import era5_config
+    from era5_files import dataset, era5_config, write
 
     path = write(dataset(times=16), tmp / "era5.nc", "netcdf")
     with contextlib.redirect_stderr(io.StringIO()):

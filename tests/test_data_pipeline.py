@@ -8,36 +8,13 @@ from collections import Counter
 
 import pytest
 import torch
-from era5_files import dataset, write
+from era5_files import dataset, era5_config, write
 
 from dchag.config import ConfigError
 from dchag.configure import load_config
 from dchag.data import build_source
 from dchag.data.pipeline import step_batches
 from dchag.parallel.launch import spawn
-
-
-def era5_config(path, *extra):
-    return load_config(
-        None,
-        [
-            "data.kind=era5",
-            f"data.path={path}",
-            "data.channels=[t2m, z_250, z_500, z_850]",
-            "data.out_channels=[t2m, z_500]",
-            "data.split={train: 0.75, test: 0.25}",
-            "data.lead_hours=[6, 6]",
-            "model.img_size=[16, 32]",
-            "data.grid=[16, 32]",
-            "model.patch_size=4",
-            "model.embed_dim=32",
-            "model.depth=1",
-            "model.num_heads=4",
-            "model.hierarchy.groups=4",
-            "train.batch_size=4",
-            *extra,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from era5_files import dataset, land_mask, with_sea_field, write
+from era5_files import dataset, era5_config, land_mask, with_sea_field, write
 
 from dchag.cli import main
-from dchag.configure import load_config
 from dchag.data import build_source
 from dchag.data.era5 import ERA5Source
 from dchag.data.errors import DataError
@@ -28,27 +27,8 @@ ONE_PROCESS = SimpleNamespace(distributed=False, is_main=True, dp_rank=0, dp_siz
 
 def sea_config(path, *extra):
     """A small forecaster on t2m and a sea field that is NaN over land, regridded to 16 x 32."""
-    return load_config(
-        None,
-        [
-            "data.kind=era5",
-            f"data.path={path}",
-            "data.channels=[t2m, sst, z_500]",
-            "data.out_channels=[t2m, sst]",
-            "data.split={train: 0.75, test: 0.25}",
-            "data.lead_hours=[6, 6]",
-            "model.img_size=[16, 32]",
-            "data.grid=[16, 32]",
-            "model.patch_size=4",
-            "model.embed_dim=32",
-            "model.depth=1",
-            "model.num_heads=4",
-            "model.hierarchy.groups=2",
-            "train.batch_size=4",
-            "data.workers=0",
-            *extra,
-        ],
-    )
+    channels = ["data.channels=[t2m, sst, z_500]", "data.out_channels=[t2m, sst]", "model.hierarchy.groups=2"]
+    return era5_config(path, *channels, "data.workers=0", *extra)
 
 
 @pytest.fixture(scope="module")
