@@ -26,16 +26,22 @@ def _front_end_signal(preset: str, dim: int) -> float:
 @pytest.mark.parametrize("dim", [32, 128])
 def test_a_deeper_hierarchy_starts_with_a_signal_comparable_to_flat_at_any_width(dim):
     # N(0, 0.02) projections shrank each matrix's output by 0.02 sqrt(D): D-CHAG-C, which chains twice as
-    # many, started 26x weaker than flat at D = 96; width-aware projections keep them within a few x
+    # many, started 26x weaker than flat at D = 96; gain-1 value and output projections start them at one
+    # scale (measured 0.93 at D = 32, 0.98 at D = 128; gain 1/sqrt(2) everywhere gave about 0.5)
     ratio = _front_end_signal("dchag-C", dim) / _front_end_signal("flat", dim)
-    assert 0.25 < ratio < 4, ratio
+    assert 0.8 < ratio < 1.25, ratio
 
 
 def test_aggregator_projections_have_the_width_aware_std():
     model = build_model(small_config("model.embed_dim=64")).requires_grad_(False)
+    gains = {"wq": 0.5, "wk": 0.5, "wv": 1.0, "proj_weight": 1.0}  # scores: xavier; value path: gain 1
+    seen = 0
     for name, p in model.named_parameters():
-        if name.endswith(("aggregator.wq", "aggregator.wk", "aggregator.wv", "aggregator.proj_weight")):
-            assert float(p.std()) == pytest.approx(math.sqrt(0.5 / 64), rel=0.05), name
+        kind = name.rsplit(".", 1)[-1]
+        if ".aggregator." in name and kind in gains:
+            assert float(p.std()) == pytest.approx(math.sqrt(gains[kind] / 64), rel=0.05), name
+            seen += 1
+    assert seen >= 4
     # counter-check: the ViT's own linear layers keep the ViT convention
     assert float(model.blocks[0].attn.wq.weight.std()) == pytest.approx(0.02, rel=0.05)
 

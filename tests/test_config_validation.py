@@ -114,8 +114,10 @@ def test_presets_resolve_to_levels():
 def test_shipped_configs_validate():
     from pathlib import Path
 
+    from dchag.use.probe_config import load_probe_config
+
     for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")):
-        load_config(path)
+        load_probe_config(path) if path.name.startswith("probe-") else load_config(path)
 
 
 def test_a_torch_older_than_the_floor_is_refused_in_one_line(monkeypatch, capsys):

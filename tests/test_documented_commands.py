@@ -61,6 +61,9 @@ BENCH_SIZES: dict[tuple[str, int | None], list[str]] = {
     ("accuracy-cpu", None): ["steps=1", "seeds=[0]", "max_seeds=0", "val_samples=2"],
 }  # fmt: skip
 
+# `dchag probe --set` values: a probe config's patch counts and bootstrap resamples, cut
+PROBE_SIZES = ["classifier.max_train_patches=2000", "classifier.max_test_patches=2000", "bootstrap=10"]
+
 # Slurm scripts: (processes on the one node, function of the documented script arguments -> arguments
 # to run). Each keeps the kinds of parallelism the documented layout has, at the smallest sizes.
 SBATCH_LAYOUTS = {
@@ -175,8 +178,14 @@ def shrink_dchag(args: list[str], folder: Path) -> list[str]:
     if sub == "plan":  # every variant x layout of 2 GPUs (not N: 32 GPUs trace 141 candidates) on the shrunk config
         args = [*args[: args.index("--gpus") + 1], "2", *args[args.index("--gpus") + 2 :]] if "--gpus" in args else args
         return _with_set(args, shrink_overrides(ROOT / _option(args, "--config")))
+    if sub == "probe":  # of a shrunk run, on fewer patches and bootstrap resamples
+        return _with_set(args, PROBE_SIZES)
     if sub in ("eval", "export", "info"):  # eval/export: of a shrunk run; info: on the meta device
         return list(args)
+    if sub == "embed":  # of a shrunk run, a few samples (argparse keeps the last --max-samples)
+        return [*args, "--max-samples", "4"]
+    if sub == "forecast":  # of a shrunk run, from two initialisation times (argparse keeps the last --max-inits)
+        return [*args, "--max-inits", "2"]
     raise LookupError(f"`dchag {sub}` has no shrinking rule in this test: add one")
 
 

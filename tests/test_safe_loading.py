@@ -48,9 +48,11 @@ def test_export_writes_safetensors_that_rebuild_the_model(run, tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in expected.items())
 
 
-def test_the_export_command_writes_beside_the_run(run, capsys):
+def test_the_export_command_writes_an_export_folder_beside_the_run(run, capsys):
     assert main(["export", "--run", str(run)]) == 0
-    assert (run / "model.safetensors").is_file() and "model.safetensors" in capsys.readouterr().err
+    assert (run / "export" / "model.safetensors").is_file() and "export" in capsys.readouterr().err
+    assert main(["export", "--run", str(run), "--out", str(run / "weights.safetensors")]) == 0
+    assert (run / "weights.safetensors").is_file()  # a .safetensors name: the weights alone, as before
 
 
 def test_a_pickle_posing_as_exported_weights_is_refused_unrun(tmp_path):

@@ -60,6 +60,22 @@ def _dropout_cases() -> dict:
     return cases
 
 
+# rollout training (train.rollout_steps) under FSDP2 x TP; tp=2 alone: tests/test_fine_tuning.py
+ROLLOUT_CASES = {
+    "rollout/fsdp2x2/C": (
+        [
+            "model.hierarchy.preset=dchag-C",
+            *W.SPLITS["uneven"],
+            "model.residual_forecast=true",
+            "train.rollout_steps=2",
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+        ],
+        "none",
+    ),
+}
+
+
 def _suite():
     dchag_c = ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"]]
     spare_vocab = [
@@ -69,7 +85,7 @@ def _suite():
         "model.hierarchy.groups=4",
     ]
     return {
-        "parity": W.parity_matrix({}, {**_bf16_cases(), **_dropout_cases()}),
+        "parity": W.parity_matrix({}, {**_bf16_cases(), **_dropout_cases(), **ROLLOUT_CASES}),
         "step_comm": W.step_communication(*dchag_c, "parallel.tp=4"),
         "step_comm_mae": W.step_communication(
             "model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "train.task=mae", "parallel.tp=4"
@@ -120,6 +136,11 @@ def test_dropout_under_tp_draws_exactly_the_single_device_masks_of_a_tp_way_layo
     assert not bad, bad
     worst, tensors, _ = four[0]["parity"]["dropout+bf16/tp4/C"]
     assert worst <= BF16_TOLERANCE, tensors
+
+
+def test_rollout_training_under_fsdp2_x_tp_has_the_single_device_loss_and_gradients(four):
+    worst, tensors, _ = four[0]["parity"]["rollout/fsdp2x2/C"]
+    assert worst <= FP32_TOLERANCE, tensors
 
 
 def test_attention_dropout_masks_differ_across_tp_ranks_and_match_the_single_device_blocks(four):

@@ -28,3 +28,12 @@ def require_torch() -> None:
     message = torch_too_old(torch.__version__)
     if message:
         raise ImportError(message)
+
+
+def __getattr__(name: str):
+    """`dchag.load` is imported on first use (PEP 562), so `import dchag` stays light: no torch, no data stack."""
+    if name == "load":
+        from dchag.use.trained import load
+
+        return load
+    raise AttributeError(f"module 'dchag' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""`dchag` command line: train | export | eval | info | bench | plan | check-parity."""
+"""`dchag` command line: train | export | embed | forecast | eval | probe | info | bench | plan | check-parity."""
 
 from __future__ import annotations
 
@@ -57,14 +57,43 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from dchag.train.export import export_weights
+    from pathlib import Path
 
-    path = export_weights(args.run, args.out, checkpoint=args.checkpoint)
+    from dchag.train.export import export_folder, export_weights
+
+    if args.out is not None and args.out.endswith(".safetensors"):  # the weights alone, as one file
+        path = export_weights(args.run, args.out, checkpoint=args.checkpoint)
+    else:
+        out = args.out if args.out is not None else Path(args.run) / "export"
+        path = export_folder(args.run, out, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from dchag.use.embed import check_out, embed_split
+
+    check_out(args.out)
+    _check_outputs(args, files=("out",) if args.out.endswith(".npz") else ())
+    path = embed_split(
+        args.run,
+        args.out,
+        split=args.split,
+        data_path=args.data_path,
+        pool=args.pool,
+        max_samples=args.max_samples,
+        checkpoint=args.checkpoint,
+        progress=not args.no_progress,
+    )
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 def cmd_eval(args) -> int:
+    if args.forecast is not None:
+        return cmd_eval_forecast_file(args)
+    if args.run is None:
+        raise ConfigError("dchag eval needs --run RUN (a trained run) or --forecast FILE.zarr (a stored forecast)")
     from dchag.eval.forecast import load_run
 
     cfg, _, _ = load_run(args.run)
@@ -118,6 +147,78 @@ def check_eval_options(args, task: str, kind: str | None = None) -> None:
             raise ConfigError(
                 f"{' '.join(given)} apply to {other} runs, and --run {args.run!r} is a {task} run; leave them out"
             )
+
+
+def cmd_eval_forecast_file(args) -> int:
+    """`dchag eval --forecast FILE.zarr`: a stored forecast (WeatherBench 2 layout) against the truth."""
+    given = [f"--{n}" for n in ("split", "samples", "plots") if getattr(args, n) is not None]
+    if given:
+        raise ConfigError(
+            f"{' '.join(given)} do not apply to --forecast (its initialisation times and leads are the file's; "
+            "--lead-hours picks leads); leave them out"
+        )
+    _check_outputs(args, files=("json",))
+    from dchag.eval.forecast import format_table
+    from dchag.eval.stored_forecast import evaluate_stored_forecast
+
+    result = evaluate_stored_forecast(
+        args.forecast,
+        data_path=args.data_path,
+        run=args.run,
+        lead_hours=args.lead_hours,
+        progress=not args.no_progress,
+    )
+    print(format_table(result))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_forecast(args) -> int:
+    from dchag.use.rollout import run_forecast
+
+    if args.split is not None and args.init_times:
+        raise ConfigError("give --split or --init-times, not both")
+    summary = run_forecast(
+        args.run,
+        args.out,
+        lead_hours=args.lead_hours,
+        steps=args.steps,
+        data_path=args.data_path,
+        split=args.split,
+        init_times=args.init_times,
+        max_inits=args.max_inits,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    if summary:  # rank 0
+        leads = ", ".join(f"{h:g}" for h in summary["lead_hours"])
+        print(
+            f"wrote {summary['out']}: {summary['init_times']} initialisation times x leads {leads} h of "
+            f"{', '.join(summary['variables'])} on {summary['ranks']} rank(s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from dchag.use.probe import format_probe_table, probe
+    from dchag.use.probe_config import load_probe_config
+
+    cfg = load_probe_config(args.config, args.set)
+    _check_outputs(args, files=("json",))
+    result = probe(args.run, cfg, checkpoint=args.checkpoint, progress=not args.no_progress)
+    print(format_probe_table(result))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -237,7 +338,18 @@ def cmd_plan(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dchag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _export_parser, _eval_parser, _info_parser, _bench_parser, _plan_parser, _parity_parser):
+    for add in (
+        _train_parser,
+        _export_parser,
+        _embed_parser,
+        _probe_parser,
+        _forecast_parser,
+        _eval_parser,
+        _info_parser,
+        _bench_parser,
+        _plan_parser,
+        _parity_parser,
+    ):
         add(sub)
     return parser
 
@@ -270,11 +382,33 @@ def _train_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a run's logical weights as one safetensors file (loads without pickle)")
+    p = sub.add_parser(
+        "export",
+        help="write a folder others can load (dchag.load): model.safetensors (no pickle), config.yaml, stats.json, "
+        "README.md model card",
+    )
     p.add_argument("--run", required=True, help="the run folder dchag train wrote")
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's newest)")
-    p.add_argument("--out", help="output file (default: RUN/model.safetensors)")
+    p.add_argument("--checkpoint", help="a checkpoint folder or step number (default: the run's newest)")
+    p.add_argument(
+        "--out", help="output folder (default: RUN/export); a name ending in .safetensors writes the weights alone"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=cmd_export)
+
+
+def _embed_parser(sub) -> None:
+    p = sub.add_parser(
+        "embed", help="encoder features of a split's samples (ERA5 times, spectral-cube crops) to .npz or .zarr"
+    )
+    p.add_argument("--run", required=True, help="a run folder or dchag export folder")
+    p.add_argument("--out", required=True, help="output file: FILE.npz (numpy) or FILE.zarr (xarray)")
+    p.add_argument("--split", choices=["train", "val", "test"], help="the data.split part (default test)")
+    p.add_argument("--data-path", help="embed samples of another file holding the same variables or bands")
+    p.add_argument("--pool", choices=["none", "mean"], default="none", help="none: [N, L, D] tokens; mean: [N, D]")
+    p.add_argument("--max-samples", type=int, help="at most this many samples (spectral cubes: default 64 crops)")
+    p.add_argument("--checkpoint", help="a checkpoint folder or step number (default: the run's newest)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_embed)
 
 
 def _eval_parser(sub) -> None:
@@ -283,7 +417,17 @@ def _eval_parser(sub) -> None:
         help="evaluate a trained run against its field's baselines on a split it never trained on (default test); "
         "synthetic runs: samples past data.num_samples",
     )
-    p.add_argument("--run", required=True, help="the run folder dchag train wrote (config.yaml, checkpoints/)")
+    p.add_argument(
+        "--run",
+        help="the run folder dchag train wrote (config.yaml, checkpoints/); with --forecast: score against this "
+        "run's data and training-split climatology (synthetic runs: its held-out samples)",
+    )
+    p.add_argument(
+        "--forecast",
+        metavar="FILE.zarr",
+        help="score a stored forecast in WeatherBench 2's layout (dchag forecast's, or another model's) against "
+        "--data-path TRUTH (or --run's data)",
+    )
     p.add_argument(
         "--split",
         choices=["train", "val", "test"],
@@ -296,6 +440,52 @@ def _eval_parser(sub) -> None:
     p.add_argument("--samples", type=int, help="MAE: held-out crops to evaluate (default 64)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+
+def _forecast_parser(sub) -> None:
+    p = sub.add_parser(
+        "forecast",
+        help="autoregressive rollout of a forecast run written as a WeatherBench 2 Zarr store (one process, or the "
+        "model split over torchrun's ranks)",
+    )
+    p.add_argument("--run", required=True, help="the run folder dchag train wrote")
+    p.add_argument("--out", required=True, metavar="FILE.zarr", help="the Zarr store to write (replaced if it exists)")
+    p.add_argument("--lead-hours", type=float, required=True, help="the lead of one step, hours")
+    p.add_argument("--steps", type=int, default=1, help="autoregressive steps (leads H, 2H, ..., N x H; default 1)")
+    p.add_argument("--data-path", help="forecast from another file holding the same variables")
+    p.add_argument(
+        "--split",
+        choices=["train", "val", "test"],
+        help="initialise at every time step of this data.split part (default test)",
+    )
+    p.add_argument(
+        "--init-times", nargs="+", metavar="T", help="initialise at these time steps (e.g. 2026-03-29T06:00)"
+    )
+    p.add_argument(
+        "--max-inits",
+        type=int,
+        help="at most this many initialisation times (the first; synthetic runs: held-out samples, default 64)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="initialisation times per forward pass")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_forecast)
+
+
+def _probe_parser(sub) -> None:
+    p = sub.add_parser(
+        "probe",
+        help="frozen encoder features -> a linear classifier on a labelled task (configs/probe-*.yaml): test accuracy "
+        "and macro-F1 beside a random encoder and the per-patch mean spectrum",
+    )
+    p.add_argument("--run", required=True, help="a run folder (dchag train --out) or an export folder")
+    p.add_argument("--config", required=True, help="the probe config, e.g. configs/probe-landsat8-qa.yaml")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override probe config values, e.g. seed=1"
+    )
+    p.add_argument("--checkpoint", help="a checkpoint folder or step number of the run (default: the newest)")
+    p.add_argument("--json", help="also write the result here as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_probe)
 
 
 def _info_parser(sub) -> None:
@@ -377,12 +567,16 @@ def _parity_parser(sub) -> None:
     p.add_argument(
         "--fault",
         default="none",
-        help="inject a known bug to see the check fail: gather-reduce-scatter, gather-own-slice, grad-scale",
+        help="inject a known bug to see the check fail: gather-reduce-scatter, gather-own-slice, grad-scale; with "
+        "train.rollout_steps > 1 also rollout-data-fed, rollout-channel-map",
     )
     p.set_defaults(func=cmd_check_parity)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[1] == "--":  # `torchrun ... -m dchag forecast -- --run RUN`: the `--` keeps torchrun
+        del argv[1]  # from taking --run for its own --run-path; dchag drops it
     args = build_parser().parse_args(argv)  # first: --help needs no torch
     import torch
 

@@ -29,8 +29,11 @@ DATA_KINDS = ("synthetic-weather", "synthetic-hyperspectral", "era5", "spectral_
 SPLITS = ("train", "val", "test")
 NAN_MODES = ("error", "mask")
 SPLIT_BY = ("region", "file")
+REGRID_METHODS = ("bilinear", "conservative")  # data.regrid (era5): how fields reach data.grid
 TASKS = ("forecast", "mae")
 PARALLEL_MODES = ("dchag", "replicated", "naive")
+# the top-level parts of ChannelViT that train.freeze and train.lr_scale name (lead_embed: forecast only)
+MODEL_PARTS = ("front_end", "pos_embed", "lead_embed", "blocks", "norm", "head")
 
 
 @dataclass
@@ -113,7 +116,8 @@ class DataConfig:
     # era5 (see docs/data.md): a Zarr store, a netCDF file, or a folder / glob of netCDF files
     path: str | None = None
     select: dict = field(default_factory=dict)  # {dim: value} for extra dimensions (ensemble member, ...)
-    grid: Union[str, list[int]] = "native"  # "native" or [H, W]: bilinear regridding to the model's grid
+    grid: Union[str, list[int]] = "native"  # "native" or [H, W]: regridding to the model's grid
+    regrid: str = "bilinear"  # era5, how data.grid is reached: "bilinear" or "conservative" (area-weighted, coarsening)
     split: dict = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})  # fractions or dates
     split_by: str = "region"  # spectral_cube: "region" (tiles of each scene) or "file" (whole files) per split
     lead_hours: list[int] = field(default_factory=lambda: [6, 72])  # era5: [min, max] lead in training
@@ -152,6 +156,11 @@ class TrainConfig:
     max_bad_steps: int = 10  # steps with a non-finite loss or gradient skipped before training stops
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
+    rollout_steps: int = 1  # forecast: the loss averaged over this many autoregressive steps at the drawn lead
+    rollout_checkpointing: bool = False  # recompute each rollout step's activations in backward
+    init_from: str | None = None  # fine-tuning: weights by name from a run folder, an export folder or a .safetensors
+    freeze: list[str] = field(default_factory=list)  # model parts left untrained (MODEL_PARTS)
+    lr_scale: dict = field(default_factory=dict)  # {model part: learning-rate multiplier}
 
 
 @dataclass
@@ -311,28 +320,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def parse_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or start from defaults), apply `key=value` overrides, check every field.
     The channel names are resolved on top of this by `dchag.configure.load_config`."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file")
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except UnicodeDecodeError:
-            raise ConfigError(f"config file {str(path)!r} is not a text file; give a YAML config") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or "invalid YAML"
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
-        data = loaded or {}
+    data = read_yaml_mapping(path) if path is not None else {}
     return config_from_dict(data, overrides)
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The mapping a YAML config file holds (any config kind: training, probe), with one-line errors for a
+    missing file, a folder, a binary file, invalid YAML and a top level that is not a mapping."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not a text file; give a YAML config") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a folder; give a YAML file") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return loaded or {}
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
@@ -438,6 +451,10 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0 (0 loads in the training process)")
     _check(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be >= 1")
     _check_nan_mode(d)
+    _check(
+        d.regrid in REGRID_METHODS,
+        f"data.regrid={d.regrid!r} is unknown; use 'bilinear' or 'conservative' (area-weighted, for coarsening)",
+    )
     if d.kind == "spectral_cube":
         _validate_spectral_cube(d)
     if d.kind == "era5":
@@ -585,6 +602,25 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.mae_loss_on in ("all", "masked"), f"train.mae_loss_on={t.mae_loss_on!r} must be 'all' or 'masked'")
     _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be auto, cpu or cuda")
+    _validate_fine_tuning(t)
+
+
+def _validate_fine_tuning(t: TrainConfig) -> None:
+    """train.rollout_steps, train.freeze and train.lr_scale (train.init_from is checked when training starts)."""
+    _check(t.rollout_steps >= 1, f"train.rollout_steps={t.rollout_steps} must be >= 1 (1: one-step forecasts)")
+    _check(
+        t.rollout_steps == 1 or t.task == "forecast",
+        f"train.rollout_steps={t.rollout_steps} needs train.task=forecast ({t.task} has no forecast to roll out)",
+    )
+    parts = [p for p in MODEL_PARTS if p != "lead_embed" or t.task == "forecast"]
+    for key, names in (("train.freeze", list(t.freeze)), ("train.lr_scale", list(t.lr_scale))):
+        bad = [n for n in names if n not in parts]
+        _check(not bad, f"{key} names unknown model part(s) {bad}; use some of {parts}")
+    _check(len(set(t.freeze)) < len(parts), f"train.freeze={t.freeze} freezes every part: nothing is left to train")
+    for part, scale in t.lr_scale.items():
+        ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
+        _check(ok, f"train.lr_scale.{part}={scale!r} must be a number > 0 (to stop training a part: train.freeze)")
+    _check(t.init_from is None or bool(t.init_from.strip()), "train.init_from is empty; give a run folder or omit it")
 
 
 

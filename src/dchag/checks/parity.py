@@ -23,7 +23,14 @@ from dchag.parallel.state import logical_grads
 from dchag.tasks import compute_loss, mask_noise_for_step
 from dchag.train.loop import autocast
 
-FAULTS = ("none", "gather-reduce-scatter", "gather-own-slice", "grad-scale")
+FAULTS = (
+    "none",
+    "gather-reduce-scatter",
+    "gather-own-slice",
+    "grad-scale",
+    "rollout-data-fed",  # rollout faults: run with train.rollout_steps > 1
+    "rollout-channel-map",
+)
 
 
 # Tolerances on max |a - b| / max |b| per tensor. fp32: summation order alone (TP splits every
@@ -84,6 +91,8 @@ def _inject(fault: str, plan):
     def restore():
         channel_parallel.gather_from_tp, channel_parallel.gather_to_tp, front.gather_into_final = before
 
+    if fault.startswith("rollout-"):
+        return _inject_rollout(fault)
     if fault == "gather-reduce-scatter":
         # torch's autograd all-gather (reduce-scatter backward) where the gradient is already complete:
         # the last level keeps its own all-reduce, so front-end gradients come out tp times too large
@@ -94,6 +103,33 @@ def _inject(fault: str, plan):
         # front end sees only this rank's heads' share of its gradient
         front.gather_into_final = bool(front.gathered_counts) and front.final is not None
         channel_parallel.gather_to_tp = gather_from_tp
+    return restore
+
+
+def _inject_rollout(fault: str):
+    """Deliberate rollout bugs (train.rollout_steps > 1): "rollout-data-fed" starts every later step from
+    the data at its valid time instead of the previous prediction (teacher forcing); "rollout-channel-map"
+    feeds each prediction into the next input channel instead of its own."""
+    from dchag.tasks import step
+
+    before = (step.rollout, step.input_positions)
+
+    def restore():
+        step.rollout, step.input_positions = before
+
+    if fault == "rollout-data-fed":
+
+        def data_fed(model, x, lead_hours, steps, *, in_out_index, forcings=None, checkpointing=False):
+            return [model(inputs, lead_hours).pred for inputs in [x, *(forcings or [])][:steps]]
+
+        step.rollout = data_fed
+    else:
+
+        def shifted(channels, out_channels, channel_shard=None):
+            width = len(channels) if channel_shard is None else channel_shard.stop - channel_shard.start
+            return [(i + 1) % width for i in before[1](channels, out_channels, channel_shard)]
+
+        step.input_positions = shifted
     return restore
 
 
@@ -129,7 +165,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     plan.model.train()
 
     batch_size = cfg.train.batch_size // dims.dp  # per data-parallel rank
-    source = build_source(cfg)
+    steps = cfg.train.rollout_steps if cfg.train.task == "forecast" else 1
+    source = build_source(cfg, rollout_steps=steps)
     if hasattr(source, "compute_stats"):  # file-backed data: normalised by its training statistics
         source.stats = source.compute_stats()
     global_indices = batch_indices(source.num_samples, cfg.train.batch_size, 0, cfg.data.seed)
@@ -149,13 +186,14 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     rows = slice(plan.dp_rank * batch_size, (plan.dp_rank + 1) * batch_size)
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
     local = {k: v[rows] for k, v in batch.items()}
-    for key in ("x", "x_valid"):
-        if key in local:
-            local[key] = local[key][:, c0:c1]  # only this rank's channels
+    for key in ("x", "x_valid", "forcings"):
+        if key in local:  # only this rank's channels (forcings [B, K-1, C, H, W]: along dim 2)
+            local[key] = local[key][:, :, c0:c1] if key == "forcings" else local[key][:, c0:c1]
     if plan.channel_shard is not None and cfg.train.task == "forecast":
-        for key in ("y", "y_valid"):  # and only its own targets
+        owned = torch.tensor(plan.channel_shard.out_index, dtype=torch.long, device=device)
+        for key in ("y", "y_valid"):  # and only its own targets (rollout: [B, K, C_out, H, W])
             if key in local:
-                local[key] = local[key][:, plan.channel_shard.out_index]
+                local[key] = local[key].index_select(local[key].dim() - 3, owned)
     local_noise = noise[rows] if noise is not None else None
     torch.manual_seed(seed + 12345)
     try:
@@ -181,7 +219,11 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     mean_loss = mean_loss / dims.world_size  # equal on TP peers: the mean over ranks is the DP mean
     expected = ref_out.pred[rows]
     if plan.channel_shard is not None:  # a channel-parallel model predicts only this rank's channels
-        expected = expected[:, c0:c1] if cfg.train.task == "mae" else expected[:, plan.channel_shard.out_index]
+        if cfg.train.task == "mae":
+            expected = expected[:, c0:c1]
+        else:  # [B, C_out, H, W], or [B, K, C_out, H, W] for a rollout
+            owned = torch.tensor(plan.channel_shard.out_index, dtype=torch.long, device=expected.device)
+            expected = expected.index_select(expected.dim() - 3, owned)
     grads = logical_grads(plan)
     ref_norm = torch.stack([g.double().square().sum() for g in ref_grads.values()]).sum().sqrt()
     report = ParityReport(

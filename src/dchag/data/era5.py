@@ -3,9 +3,10 @@ folder / glob of netCDF files (WeatherBench's one-folder-per-variable layout inc
 
 A sample is a pair of time steps (input at t, target at t + lead) inside one split. Only the variables
 of the requested channels are opened and only the time steps of a batch are read, so a tensor-parallel
-rank that asks for its own channels touches only those arrays. Fields are regridded (bilinear, periodic
-in longitude for global fields) to the model's grid and normalised with per-channel statistics streamed
-from the training split. docs/data.md describes the naming rules, splits, leads and statistics.
+rank that asks for its own channels touches only those arrays. Fields are regridded (bilinear, or
+conservative for coarsening; periodic in longitude for global fields) to the model's grid and normalised
+with per-channel statistics streamed from the training split. docs/data.md describes the naming rules,
+splits, leads and statistics.
 """
 
 from __future__ import annotations
@@ -202,9 +203,9 @@ def target_grid(lat: np.ndarray, lon: np.ndarray, shape) -> Grid:
     return Grid(np.linspace(lat.min(), lat.max(), h), np.linspace(lon.min(), lon.max(), w), periodic)
 
 
-def regrid(block: np.ndarray, lat: np.ndarray, lon: np.ndarray, grid: Grid) -> np.ndarray:
-    """Bilinear regridding of fields [k, lat, lon] (lat ascending, lon ascending) onto `grid` with
-    xarray.interp, periodic in longitude for global fields."""
+def regrid(block: np.ndarray, lat: np.ndarray, lon: np.ndarray, grid: Grid, method: str = "bilinear") -> np.ndarray:
+    """Fields [k, lat, lon] (lat ascending, lon ascending) onto `grid`, periodic in longitude for global
+    fields: bilinear with xarray.interp, or `method="conservative"` (see `conservative`)."""
     import xarray as xr
 
     if (
@@ -214,12 +215,33 @@ def regrid(block: np.ndarray, lat: np.ndarray, lon: np.ndarray, grid: Grid) -> n
         and np.allclose(lon, grid.lon)
     ):
         return block
+    if method == "conservative":
+        return conservative(block, lat, lon, grid)
     if grid.periodic:  # wrap one column on each side so that the interpolation is periodic
         block = np.concatenate([block[..., -1:], block, block[..., :1]], axis=-1)
         lon = np.concatenate([lon[-1:] - 360.0, lon, lon[:1] + 360.0])
     da = xr.DataArray(block, dims=("k", "lat", "lon"), coords={"lat": lat, "lon": lon})
     out = da.interp(lat=grid.lat, lon=grid.lon, method="linear", kwargs={"fill_value": None})
     return out.values
+
+
+def conservative(block: np.ndarray, lat: np.ndarray, lon: np.ndarray, grid: Grid) -> np.ndarray:
+    """First-order conservative regridding of fields [k, lat, lon] onto a coarser `grid` with
+    xarray-regrid, as WeatherBench 2 makes its coarse grids: each model-grid cell is the mean of the
+    source cells it overlaps, weighted by the overlap and by cell area on the sphere (cell edges halfway
+    between centres; area from sin(latitude) at the edges, so a nested coarsening keeps the cos-latitude
+    weighted global mean). Longitudes wrap around for global fields. A cell that overlaps a NaN is NaN
+    (nan_threshold 0), as bilinear regridding spreads NaN to what it touches."""
+    import xarray as xr
+    import xarray_regrid  # noqa: F401  (registers the .regrid accessor)
+
+    # latitude is named "y", not "lat": the library then does not append pole rows to a global grid
+    # without poles (ESMF's Pole="all"), which narrows the first and last bands' cells and breaks
+    # conservation there; its spherical area weights are still asked for, by name
+    da = xr.DataArray(block, dims=("k", "y", "lon"), coords={"y": lat, "lon": lon})
+    target = xr.Dataset(coords={"y": grid.lat, "lon": grid.lon})
+    out = da.regrid.conservative(target, latitude_coord="y", time_dim=None, skipna=True, nan_threshold=0.0)
+    return out.transpose("k", "y", "lon").values
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,7 +260,9 @@ class ERA5Source:
     """`batch(indices)` -> x [B, C, H, W] at t, y [B, C_out, H, W] at t + lead (normalised), lead_hours [B].
 
     `split` is one of train / val / test; leads are the pairs of time steps whose distance lies in
-    `lead_range` (training) or equals `fixed_lead` (evaluation).
+    `lead_range` (training) or equals `fixed_lead` (evaluation). `pairs=False` makes a reader without
+    samples: `read_many` / `_fields` at any time index (forecast rollouts, scoring stored forecasts);
+    `dataset` reads an xarray Dataset already in memory (`path` then only names it in messages).
     """
 
     def __init__(
@@ -256,10 +280,17 @@ class ERA5Source:
         fixed_lead: int | None = None,
         stats: dict | None = None,
         nan: str = "error",
+        regrid: str = "bilinear",
+        rollout_steps: int = 1,
+        pairs: bool = True,
+        dataset=None,
     ):
         self.path = str(path)
+        self._given = dataset  # an xarray Dataset already in memory, read instead of opening `path`
+        self.rollout_steps = rollout_steps  # K > 1: targets at lead, 2 lead, ..., K lead (rollout training)
         self.nan = nan  # "error": NaN is refused; "mask": NaN pixels are masked out (docs/data.md)
         self.grid_spec = grid
+        self.regrid = regrid  # "bilinear" or "conservative" (coarsening only)
         self.channels, self.out_channels = list(channels), list(out_channels)
         self.select = dict(select or {})
         self.split_spec = dict(split or {"train": 0.8, "val": 0.1, "test": 0.1})
@@ -296,10 +327,22 @@ class ERA5Source:
                 f"{where}: the data grid is {len(self.grid.lat)}x{len(self.grid.lon)} but model.img_size is "
                 f"{list(img_size)}; set data.grid: {list(img_size)} to regrid"
             )
+        (h, w), (sh, sw) = (len(self.grid.lat), len(self.grid.lon)), (len(self.src_lat), len(self.src_lon))
+        if regrid == "conservative" and (h > sh or w > sw):
+            raise DataError(
+                f"{where}: data.regrid=conservative averages onto a coarser grid, but data.grid {h}x{w} is finer "
+                f"than the data's {sh}x{sw}; use data.regrid: bilinear to refine"
+            )
         self.fields = {c: self._field(ds, c, where) for c in dict.fromkeys(self.channels + self.out_channels)}
         self.split_indices = split_indices(self.times, self.split_spec, split_name, where)
+        if not pairs:  # a reader of fields at any time step (forecasts, scoring stored forecasts): no samples
+            self.pairs, self.num_samples, self.stats = np.zeros((0, 3), dtype=np.int64), 0, stats
+            return
         pool = self._target_pool(lead_range, fixed_lead)
         self.pairs = lead_pairs(self.times, self.split_indices, lead_range, fixed_lead, where, split_name, pool)
+        if rollout_steps > 1:
+            targets = pool if pool is not None else self.split_indices
+            self.pairs, self.chains = rollout_chains(self.times, self.pairs, rollout_steps, targets, where, split_name)
         self.num_samples = len(self.pairs)
         self.stats = stats
 
@@ -318,6 +361,8 @@ class ERA5Source:
 
     # ---- opening, lazily per process (DataLoader workers reopen after fork) -----------------------
     def _dataset(self):
+        if self._given is not None:
+            return self._given
         if self._ds is None or self._pid != os.getpid():
             self._ds, self.files_opened = open_dataset(self.path, self.channels + self.out_channels)
             self._pid = os.getpid()
@@ -395,7 +440,8 @@ class ERA5Source:
             self.variables_read.update(names)
             block = block[:, :, self._lat_order][:, :, :, self._lon_order]
             n_lev, k = block.shape[:2]
-            fields = regrid(block.reshape(n_lev * k, *block.shape[2:]), self.src_lat, self.src_lon, self.grid)
+            flat = block.reshape(n_lev * k, *block.shape[2:])
+            fields = regrid(flat, self.src_lat, self.src_lon, self.grid, self.regrid)
             fields = fields.reshape(n_lev, k, *fields.shape[1:])  # [levels, k, H, W]
             for i, channel in enumerate(names):
                 out[channel] = fields[i][inverse].astype(np.float32)
@@ -448,7 +494,26 @@ class ERA5Source:
         batch = {"x": x, "y": y, "lead_hours": torch.from_numpy(pairs[:, 2].astype(np.float32))}
         if x_valid is not None:
             batch["x_valid"], batch["y_valid"] = x_valid, y_valid
+        if self.rollout_steps > 1:
+            self._add_rollout(batch, np.asarray(indices, dtype=np.int64))
         return batch
+
+    def _add_rollout(self, batch: dict, indices: np.ndarray) -> None:
+        """Rollout training: y [B, K, C_out, H, W] at lead .. K lead (y_valid alike) and forcings
+        [B, K-1, C, H, W], the inputs at the intermediate valid times (NaN set to 0 under data.nan=mask)."""
+        chains = self.chains[indices]  # [B, K] time indices: t + lead, ..., t + K lead
+        ys, valids, forcings = [batch["y"]], [batch.get("y_valid")], []
+        for k in range(1, self.rollout_steps):
+            forcings.append(self._fields(self.channels, chains[:, k - 1])[0])
+            if self.out_channels:
+                y, valid = self._fields(self.out_channels, chains[:, k])
+            else:
+                y, valid = batch["y"], batch.get("y_valid")
+            ys.append(y)
+            valids.append(valid)
+        batch["y"], batch["forcings"] = torch.stack(ys, 1), torch.stack(forcings, 1)
+        if "y_valid" in batch:
+            batch["y_valid"] = torch.stack(valids, 1)
 
     def units(self, channel: str) -> str:
         """The physical units of `channel` as the file states them ('' when it does not)."""
@@ -474,6 +539,8 @@ class ERA5Source:
             "grid_shape": [len(self.grid.lat), len(self.grid.lon)],
             "select": self.select,
             "nan": self.nan,
+            # absent for bilinear, as in every stats.json written before data.regrid existed: those stay valid
+            **({"regrid": self.regrid} if self.regrid != "bilinear" else {}),
         }
 
     def partial_stats(
@@ -562,6 +629,25 @@ def split_indices(times: np.ndarray, spec: dict, name: str, where: str) -> np.nd
         begin += float(spec.get(part, 0.0))
     a, b = int(round(begin * n)), int(round((begin + float(value)) * n))
     return np.arange(a, min(b, n))
+
+
+def rollout_chains(times, pairs, steps: int, pool, where: str, split_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs, chains [N, steps]) for rollout training: the pairs (input, target, lead) whose input has a
+    time step at every multiple 1..steps of the lead among the time indices `pool` that targets may come
+    from (as for one-step targets), and those time indices."""
+    hours = (times - times[0]) / np.timedelta64(1, "h")
+    allowed = np.zeros(len(times), dtype=bool)
+    allowed[np.asarray(pool)] = True
+    wanted = hours[pairs[:, 0], None] + pairs[:, 2:3] * np.arange(1, steps + 1)[None, :]  # [N, K] hours
+    found = np.clip(np.searchsorted(hours, wanted - 1e-6), 0, len(hours) - 1)  # [N, K]
+    ok = (np.abs(hours[found] - wanted) < 1e-6) & allowed[found]
+    keep = ok.all(axis=1)
+    if not keep.any():
+        raise DataError(
+            f"{where}: split {split_name!r} holds no input time with targets at {steps} multiples of a lead "
+            f"(train.rollout_steps={steps}); lower train.rollout_steps or data.lead_hours, or widen the split"
+        )
+    return pairs[keep], found[keep]
 
 
 def lead_pairs(times, indices, lead_range, fixed_lead, where: str, split_name: str, pool=None) -> np.ndarray:

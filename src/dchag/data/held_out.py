@@ -34,9 +34,14 @@ def held_out_split(cfg) -> str:
 
 def held_out_source(cfg, stats: dict | None, samples: int, channels: list[str] | None = None, split: str | None = None):
     """(source, number of samples to read) of the validation data (file-backed: `split`, default
-    `held_out_split`); `channels`: only these (a TP rank's). Synthetic data have one held-out set."""
+    `held_out_split`); `channels`: only these (a TP rank's). Synthetic data have one held-out set.
+    A rollout-trained run (train.rollout_steps K > 1) is validated on its training loss: K-step targets."""
+    steps = cfg.train.rollout_steps
     if cfg.data.kind in FILE_BACKED:
-        source = build_source(cfg, split=split or held_out_split(cfg), stats=stats, channels=channels)
+        source = build_source(
+            cfg, split=split or held_out_split(cfg), stats=stats, channels=channels, rollout_steps=steps
+        )
         count = min(samples, source.num_samples) if cfg.data.kind == "era5" else samples  # a cube has crops to spare
         return source, count
-    return HeldOut(build_source(cfg, stats=stats, channels=channels), cfg.data.num_samples, samples), samples
+    source = build_source(cfg, stats=stats, channels=channels, rollout_steps=steps)
+    return HeldOut(source, cfg.data.num_samples, samples), samples

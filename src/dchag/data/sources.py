@@ -6,12 +6,21 @@ import functools
 
 import torch
 
+from dchag.config import ConfigError
 from dchag.data.synthetic_hyperspectral import SyntheticHyperspectral
 from dchag.data.synthetic_weather import SyntheticWeather
 
 
 def build_source(
-    cfg, channels: list[str] | None = None, *, split: str = "train", lead_hours: int | None = None, stats=None
+    cfg,
+    channels: list[str] | None = None,
+    *,
+    split: str = "train",
+    lead_hours: int | None = None,
+    stats=None,
+    rollout_steps: int = 1,
+    pairs: bool = True,
+    dataset=None,
 ):
     """The configured source for `channels` (default: all of the config's channels).
 
@@ -19,8 +28,17 @@ def build_source(
     (or generates) only its own channels, inputs and targets alike. `split` (train / val / test: dates
     or fractions of the time steps for era5, regions or files for spectral_cube), `lead_hours` (a fixed
     lead for evaluation) and `stats` (normalisation) apply to file-backed sources. Synthetic sources have
-    no split: evaluation takes sample indices from data.num_samples on, which training never draws."""
+    no split: evaluation takes sample indices from data.num_samples on, which training never draws.
+    `rollout_steps` K > 1 (forecast sources): targets y [B, K, C_out, H, W] at K multiples of the lead and
+    the inputs at the K-1 intermediate valid times (`forcings`), for rollout training.
+    era5 only: `pairs=False` gives a reader of fields at any time step without samples, `dataset` an
+    xarray Dataset in memory read instead of data.path (forecast rollouts, `dchag.use.rollout`)."""
     d = cfg.data
+    if rollout_steps > 1 and d.kind not in ("era5", "synthetic-weather"):
+        raise ConfigError(
+            f"train.rollout_steps={rollout_steps} needs forecast data (data.kind era5 or synthetic-weather), "
+            f"not data.kind={d.kind}"
+        )
     channels = cfg.channels if channels is None else list(channels)
     outs = [c for c in cfg.out_channels if c in channels] if cfg.train.task == "forecast" else []
     size = tuple(cfg.model.img_size)
@@ -40,6 +58,10 @@ def build_source(
             fixed_lead=lead_hours,
             stats=stats,
             nan=d.nan,
+            regrid=d.regrid,
+            rollout_steps=rollout_steps,
+            pairs=pairs,
+            dataset=dataset,
         )
     if d.kind == "spectral_cube":
         from dchag.data.spectral_cube import SpectralCubeSource
@@ -74,6 +96,7 @@ def build_source(
             lead_step_hours=d.lead_step_hours,
             noise=d.noise,
             fixed_lead=lead_hours,
+            rollout_steps=rollout_steps,
         )
     return SyntheticHyperspectral(
         channels, size, seed=d.seed, num_samples=d.num_samples, noise=d.noise, spectra=d.spectra

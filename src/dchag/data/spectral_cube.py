@@ -33,6 +33,12 @@ SENTINEL2_NM = {
     "B01": 442.7, "B02": 492.4, "B03": 559.8, "B04": 664.6, "B05": 704.1, "B06": 740.5, "B07": 782.8,
     "B08": 832.8, "B8A": 864.7, "B09": 945.1, "B10": 1373.5, "B11": 1613.7, "B12": 2202.4,
 }  # fmt: skip
+# central wavelengths (nm) of Landsat 8's OLI (B1-B9) and TIRS (B10, B11) bands, for band files named like
+# LC08_L1TP_..._B4.TIF or l8_B4.tif
+LANDSAT8_NM = {
+    "B1": 443.0, "B2": 482.0, "B3": 561.4, "B4": 654.6, "B5": 864.6, "B6": 1608.9, "B7": 2200.7, "B8": 589.5,
+    "B9": 1373.4, "B10": 10895.0, "B11": 12005.0,
+}  # fmt: skip
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 CUBE_SUFFIXES = (".hdr", ".mat", ".h5", ".hdf5", ".he5", ".npy", ".npz", *RASTER_SUFFIXES)
 
@@ -184,6 +190,15 @@ def _sentinel2_nm(path: Path) -> float | None:
     return SENTINEL2_NM.get(match.group(0)) if match else None
 
 
+def _band_file_nm(path: Path) -> float | None:
+    """The central wavelength of a single-band file named after its sensor's band: Landsat 8 (a name that
+    starts L8 / LC08 / LC8 / LO08 and ends _B<n>; its B10 is not Sentinel-2's B10), else Sentinel-2."""
+    landsat = re.fullmatch(r"(?:L8|LC08|LC8|LO08)\w*_B(\d{1,2})", path.stem.upper())
+    if landsat:
+        return LANDSAT8_NM.get(f"B{int(landsat.group(1))}")
+    return _sentinel2_nm(path)
+
+
 def open_scenes(path: str, variable=None, layout=None, wavelengths=None) -> list:
     """Readers for the scenes at `path` (a file, a folder or a glob)."""
     path = resolve_path(path)
@@ -194,7 +209,7 @@ def open_scenes(path: str, variable=None, layout=None, wavelengths=None) -> list
         raise DataError(f"data.path {path!r}: no cube files ({', '.join(CUBE_SUFFIXES)}) found there")
     rasters = [f for f in files if f.suffix.lower() in RASTER_SUFFIXES]
     if rasters and len(rasters) == len(files) and len(files) > 1 and _single_band(rasters):
-        nm = [_sentinel2_nm(f) for f in rasters]
+        nm = [_band_file_nm(f) for f in rasters]
         if wavelengths is None and all(v is not None for v in nm):
             order = np.argsort(nm)
             rasters, wavelengths = [rasters[i] for i in order], [nm[i] for i in order]

@@ -38,7 +38,12 @@ def observation_noise(indices: list[int], names: list[str], shape, seed: int, st
 
 
 class SyntheticWeather:
-    """`batch(indices)` -> x [B, C, H, W] at time 0, y [B, C_out, H, W] at the lead time, lead_hours [B]."""
+    """`batch(indices)` -> x [B, C, H, W] at time 0, y [B, C_out, H, W] at the lead time, lead_hours [B].
+
+    With `rollout_steps` K > 1 (rollout training): y [B, K, C_out, H, W] at lead, 2 lead, ..., K lead and
+    forcings [B, K-1, C, H, W], the input channels at each intermediate valid time. The first step's
+    target is the one-step source's y; every later time has its own observation noise.
+    """
 
     def __init__(
         self,
@@ -52,8 +57,10 @@ class SyntheticWeather:
         lead_step_hours: int = 6,
         noise: float = 0.01,
         fixed_lead: int | None = None,
+        rollout_steps: int = 1,
     ):
         self.channels = list(channels)
+        self.rollout_steps = rollout_steps
         self.fixed_lead = fixed_lead  # evaluation: every sample at this lead (hours)
         self.out_channels = list(out_channels)
         self.height, self.width = img_size
@@ -121,7 +128,15 @@ class SyntheticWeather:
 
         x = mix(now, self.channels, "x")
         y = mix(later, self.out_channels, "y") if self.out_channels else x.new_zeros(len(indices), 0, *x.shape[2:])
-        return {"x": x, "y": y, "lead_hours": lead}
+        if self.rollout_steps == 1:
+            return {"x": x, "y": y, "lead_hours": lead}
+        ys, forcings = [y], []
+        for k in range(2, self.rollout_steps + 1):  # valid times 2 lead .. K lead
+            forcings.append(mix(self._latents(amp, (k - 1) * lead), self.channels, f"x{k - 1}"))
+            fields = self._latents(amp, k * lead)
+            ys.append(mix(fields, self.out_channels, f"y{k}") if self.out_channels else y)
+        # y [B, K, C_out, H, W]; forcings [B, K-1, C, H, W]
+        return {"x": x, "y": torch.stack(ys, 1), "forcings": torch.stack(forcings, 1), "lead_hours": lead}
 
     def lat_weights(self) -> torch.Tensor:
         """cos(latitude) normalised to mean 1, [H]: the weights of a latitude-weighted loss."""

@@ -13,54 +13,29 @@ never trained on (indices from `data.num_samples` on), with a climatology averag
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dchag.config import Config, ConfigError, ParallelConfig
-from dchag.configure import load_config
+from dchag.config import Config, ConfigError
 from dchag.data import build_source
 from dchag.data.held_out import HeldOut
 from dchag.data.moments import day_of_year_and_hour
-from dchag.model import build_model
 from dchag.tasks.forecast import lat_weighted_mse
 from dchag.tasks.metrics import anomaly_correlation
-from dchag.train.checkpoint import complete_checkpoints, read_logical_weights, read_stats
+from dchag.train.run_weights import load_run_weights
 
 SYNTHETIC_EVAL_SAMPLES = 64
-FILE_BACKED = ("era5", "spectral_cube")  # sources normalised by statistics of their training split
 SYNTHETIC_CLIMATOLOGY_SAMPLES = 128
 
 
 def load_run(run: str | Path, data_path: str | None = None) -> tuple[Config, torch.nn.Module, dict | None]:
     """(config, model with the weights of the run's newest checkpoint, normalisation statistics) of a run
-    folder, single-process."""
-    run = Path(run)
-    checkpoints = complete_checkpoints(run)
-    if not (run / "config.yaml").is_file() or not checkpoints:
-        raise ConfigError(
-            f"--run {str(run)!r} is not a run folder with a checkpoint (needs config.yaml and checkpoints/step-*)"
-        )
-    overrides = ["parallel.tp=1", "parallel.dp_shard=1", "parallel.dp_replicate=1", "data.workers=0"]
-    if data_path is not None:
-        overrides.append(f"data.path={data_path}")
-    cfg = load_config(run / "config.yaml", overrides)
-    cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
-    model = build_model(cfg)
-    model.load_state_dict(read_logical_weights(checkpoints[-1]))
-    stats = read_stats(checkpoints[-1])
-    if stats is None and (run / "stats.json").is_file():
-        stats = json.loads((run / "stats.json").read_text())
-    if stats is None and cfg.data.kind in FILE_BACKED:
-        raise ConfigError(
-            f"--run {str(run)!r} has no normalisation statistics (stats.json in {str(checkpoints[-1])!r} or in the "
-            "run folder), which its model was trained with; copy them back, or train the run again"
-        )
-    return cfg, model.eval(), stats
+    folder, single-process (`dchag.train.run_weights`, the loader `dchag.load` shares)."""
+    loaded = load_run_weights(run, data_path=data_path)
+    return loaded.config, loaded.model, loaded.stats
 
 
 def _physical(values: torch.Tensor, names: list[str], stats: dict | None) -> torch.Tensor:
@@ -89,10 +64,68 @@ def _climatology_of(source, seasonal: dict | None, static: torch.Tensor, outs, s
     else the static per-cell training mean `static` [C_out, H, W]."""
     if not seasonal:
         return static[None].expand_as(truth)
-    doy, hour = day_of_year_and_hour(source.target_times(range(start, start + truth.shape[0])))
+    return climatology_at(source.target_times(range(start, start + truth.shape[0])), seasonal, static, outs, truth)
+
+
+def climatology_at(valid_times, seasonal: dict | None, static: torch.Tensor, outs, like) -> torch.Tensor:
+    """The climatology [B, C_out, H, W] at `valid_times` (datetime64 [B]): the `seasonal` table's value for
+    each day of year and hour of day, else the static per-cell mean `static` [C_out, H, W] (shaped as `like`)."""
+    if not seasonal:
+        return static[None].expand_as(like)
+    doy, hour = day_of_year_and_hour(np.asarray(valid_times))
     slot = np.array([seasonal["hours"].index(int(h)) for h in hour])
     fields = np.stack([seasonal["table"][c][doy, slot] for c in outs], axis=1)  # [B, C_out, H, W]
     return torch.from_numpy(fields).double()
+
+
+class LeadScores:
+    """The sums behind `dchag eval`'s metrics of one lead, per variable: the forecast's, persistence's and
+    climatology's latitude-weighted MSE and anomaly correlation, added over forecasts (each forecast
+    time counts once; a field with no valid pixel is not scored). `dchag eval --run` and the scoring of
+    stored forecasts (`dchag.eval.stored_forecast`) both add their batches here."""
+
+    KEYS = ("mse", "acc", "p_mse", "p_acc", "c_mse")
+
+    def __init__(self, channels: int):
+        self.sums = {k: torch.zeros(channels, dtype=torch.float64) for k in self.KEYS}
+        self.scored = torch.zeros(channels, dtype=torch.float64)  # per variable: forecasts with a valid pixel
+        self.n = 0
+
+    def add(self, pred, truth, persistence, clim, weights, valid=None) -> None:
+        """pred, truth, persistence, clim [B, C, H, W] physical; weights [H]; valid [B, C, H, W] or None."""
+        zero = torch.zeros_like(clim[0])  # anomalies are taken against `clim` (per forecast time)
+        has = valid.flatten(2).any(-1) if valid is not None else torch.ones(truth.shape[:2], dtype=torch.bool)
+        terms = {
+            "mse": lat_weighted_mse(pred, truth, weights, valid, dims=(2, 3)),
+            "acc": anomaly_correlation(pred - clim, truth - clim, zero, weights, valid),
+            "p_mse": lat_weighted_mse(persistence, truth, weights, valid, dims=(2, 3)),
+            "p_acc": anomaly_correlation(persistence - clim, truth - clim, zero, weights, valid),
+            "c_mse": lat_weighted_mse(clim, truth, weights, valid, dims=(2, 3)),
+        }
+        for key, term in terms.items():  # [B, C]
+            self.sums[key] += torch.where(has, term, 0.0).sum(0)
+        self.scored += has.sum(0)
+        self.n += truth.shape[0]
+
+    def records(self, names: list[str], lead, units) -> list[dict]:
+        """One record per variable (the JSON's `metrics` entries); `units(name)` gives its units."""
+        out = []
+        for k, name in enumerate(names):
+            m = self.scored[k]  # n unless data.nan=mask left some forecasts without a valid pixel
+            out.append(
+                {
+                    "variable": name,
+                    "lead_hours": int(lead) if float(lead).is_integer() else float(lead),
+                    "samples": int(m),
+                    "units": units(name),
+                    "rmse": float((self.sums["mse"][k] / m).sqrt()),
+                    "acc": float(self.sums["acc"][k] / m),
+                    "persistence_rmse": float((self.sums["p_mse"][k] / m).sqrt()),
+                    "persistence_acc": float(self.sums["p_acc"][k] / m),
+                    "climatology_rmse": float((self.sums["c_mse"][k] / m).sqrt()),
+                }
+            )
+        return out
 
 
 def default_leads(cfg: Config) -> list[int]:
@@ -130,9 +163,7 @@ def evaluate_forecast(
             source = HeldOut(build_source(cfg, lead_hours=lead), cfg.data.num_samples, SYNTHETIC_EVAL_SAMPLES)
             climatology = _synthetic_climatology(cfg, lead)
         weights = source.lat_weights().double()
-        sums = {k: torch.zeros(len(outs), dtype=torch.float64) for k in ("mse", "acc", "p_mse", "p_acc", "c_mse")}
-        n = 0
-        scored = torch.zeros(len(outs), dtype=torch.float64)  # per variable: forecasts with a valid pixel
+        scores = LeadScores(len(outs))
         for start in range(0, source.num_samples, batch_size):
             batch = source.batch(list(range(start, min(start + batch_size, source.num_samples))))
             with torch.no_grad():
@@ -140,39 +171,13 @@ def evaluate_forecast(
             pred, truth = _physical(pred, outs, stats), _physical(batch["y"], outs, stats)
             persistence = _physical(batch["x"][:, persist_index], outs, stats)
             clim = _climatology_of(source, seasonal, climatology, outs, start, truth)  # [B, C_out, H, W]
-            zero = torch.zeros_like(climatology)  # anomalies are taken against `clim` (per forecast time) above
-            valid = batch.get("y_valid")  # [B, C_out, H, W] under data.nan=mask: score valid pixels only
-            has = valid.flatten(2).any(-1) if valid is not None else torch.ones(truth.shape[:2], dtype=torch.bool)
-            terms = {
-                "mse": lat_weighted_mse(pred, truth, weights, valid, dims=(2, 3)),
-                "acc": anomaly_correlation(pred - clim, truth - clim, zero, weights, valid),
-                "p_mse": lat_weighted_mse(persistence, truth, weights, valid, dims=(2, 3)),
-                "p_acc": anomaly_correlation(persistence - clim, truth - clim, zero, weights, valid),
-                "c_mse": lat_weighted_mse(clim, truth, weights, valid, dims=(2, 3)),
-            }
-            for key, term in terms.items():  # [B, C]; a field with no valid pixel is not scored
-                sums[key] += torch.where(has, term, 0.0).sum(0)
-            scored += has.sum(0)
-            n += truth.shape[0]
+            scores.add(pred, truth, persistence, clim, weights, batch.get("y_valid"))
             if plots is not None and len(maps) < 3 and start == 0:
                 maps.append((lead, truth[0], pred[0]))
-        for k, name in enumerate(outs):
-            m = scored[k]  # n unless data.nan=mask left some forecasts without a valid pixel
-            records.append(
-                {
-                    "variable": name,
-                    "lead_hours": int(lead),
-                    "samples": int(m),
-                    "units": source.units(name) if hasattr(source, "units") else "",
-                    "rmse": float((sums["mse"][k] / m).sqrt()),
-                    "acc": float(sums["acc"][k] / m),
-                    "persistence_rmse": float((sums["p_mse"][k] / m).sqrt()),
-                    "persistence_acc": float(sums["p_acc"][k] / m),
-                    "climatology_rmse": float((sums["c_mse"][k] / m).sqrt()),
-                }
-            )
+        units = source.units if hasattr(source, "units") else (lambda name: "")
+        records += scores.records(outs, lead, units)
         if progress:
-            print(f"eval: lead {lead} h done ({n} samples)", file=sys.stderr)
+            print(f"eval: lead {lead} h done ({scores.n} samples)", file=sys.stderr)
     result = {
         "run": str(run),
         "split": split if cfg.data.kind == "era5" else "held-out",
@@ -192,7 +197,8 @@ def evaluate_forecast(
 
 def format_table(result: dict) -> str:
     lines = [
-        f"{result['run']} ({result['split']}): latitude-weighted RMSE (physical units) and ACC",
+        f"{result.get('run') or result.get('forecast')} ({result['split']}): latitude-weighted RMSE (physical units) "
+        "and ACC",
         f"{'variable':<10} {'lead h':>6} {'n':>5} {'RMSE':>11} {'persist.':>11} {'climat.':>11} "
         f"{'skill vs pers.':>14} {'ACC':>6} {'pers. ACC':>9}",
     ]

@@ -55,19 +55,21 @@ class CrossAttentionPool(nn.Module):
     def initial_values(self, g: torch.Generator):
         """Zero queries, width-aware projections, zero bias.
 
-        The projections get std sqrt(0.5 / D), what ClimaX's channel aggregation gets (torch's
-        MultiheadAttention: xavier-uniform over its stacked [3D, D] in-projection). The ViT's fixed
-        N(0, 0.02) shrinks a signal by 0.02 sqrt(D) per matrix (5x at D = 96), and a hierarchy chains
-        several (value and output projection at every level), so at small widths D-CHAG-C's front end
-        started ~26x weaker than flat's; with the width-aware std the gain per matrix is 1/sqrt(2) at any
-        width. The output projection gets the same std (measured on sentinel2-mae: docs/data.md)."""
+        The ViT's fixed N(0, 0.02) shrinks a signal by 0.02 sqrt(D) per matrix (5x at D = 96), and a
+        hierarchy chains several (value and output projection at every level), so at small widths D-CHAG-C's
+        front end started ~26x weaker than flat's. Query and key projections get std sqrt(0.5 / D), what
+        ClimaX's channel aggregation gets (torch's MultiheadAttention: xavier-uniform over its stacked
+        [3D, D] in-projection). Value and output projections get std sqrt(1 / D), gain 1: under the
+        near-uniform attention these levels keep (docs/benchmarks.md, attention entropy), a level passes
+        its tokens' scale on unchanged, so a two-level D-CHAG-C front end starts at flat's scale instead of
+        half of it. Measured (tiny-weather, paired seeds): with gain 1/sqrt(2) for these two as well,
+        D-CHAG-C ended 3% above flat (benchmarks/results/superseded/accuracy-cpu-gain-half.json)."""
         from dchag.model.init import trunc_normal
 
         dim = self.wq.shape[-1]
-        std = (0.5 / dim) ** 0.5
         yield "query", torch.zeros(self.query.shape)
-        for name in ("wq", "wk", "wv", "proj_weight"):
-            yield name, trunc_normal(getattr(self, name).shape, g, std=std)
+        for name, gain in (("wq", 0.5), ("wk", 0.5), ("wv", 1.0), ("proj_weight", 1.0)):
+            yield name, trunc_normal(getattr(self, name).shape, g, std=(gain / dim) ** 0.5)
         if self.proj_bias is not None:
             yield "proj_bias", torch.zeros(self.proj_bias.shape)
 

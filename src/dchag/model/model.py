@@ -76,22 +76,34 @@ class ChannelViT(nn.Module):
             z = block(z)
         return self.norm(z)
 
-    def forward(
-        self, x: torch.Tensor, lead_hours: torch.Tensor | None = None, mask_noise: torch.Tensor | None = None
-    ) -> ModelOutput:
-        """x [B, C, H, W]; forecast needs lead_hours [B]; mae takes mask_noise [B, L] (uniform; drawn if None)."""
+    def patch_tokens(self, x: torch.Tensor, lead_hours: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens [B, L, D] the ViT blocks take, before any masking: front end + position embedding,
+        plus the lead-time embedding of a forecast model (which needs lead_hours [B])."""
         z = self.front_end(x) + self.pos_embed  # [B, L, D]
         if self.task == "forecast":
             if lead_hours is None:
                 raise ValueError("a forecast model needs lead_hours [B]")
             z = z + self.lead_embed(lead_hours.to(z.dtype)[:, None] / 100.0)[:, None, :]
+        return z
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        lead_hours: torch.Tensor | None = None,
+        mask_noise: torch.Tensor | None = None,
+        mask_ratio: float | None = None,
+    ) -> ModelOutput:
+        """x [B, C, H, W]; forecast needs lead_hours [B]; mae takes mask_noise [B, L] (uniform; drawn if None)
+        and masks `mask_ratio` of the patches (default: the trained train.mask_ratio)."""
+        z = self.patch_tokens(x, lead_hours)  # [B, L, D]
+        if self.task == "forecast":
             pred = self.head(self.encode(z))  # [B, C_out, H, W]
             if self.residual:
                 pred = pred + x.index_select(1, self.residual_from).to(pred.dtype)
             return ModelOutput(pred)
         if mask_noise is None:
             mask_noise = torch.rand(z.shape[0], z.shape[1], device=z.device)
-        keep, restore, mask = random_masking(mask_noise, self.mask_ratio)
+        keep, restore, mask = random_masking(mask_noise, self.mask_ratio if mask_ratio is None else mask_ratio)
         visible = torch.gather(z, 1, keep[..., None].expand(-1, -1, z.shape[-1]))  # [B, L_keep, D]
         return ModelOutput(self.head(self.encode(visible), restore), mask)
 

@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import checkpoint
 
+from dchag.model.parts import freeze_parts
 from dchag.parallel.channel_parallel import ChannelPlacement, ParallelFrontEnd, ShardSpec, place_channels
 from dchag.parallel.collectives import copy_to_tp, reduce_from_tp
 from dchag.parallel.mesh import ParallelDims, dp_mesh, dp_rank_and_size
@@ -312,7 +313,9 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
             _checkpointed(block)
         if p.compile:
             block.compile()
-    # 4. FSDP2 over the data-parallel dimensions: each block, then the root
+    # 4. parts left untrained (train.freeze) are marked before FSDP2 shards them, which keeps the flag
+    freeze_parts(model, cfg.train.freeze)
+    # 5. FSDP2 over the data-parallel dimensions: each block, then the root
     if dims.dp > 1:
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

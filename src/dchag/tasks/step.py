@@ -8,6 +8,7 @@ import torch
 
 from dchag.tasks.forecast import lat_weighted_mse, masked_sse
 from dchag.tasks.mae import mae_loss
+from dchag.tasks.rollout import RolloutOutput, input_positions, rollout
 
 
 def masked_mean(sse: torch.Tensor, weight: torch.Tensor, dp_mean: Callable | None = None) -> torch.Tensor:
@@ -20,6 +21,23 @@ def masked_mean(sse: torch.Tensor, weight: torch.Tensor, dp_mean: Callable | Non
     return sse / weight.clamp(min=1e-12)
 
 
+def forecast_loss(pred, y, weights, valid=None, channel_shard=None, dp_mean=None) -> torch.Tensor:
+    """The latitude-weighted MSE of one forecast pred [B, C_out(_r), H, W] against y (NaN-masked where
+    `valid`); under channel parallelism the rank's weighted sums are added over ranks first."""
+    if channel_shard is None and valid is None:
+        return lat_weighted_mse(pred, y, weights)
+    # this rank's output channels [B, C_out_r, H, W] (maybe none): its weighted sums, added over ranks
+    sse, weight = masked_sse((pred.float() - y.float()) ** 2, weights, valid)
+    if valid is not None:  # divide by the valid weight of the whole prediction
+        sums = torch.stack([sse, weight])
+        if channel_shard is not None:
+            sums = channel_shard.sum_over_ranks(sums)
+        return masked_mean(sums[0], sums[1], dp_mean)
+    # ... or, as lat_weighted_mse's mean does, by the element count of the whole prediction
+    b, _, h, w = y.shape
+    return channel_shard.sum_over_ranks(sse) / (b * channel_shard.total_out * h * w)
+
+
 def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, channel_shard=None, dp_mean=None):
     """Returns (loss, ModelOutput) for the configured task.
 
@@ -27,23 +45,34 @@ def compute_loss(model, batch: dict, cfg, *, lat_weights=None, mask_noise=None, 
     `channel_shard` (from a `ParallelPlan`) is set when x holds only this rank's channels: the MAE model
     then reconstructs only those, and the loss sums the per-patch errors over ranks. `dp_mean` (the plan's,
     under data parallelism) makes NaN-masked losses exact over the global batch (`masked_mean`).
+
+    Rollout training (`train.rollout_steps` K > 1): y [B, K, C_out, H, W] holds the targets at K multiples
+    of the lead and forcings [B, K-1, C, H, W] the inputs at the intermediate valid times; the loss is the
+    mean of the K steps' losses, back-propagated through the rollout, and the output's pred is
+    [B, K, C_out, H, W].
     """
     if cfg.train.task == "forecast":
-        out = model(batch["x"], batch["lead_hours"])
-        weights = lat_weights if lat_weights is not None else torch.ones(batch["y"].shape[2], device=batch["y"].device)
-        valid = batch.get("y_valid")  # [B, C_out, H, W] under data.nan=mask: NaN pixels leave the loss
-        if channel_shard is None and valid is None:
-            return lat_weighted_mse(out.pred, batch["y"], weights), out
-        # this rank's output channels [B, C_out_r, H, W] (maybe none): its weighted sums, added over ranks
-        sse, weight = masked_sse((out.pred.float() - batch["y"].float()) ** 2, weights, valid)
-        if valid is not None:  # divide by the valid weight of the whole prediction
-            sums = torch.stack([sse, weight])
-            if channel_shard is not None:
-                sums = channel_shard.sum_over_ranks(sums)
-            return masked_mean(sums[0], sums[1], dp_mean), out
-        # ... or, as lat_weighted_mse's mean does, by the element count of the whole prediction
-        b, _, h, w = batch["y"].shape
-        return channel_shard.sum_over_ranks(sse) / (b * channel_shard.total_out * h * w), out
+        y, valid = batch["y"], batch.get("y_valid")  # y_valid under data.nan=mask: NaN pixels leave the loss
+        weights = lat_weights if lat_weights is not None else torch.ones(y.shape[-2], device=y.device)
+        if y.dim() == 4:
+            out = model(batch["x"], batch["lead_hours"])
+            return forecast_loss(out.pred, y, weights, valid, channel_shard, dp_mean), out
+        steps = y.shape[1]
+        forcings = batch.get("forcings")  # [B, K-1, C, H, W]
+        preds = rollout(
+            model,
+            batch["x"],
+            batch["lead_hours"],
+            steps,
+            in_out_index=input_positions(cfg.channels, cfg.out_channels, channel_shard),
+            forcings=[forcings[:, k] for k in range(steps - 1)] if forcings is not None else None,
+            checkpointing=cfg.train.rollout_checkpointing,
+        )
+        losses = [
+            forecast_loss(pred, y[:, k], weights, valid[:, k] if valid is not None else None, channel_shard, dp_mean)
+            for k, pred in enumerate(preds)
+        ]
+        return torch.stack(losses).mean(), RolloutOutput(torch.stack(preds, 1))
     out = model(batch["x"], mask_noise=mask_noise)
     patch, loss_on = cfg.model.patch_size, cfg.train.mae_loss_on
     valid = batch.get("x_valid")  # [B, C, H, W] under data.nan=mask

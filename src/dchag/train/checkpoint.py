@@ -396,6 +396,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, plan, optimizer: t
     return state
 
 
+def read_shards(path: str | Path, shards: dict[str, LogicalShards]) -> None:
+    """Read the chunks `shards` describe ({logical weight name: this rank's chunks}, in the checkpoint's
+    shapes) from checkpoint `path` into their tensors, in place; every rank calls this (fine-tuning's
+    `train.init_from`, which maps a new model's rows onto a pretrained model's)."""
+    _read(Path(path), {f"model.{k}": v for k, v in shards.items()}, planner=_LoadPlanner())
+
+
 def read_logical_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The whole model as the single-device state_dict (one process; for eval and export)."""
     path = Path(path)

@@ -23,10 +23,12 @@ from dchag.data import build_source
 from dchag.data.held_out import held_out_source
 from dchag.data.pipeline import step_batches
 from dchag.model import build_model
+from dchag.model.parts import freeze_parts
 from dchag.tasks import compute_loss, mask_noise_for_step
 from dchag.tasks.held_out import held_out_loss
 from dchag.train.checkpoint import load_checkpoint, read_stats, read_train_state, resolve_resume, save_checkpoint
 from dchag.train.guards import BadSteps, decide, findings
+from dchag.train.init_from import init_from, report_init
 from dchag.train.metrics import MetricsLog
 from dchag.train.optim import build_optimizer, lr_at, set_lr
 from dchag.train.resume_check import check_resumable
@@ -87,7 +89,9 @@ class Layout:
             raise ConfigError(
                 f"parallel.* asks for {n} ranks; launch with: torchrun --nproc-per-node {n} -m dchag train ..."
             )
-        return cls(build_model(cfg).to(device))
+        model = build_model(cfg).to(device)
+        freeze_parts(model, cfg.train.freeze)
+        return cls(model)
 
     @property
     def is_main(self) -> bool:
@@ -194,9 +198,14 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
     torch.manual_seed(t.seed)  # the initial weights come from train.seed alone (model.init)
     layout = Layout.for_run(cfg, device)
     model, plan = layout.model, layout.plan
-    source = build_source(cfg, channels=plan.input_channels if plan else None)
+    steps = t.rollout_steps if t.task == "forecast" else 1
+    source = build_source(cfg, channels=plan.input_channels if plan else None, rollout_steps=steps)
     optimizer = build_optimizer(model, t)
     run = _start(cfg, layout, optimizer, out, resume, resume_changed)
+    if run.resume_from is None and t.init_from:  # fine-tuning starts from these weights; a resume never does
+        report = init_from(cfg, model, plan, t.init_from)
+        if layout.is_main:
+            report_init(report, out)
     saved = read_stats(run.resume_from) if run.resume_from is not None else None  # reused if the data match
     stats = prepare_stats(source, layout, out, saved=saved)
     write = out is not None and layout.is_main

