@@ -207,3 +207,22 @@ def test_accuracy_sweep_adds_seeds_until_the_interval_is_narrow_and_records_the_
     assert len(doc["commit"]) == 40 and isinstance(doc["dirty"], bool)
     row = next(s for s in doc["summary"] if s["variant"] == "dchag-L")
     assert row["seeds"] == 3 and row["ci_low"] <= row["ratio"] <= row["ci_high"]
+
+
+def test_accuracy_sweep_records_do_not_depend_on_how_many_runs_go_at_once():
+    """workers=2 runs two trainings at once in spawned processes, each with the sweep's thread count: the
+    records (losses to the last bit) equal one process's."""
+    from dchag.bench.accuracy_sweep import AccuracySize, accuracy_cpu
+
+    common = dict(
+        config="configs/tiny-weather.yaml", steps=2, seeds=(0,), variants=("flat", "dchag-C"), val_samples=2,
+        overrides=("data.workers=0", "model.depth=1", "model.embed_dim=32", "model.img_size=[16, 32]",
+                   "data.channels=6", "model.hierarchy.groups=2", "train.warmup_steps=0"),
+    )  # fmt: skip
+    one = accuracy_cpu(AccuracySize(**common, workers=1))
+    two = accuracy_cpu(AccuracySize(**common, workers=2))
+    drop = ("train_time_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in two] == [
+        {k: v for k, v in r.items() if k not in drop} for r in one
+    ]
+    assert [r["variant"] for r in two] == ["flat", "dchag-C"] and one[0]["steps"] == 2

@@ -66,14 +66,15 @@ def test_shipped_tiny_hyperspectral_preset_halves_its_loss(tmp_path):
     assert records[-1]["loss"] <= 0.5 * records[0]["loss"], json.dumps(records)
 
 
-def test_shipped_tiny_weather_preset_beats_persistence_at_its_longest_lead(tmp_path):
-    """The forecaster (it predicts the change from the input) starts at persistence's error; after its
-    300 steps it must be better than persistence on held-out samples at 24 h."""
+def test_shipped_tiny_weather_preset_is_20_percent_below_persistence_in_its_own_run(tmp_path):
+    """The forecaster (it predicts the change from the input) starts at persistence's error; after its own
+    steps, on held-out samples, the mean over variables and trained leads of model / persistence RMSE is at
+    most 0.80 (measured 0.62 at commit-time settings; 0.91 with the 300 steps it had before)."""
     from dchag.eval.forecast import evaluate_forecast
 
     rc = main(["train", "--config", str(ROOT / "configs/tiny-weather.yaml"), "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
-    metrics = evaluate_forecast(tmp_path, lead_hours=[24], progress=False)["metrics"]
-    model = sum(r["rmse"] for r in metrics) / len(metrics)
-    persistence = sum(r["persistence_rmse"] for r in metrics) / len(metrics)
-    assert model < 0.95 * persistence, metrics
+    metrics = evaluate_forecast(tmp_path, progress=False)["metrics"]
+    assert {r["lead_hours"] for r in metrics} == {6, 24}  # the leads it trains on
+    ratio = sum(r["rmse"] / r["persistence_rmse"] for r in metrics) / len(metrics)
+    assert ratio <= 0.80, metrics

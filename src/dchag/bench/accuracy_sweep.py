@@ -31,13 +31,14 @@ class AccuracySize:
     """What the `accuracy-cpu` sweep trains (override with `dchag bench --set key=value`)."""
 
     config: str = "configs/tiny-weather.yaml"
-    steps: int = 300
+    steps: int = 0  # training steps of every run (0: the config's own train.steps)
     seeds: tuple[int, ...] = (0, 1, 2)
     max_seeds: int = 0  # > len(seeds): add seeds until every interval is narrow enough (0: the seeds only)
     target_half_width: float = 0.015  # of the ratio's 95% interval, relative
     variants: tuple[str, ...] = ("flat", "dchag-L", "dchag-C")
     val_samples: int = 64
     threads: int = 1  # torch.set_num_threads for every run: results depend on it
+    workers: int = 1  # runs at once, one process each with `threads` threads (results do not depend on it)
     overrides: tuple[str, ...] = ()  # config overrides for every variant alike, e.g. ["data.workers=0"]
     split: str = "val"  # file-backed data: the held-out split scored (val or test; synthetic: one held-out set)
 
@@ -48,7 +49,12 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
     from dchag.eval.validation import validation_loss
     from dchag.train.loop import train
 
-    variant_seed = [f"model.hierarchy.preset={variant}", f"train.seed={seed}", f"train.steps={size.steps}"]
+    import torch
+
+    torch.set_num_threads(size.threads)
+    variant_seed = [f"model.hierarchy.preset={variant}", f"train.seed={seed}"]
+    if size.steps:
+        variant_seed.append(f"train.steps={size.steps}")
     cfg = load_config(size.config, [*size.overrides, *variant_seed])
     with tempfile.TemporaryDirectory(prefix="dchag-accuracy-") as run:
         summary = train(cfg, run, progress=False)
@@ -61,7 +67,7 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
         "dataset": Path(size.config).stem,
         "variant": variant,
         "seed": seed,
-        "steps": size.steps,
+        "steps": cfg.train.steps,
         "threads": size.threads,
         "split": size.split,
         "final_train_loss": summary["final_loss"],
@@ -73,19 +79,36 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
 
 
 def accuracy_cpu(size: AccuracySize) -> list[dict]:
-    import torch
-
     if BASELINE not in size.variants:
         from dchag.config import ConfigError
 
         raise ConfigError(f"accuracy-cpu compares with {BASELINE!r}: add it to variants={list(size.variants)}")
-    torch.set_num_threads(size.threads)
-    records = [_one_run(size, variant, seed) for seed in size.seeds for variant in size.variants]
+    if size.workers < 1:
+        from dchag.config import ConfigError
+
+        raise ConfigError(f"accuracy-cpu workers={size.workers} must be at least 1")
+    records = _run_all(size, [(variant, seed) for seed in size.seeds for variant in size.variants])
     seed = max(size.seeds, default=-1)
     while len({r["seed"] for r in records}) < size.max_seeds and not _narrow_enough(records, size):
-        seed += 1
-        records += [_one_run(size, variant, seed) for variant in size.variants]
+        # one more seed per round, or as many as keep every worker busy
+        more = max(1, min(size.workers // len(size.variants), size.max_seeds - len({r["seed"] for r in records})))
+        new_seeds = range(seed + 1, seed + 1 + more)
+        records += _run_all(size, [(variant, s) for s in new_seeds for variant in size.variants])
+        seed += more
     return records
+
+
+def _run_all(size: AccuracySize, jobs: list[tuple[str, int]]) -> list[dict]:
+    """The runs of `jobs` (variant, seed) in order, `size.workers` at a time in spawned processes (each
+    sets its own thread count, so a record is the same whichever process ran it)."""
+    if size.workers == 1 or len(jobs) == 1:
+        return [_one_run(size, variant, seed) for variant, seed in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(size.workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_one_run, size, variant, seed) for variant, seed in jobs]
+        return [f.result() for f in futures]
 
 
 def _narrow_enough(records: list[dict], size: AccuracySize) -> bool:

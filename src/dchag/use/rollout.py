@@ -66,19 +66,30 @@ def single_process(trained) -> RankModel:
 def sharded(run: str | Path, data_path: str | None = None) -> RankModel:
     """This torchrun rank's part of the run's model, split over all ranks by channel (tp = world size);
     each rank reads only the weight shards it holds."""
-    from dchag.configure import load_config
-    from dchag.parallel import ParallelDims, build_mesh
-    from dchag.parallel.construct import build_parallel_model
     from dchag.parallel.mesh import init_distributed
-    from dchag.train.checkpoint import load_checkpoint, read_stats, read_train_state
-    from dchag.train.loop import pick_device
-    from dchag.train.run_weights import FILE_BACKED, SINGLE_PROCESS, pick_checkpoint
-    from dchag.use.trained import TrainedModel
+    from dchag.train.run_weights import pick_checkpoint
 
     run = Path(run)
     checkpoint = pick_checkpoint(run)
     owns_group = not dist.is_initialized()
     init_distributed()
+    try:
+        return _sharded_model(run, checkpoint, data_path, owns_group)
+    except BaseException:
+        if owns_group:  # leave the group before the error ends this rank (no waiting for peers)
+            dist.destroy_process_group()
+        raise
+
+
+def _sharded_model(run: Path, checkpoint: Path, data_path: str | None, owns_group: bool) -> RankModel:
+    from dchag.configure import load_config
+    from dchag.parallel import ParallelDims, build_mesh
+    from dchag.parallel.construct import build_parallel_model
+    from dchag.train.checkpoint import load_checkpoint, read_stats, read_train_state
+    from dchag.train.loop import pick_device
+    from dchag.train.run_weights import FILE_BACKED, SINGLE_PROCESS
+    from dchag.use.trained import TrainedModel
+
     world = dist.get_world_size()
     overrides = [o for o in SINGLE_PROCESS if not o.startswith("parallel.tp=")] + [f"parallel.tp={world}"]
     if data_path is not None:
