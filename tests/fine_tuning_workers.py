@@ -1,5 +1,6 @@
 """Code that runs inside the spawned ranks of tests/test_fine_tuning.py (importable by the children):
-rollout-training parity and fine-tuning (`train.init_from`) under tensor parallelism, in one launch."""
+rollout-training parity and fine-tuning (`train.init_from`) under tensor parallelism, in one launch; and
+the FSDP2 x TP fine-tuning case of tests/test_tp_training_settings.py's 4-rank launch."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from pathlib import Path
 
 import dist_workers as W
 import torch
+from safetensors.torch import save_file
 
 from dchag.configure import load_config
+from dchag.model import build_model
 from dchag.parallel import ParallelDims, build_mesh
 from dchag.parallel.construct import build_parallel_model
 from dchag.parallel.state import logical_state_dict
+from dchag.train.checkpoint import complete_checkpoints, read_logical_weights
+from dchag.train.export import CONFIG_KEY, resolved_config_dict
 from dchag.train.init_from import init_from
 from dchag.train.loop import train
 
@@ -37,8 +42,49 @@ ROLLOUT_CASES = {
 }
 
 
+# a linear level-1 (D-CHAG-L) pretrained on 6 channels in 3 groups of 2; fine-tuned with a channel added to
+# the first group (sizes 3, 2, 2): the weight [G, k, n_max] widens, and groups 2 and 3 reduce the same channels
+PRETRAIN_LINEAR = BASE + ["data.channels=6", "model.hierarchy.preset=dchag-L", "model.hierarchy.groups=3"]
+
+
+def grown_first_group() -> list[str]:
+    """Overrides of a fine-tuning run whose first linear group gains the channel z_200."""
+    pre = load_config(None, PRETRAIN_LINEAR).channels
+    names = [*pre[:2], "z_200", *pre[2:]]
+    return ["model.hierarchy.preset=dchag-L", "model.hierarchy.groups=3", f"data.channels=[{', '.join(names)}]"]
+
+
 def fine_tune_config(pretrained: str | Path, *overrides: str):
     return load_config(None, FINE_TUNE + [f"train.init_from={pretrained}", *overrides])
+
+
+def perturbed_export(overrides: list[str], path: Path) -> Path:
+    """A `dchag export`-style .safetensors file of the model `overrides` describe, its initial weights moved
+    by seeded noise (a pretrained model without training: no weight equals a fresh one)."""
+    cfg = load_config(None, overrides)
+    g = torch.Generator().manual_seed(7)
+    weights = {
+        k: (v + 0.1 * torch.randn(v.shape, generator=g)).contiguous() for k, v in build_model(cfg).state_dict().items()
+    }
+    save_file(weights, str(path), metadata={CONFIG_KEY: json.dumps(resolved_config_dict(cfg)), "step": "0"})
+    return path
+
+
+def fsdp_fine_tuning(root: str) -> dict:
+    """dp_shard 2 x tp 2: the logical weights `init_from` gives (from a linear model whose first group
+    grew), and a 2-step run with the ViT blocks frozen: its start and its last checkpoint."""
+    cfg = fine_tune_config(
+        f"{root}/linear.safetensors",
+        *grown_first_group(),
+        "parallel.tp=2",
+        "parallel.dp_shard=2",
+        "train.freeze=[blocks]",
+    )
+    plan = build_parallel_model(cfg, build_mesh(ParallelDims.from_config(cfg.parallel)), torch.device("cpu"))
+    init_from(cfg, plan.model, plan, cfg.train.init_from)
+    start = logical_state_dict(plan)
+    train(cfg, f"{root}/fsdp", progress=False)
+    return {"start": start, "after": read_logical_weights(complete_checkpoints(f"{root}/fsdp")[-1])}
 
 
 def two_rank_suite(root: str) -> dict:

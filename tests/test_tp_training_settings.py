@@ -1,4 +1,5 @@
-"""Tensor parallelism in the settings users train with: bf16, dropout, clipping, long runs, bad data.
+"""Tensor parallelism in the settings users train with: bf16, dropout, clipping, long runs, bad data,
+fine-tuning (`train.init_from` with `train.freeze`) under FSDP2 x TP.
 
 One 4-rank gloo launch computes everything (module-scoped fixture); the tests read its results.
 """
@@ -6,10 +7,15 @@ One 4-rank gloo launch computes everything (module-scoped fixture); the tests re
 from __future__ import annotations
 
 import dist_workers as W
+import fine_tuning_workers as FW
 import pytest
+import torch
 
 from dchag.checks.parity import BF16_TOLERANCE, FP32_TOLERANCE
+from dchag.model import build_model
+from dchag.model.parts import part_of
 from dchag.parallel.launch import spawn
+from dchag.train.init_from import init_from
 
 LAYOUTS = {"tp4": ["parallel.tp=4"], "fsdp2x2": ["parallel.tp=2", "parallel.dp_shard=2"]}
 FUSED = {"fused": "model.fused_front_end=true", "materializing": "model.fused_front_end=false"}
@@ -76,7 +82,7 @@ ROLLOUT_CASES = {
 }
 
 
-def _suite():
+def _suite(root: str):
     dchag_c = ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"]]
     spare_vocab = [
         "model.hierarchy.preset=dchag-C",
@@ -105,12 +111,20 @@ def _suite():
             "train.grad_clip=0.01",
             "parallel.tp=4",
         ),
+        # init_from (a linear level whose first group grew) and train.freeze=[blocks] at dp_shard 2 x tp 2
+        "fine_tuning": FW.fsdp_fine_tuning(root),
     }
 
 
 @pytest.fixture(scope="module")
-def four():
-    return spawn(_suite, 4)
+def pretrained_linear(tmp_path_factory):
+    """The pretrained model of the fine-tuning case: a linear level-1 model as an exported file."""
+    return FW.perturbed_export(FW.PRETRAIN_LINEAR, tmp_path_factory.mktemp("fine-tuning") / "linear.safetensors")
+
+
+@pytest.fixture(scope="module")
+def four(pretrained_linear):
+    return spawn(_suite, 4, str(pretrained_linear.parent))
 
 
 def test_bf16_parallel_equals_bf16_single_device_within_eight_unit_roundoffs(four):
@@ -207,3 +221,23 @@ def test_optimizer_steps_with_clipping_engaged_match_single_device(four, case):
     result = four[0][case]
     assert min(result["norms"]) > 10 * result["clip"]  # clipping engaged in every step
     assert result["worst"] < 1e-5, result
+
+
+def test_init_from_under_fsdp2_x_tp_gives_the_single_device_weights(four, pretrained_linear):
+    """Every logical weight after `init_from` at dp_shard 2 x tp 2 equals the single-device model's, the
+    loaded rows (by channel and group, the grown linear group's slots included) and the fresh ones alike."""
+    cfg = FW.fine_tune_config(pretrained_linear, *FW.grown_first_group(), "train.freeze=[blocks]")
+    model = build_model(cfg)
+    report = init_from(cfg, model, None, pretrained_linear)
+    assert "front_end.hierarchy.levels.0.aggregator.weight" in report.partial  # the widened [G, k, n_max]
+    single, parallel = model.state_dict(), four[0]["fine_tuning"]["start"]
+    assert set(parallel) == set(single)
+    differ = [k for k in single if not torch.equal(parallel[k], single[k])]
+    assert not differ, differ
+
+
+def test_frozen_blocks_stay_bit_identical_under_fsdp2_x_tp_while_the_rest_trains(four):
+    start, after = four[0]["fine_tuning"]["start"], four[0]["fine_tuning"]["after"]
+    frozen = [k for k in start if part_of(k) == "blocks"]
+    assert frozen and all(torch.equal(after[k], start[k]) for k in frozen)
+    assert not torch.equal(after["head.out.weight"], start["head.out.weight"])

@@ -66,6 +66,7 @@ def test_shipped_tiny_hyperspectral_preset_halves_its_loss(tmp_path):
     assert records[-1]["loss"] <= 0.5 * records[0]["loss"], json.dumps(records)
 
 
+@pytest.mark.slow  # the preset's full 600 steps
 def test_shipped_tiny_weather_preset_is_20_percent_below_persistence_in_its_own_run(tmp_path):
     """The forecaster (it predicts the change from the input) starts at persistence's error; after its own
     steps, on held-out samples, the mean over variables and trained leads of model / persistence RMSE is at

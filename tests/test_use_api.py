@@ -193,6 +193,15 @@ def test_the_embed_command_writes_npz_and_zarr_with_coordinates(cube_run, foreca
     ds = xr.open_zarr(tmp_path / "e.zarr")
     assert ds["embedding"].dims == ("sample", "feature") and ds["embedding"].shape == (5, 32)
     assert ds.attrs["pool"] == "mean" and ds.attrs["step"] == 2 and ds.attrs["split"] == "held-out"
+    # a .zarr target is checked as dchag forecast checks its store: an earlier store is replaced, another folder refused
+    (tmp_path / "other.zarr").mkdir()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["embed", "--run", str(forecast_run), "--out", str(tmp_path / "e.zarr"), "--max-samples", "2",
+                     "--pool", "mean", "--no-progress"]) == 0  # fmt: skip
+        assert main(["embed", "--run", str(forecast_run), "--out", str(tmp_path / "other.zarr")]) == 2
+    assert xr.open_zarr(tmp_path / "e.zarr")["embedding"].shape == (2, 32)
+    assert "exists and is not a Zarr store; give a new path (FILE.zarr)" in err.getvalue()
 
 
 def test_the_documented_python_example_runs(tmp_path, monkeypatch):

@@ -216,6 +216,7 @@ def cmd_probe(args) -> int:
     if args.json:
         from pathlib import Path
 
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # checked before the probe; made again if gone
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -237,7 +237,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return _from_dict(tp, value, key)
+        return from_dict(tp, value, key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, dict) or value is None:
@@ -272,7 +272,9 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
-def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """The config dataclass `cls` (training or probe) from a mapping: each value coerced to its field's type,
+    an unknown key refused naming the keys known there; nothing else is checked (that is `validate`'s job)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "resolved"]
     kwargs = {}
@@ -351,7 +353,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     """A config from a mapping (as `to_dict` writes it), with `key=value` overrides, fields checked."""
     data = apply_overrides(dict(data), overrides or [])
-    cfg = _from_dict(Config, data)
+    cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
 
@@ -365,13 +367,14 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_finite(section: Any, prefix: str) -> None:
-    """Every float field of the config is a finite number (NaN and Inf pass most range checks)."""
+def check_finite(section: Any, prefix: str) -> None:
+    """Every float field of the config section (training or probe) is a finite number (NaN and Inf pass
+    most range checks)."""
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         key = f"{prefix}.{f.name}"
         if dataclasses.is_dataclass(value):
-            _check_finite(value, key)
+            check_finite(value, key)
         elif isinstance(value, float):
             _check(math.isfinite(value), f"{key}={value} must be a finite number")
 
@@ -384,7 +387,7 @@ def _check_nan_mode(d) -> None:
 def validate(cfg: Config) -> None:
     """Check every field once, section by section; the first problem raises a one-line ConfigError."""
     for name in ("model", "data", "train", "parallel"):
-        _check_finite(getattr(cfg, name), name)
+        check_finite(getattr(cfg, name), name)
     _validate_model(cfg.model)
     _validate_data(cfg.data, cfg.model)
     _validate_train(cfg.train)
@@ -621,6 +624,11 @@ def _validate_fine_tuning(t: TrainConfig) -> None:
         ok = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
         _check(ok, f"train.lr_scale.{part}={scale!r} must be a number > 0 (to stop training a part: train.freeze)")
     _check(t.init_from is None or bool(t.init_from.strip()), "train.init_from is empty; give a run folder or omit it")
+    _check(
+        not t.freeze or t.init_from is not None,
+        f"train.freeze={t.freeze} without train.init_from would freeze random initial weights; "
+        "set train.init_from to a trained run, or leave train.freeze out",
+    )
 
 
 

@@ -44,12 +44,12 @@ class AccuracySize:
 
 
 def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
+    import torch
+
     from dchag.bench.fused_sweep import log
     from dchag.eval.attention import run_attention_entropy
     from dchag.eval.validation import validation_loss
     from dchag.train.loop import train
-
-    import torch
 
     torch.set_num_threads(size.threads)
     variant_seed = [f"model.hierarchy.preset={variant}", f"train.seed={seed}"]

@@ -261,7 +261,7 @@ class ERA5Source:
 
     `split` is one of train / val / test; leads are the pairs of time steps whose distance lies in
     `lead_range` (training) or equals `fixed_lead` (evaluation). `pairs=False` makes a reader without
-    samples: `read_many` / `_fields` at any time index (forecast rollouts, scoring stored forecasts);
+    samples: `read_many` / `fields_at` at any time index (forecast rollouts, scoring stored forecasts);
     `dataset` reads an xarray Dataset already in memory (`path` then only names it in messages).
     """
 
@@ -459,7 +459,7 @@ class ERA5Source:
             f"{when} (time index {t}); set data.nan: mask to mask NaN pixels out of the loss and the metrics"
         )
 
-    def _fields(self, channels: list[str], times: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fields_at(self, channels: list[str], times: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised fields [B, C, H, W] of `channels` at `times`, and under data.nan=mask their validity
         [B, C, H, W] (bool; invalid pixels are set to 0, the channel mean). NaN raises under data.nan=error."""
         if self.stats is None:
@@ -485,9 +485,9 @@ class ERA5Source:
         """x [B, C, H, W] at t, y [B, C_out, H, W] at t + lead (normalised), lead_hours [B]; under
         data.nan=mask also x_valid, y_valid (bool, same shapes)."""
         pairs = self.pairs[np.asarray(indices, dtype=np.int64)]  # [B, 3]: input index, target index, hours
-        x, x_valid = self._fields(self.channels, pairs[:, 0])
+        x, x_valid = self.fields_at(self.channels, pairs[:, 0])
         if self.out_channels:
-            y, y_valid = self._fields(self.out_channels, pairs[:, 1])
+            y, y_valid = self.fields_at(self.out_channels, pairs[:, 1])
         else:  # a tensor-parallel rank that owns no output channel
             y = x.new_zeros(len(indices), 0, *x.shape[2:])
             y_valid = torch.zeros(y.shape, dtype=torch.bool) if x_valid is not None else None
@@ -504,9 +504,9 @@ class ERA5Source:
         chains = self.chains[indices]  # [B, K] time indices: t + lead, ..., t + K lead
         ys, valids, forcings = [batch["y"]], [batch.get("y_valid")], []
         for k in range(1, self.rollout_steps):
-            forcings.append(self._fields(self.channels, chains[:, k - 1])[0])
+            forcings.append(self.fields_at(self.channels, chains[:, k - 1])[0])
             if self.out_channels:
-                y, valid = self._fields(self.out_channels, chains[:, k])
+                y, valid = self.fields_at(self.out_channels, chains[:, k])
             else:
                 y, valid = batch["y"], batch.get("y_valid")
             ys.append(y)

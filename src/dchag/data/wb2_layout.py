@@ -52,6 +52,20 @@ def synthetic_indices(times, where: str) -> np.ndarray:
     return np.round(offset).astype(np.int64)
 
 
+def lead_timedelta(hours: float) -> np.timedelta64:
+    """A lead of `hours` as a timedelta, in whole seconds."""
+    return np.timedelta64(int(round(float(hours) * 3600)), "s")
+
+
+def valid_time_indices(times: np.ndarray, init_times: np.ndarray, hours: float) -> tuple[np.ndarray, np.ndarray]:
+    """(index into the ascending time axis `times` of each init + hours, bool [B]: whether `times` holds it);
+    the index of a row without its time is meaningless. Forecast inputs and the truth of stored forecasts
+    are looked up this way."""
+    wanted = np.asarray(init_times) + lead_timedelta(hours)
+    found = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
+    return found, times[found] == wanted
+
+
 def wb2_variable(channel: str) -> tuple[str, float | None] | None:
     """(WeatherBench 2 variable name, pressure level in hPa or None) of a channel naming a known ERA5 /
     WeatherBench variable (`t2m`, `2m_temperature`, `z_500`, `geopotential_500`); None otherwise.
@@ -101,7 +115,7 @@ def forecast_dataset_of(
 
     channels = list(values)
     layout = variable_layout(channels, wb2_names)
-    leads = np.array([np.timedelta64(int(round(h * 3600)), "s") for h in lead_hours]).astype("timedelta64[ns]")
+    leads = np.array([lead_timedelta(h) for h in lead_hours]).astype("timedelta64[ns]")
     coords = {
         "time": np.asarray(init_times).astype("datetime64[ns]"),
         "prediction_timedelta": leads,
@@ -154,9 +168,17 @@ def forecast_dataset_of(
 # writing
 
 
+# fixed time units: left to xarray, they would be inferred from the first piece written (one 00Z init
+# gives "days since ..."), and a later piece off that grid (a 06Z init) would be stored wrongly or refused
+TIME_ENCODING = {
+    "time": {"units": "seconds since 1970-01-01", "dtype": "int64"},
+    "prediction_timedelta": {"units": "seconds", "dtype": "int64"},
+}
+
+
 def _encoding(ds) -> dict:
-    """One chunk per initialisation time, whole fields and leads inside it."""
-    return {name: {"chunks": (1, *ds[name].shape[1:])} for name in ds.data_vars}
+    """One chunk per initialisation time, whole fields and leads inside it; times in whole seconds."""
+    return {name: {"chunks": (1, *ds[name].shape[1:])} for name in ds.data_vars} | TIME_ENCODING
 
 
 class ForecastWriter:
@@ -199,9 +221,10 @@ class ForecastWriter:
 
 
 def check_out(path: str | Path) -> Path:
-    """`path` as a forecast store to write: new, or an earlier Zarr store (replaced); anything else is refused."""
+    """`path` as a Zarr store to write (a forecast, `dchag embed`'s .zarr): new, or an earlier Zarr store
+    (replaced); anything else is refused."""
     path = Path(path)
-    if path.exists() and not _is_zarr_store(path):
+    if path.exists() and not is_zarr_store(path):
         raise DataError(f"--out {str(path)!r} exists and is not a Zarr store; give a new path (FILE.zarr)")
     blocking = next((f for f in path.parents if f.exists()), None)
     if blocking is not None and not blocking.is_dir():
@@ -220,7 +243,8 @@ def write_forecast(ds, path: str | Path) -> Path:
         raise
 
 
-def _is_zarr_store(path: Path) -> bool:
+def is_zarr_store(path: Path) -> bool:
+    """A folder with Zarr v3 (zarr.json) or v2 (.zgroup, consolidated .zmetadata) group metadata."""
     return path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zmetadata"))
 
 
@@ -283,7 +307,7 @@ def open_forecast(path: str | Path) -> ForecastFile:
 
     path = Path(path)
     where = f"--forecast {str(path)!r}"
-    if not _is_zarr_store(path):
+    if not is_zarr_store(path):
         raise DataError(f"{where} is not a Zarr store (no .zgroup / zarr.json); give the folder dchag forecast wrote")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -47,7 +47,7 @@ def _physical(values: torch.Tensor, names: list[str], stats: dict | None) -> tor
     return values.double() * std[None, :, None, None] + mean[None, :, None, None]
 
 
-def _synthetic_climatology(cfg: Config, lead: int) -> torch.Tensor:
+def synthetic_climatology(cfg: Config, lead: int) -> torch.Tensor:
     """Mean target field [C_out, H, W] over training samples at `lead`."""
     source = build_source(cfg, lead_hours=lead)
     count = min(cfg.data.num_samples, SYNTHETIC_CLIMATOLOGY_SAMPLES)
@@ -161,7 +161,7 @@ def evaluate_forecast(
                 seasonal = source.seasonal_climatology(outs, stats["climatology"]) or {}
         else:
             source = HeldOut(build_source(cfg, lead_hours=lead), cfg.data.num_samples, SYNTHETIC_EVAL_SAMPLES)
-            climatology = _synthetic_climatology(cfg, lead)
+            climatology = synthetic_climatology(cfg, lead)
         weights = source.lat_weights().double()
         scores = LeadScores(len(outs))
         for start in range(0, source.num_samples, batch_size):

@@ -4,7 +4,9 @@
 
 Each forecast (initialisation time, lead) is scored where the truth holds its valid time and its
 initialisation time (persistence is the truth at initialisation); a lead with no such forecast is left
-out with a note. Pixels where the forecast, the truth or persistence is not finite are not scored.
+out with a note. Pixels where the forecast or the truth is not finite are not scored; where the truth at
+initialisation is not finite, persistence is the channel's training mean, as in `dchag eval --run`
+(whose normalised inputs hold 0 there), so that the two agree under data.nan=mask too.
 
 The truth is either a data file (`--data-path`: a Zarr store, netCDF file or folder the ERA5 reader
 opens, variables found by the same names; regridded bilinearly onto the forecast's grid when it differs),
@@ -26,16 +28,17 @@ from dchag.config import ConfigError
 from dchag.data import build_source
 from dchag.data.era5 import ERA5Source, Grid, closes_circle
 from dchag.data.errors import DataError
-from dchag.data.wb2_layout import ForecastFile, open_forecast, synthetic_indices
-from dchag.eval.forecast import LeadScores, _synthetic_climatology, climatology_at
+from dchag.data.wb2_layout import ForecastFile, lead_timedelta, open_forecast, synthetic_indices, valid_time_indices
+from dchag.eval.forecast import LeadScores, climatology_at, synthetic_climatology
 
 
 class FileTruth:
     """The truth from an ERA5 / WeatherBench reader (`pairs=False`) on the forecast's grid, with the
     climatology of the reader's `train` split (static per-cell mean, or by day of year and hour of day
-    where that split covers a year, as `dchag eval --run` chooses)."""
+    where that split covers a year, as `dchag eval --run` chooses). `stats`: the normalisation statistics
+    whose channel means fill persistence where it is not finite (default: the `train` split's)."""
 
-    def __init__(self, reader: ERA5Source, channels: list[str], forecast: ForecastFile):
+    def __init__(self, reader: ERA5Source, channels: list[str], forecast: ForecastFile, stats: dict | None = None):
         self.reader, self.channels = reader, list(channels)
         same = len(reader.grid.lat) == len(forecast.lat) and len(reader.grid.lon) == len(forecast.lon)
         if not (same and np.allclose(reader.grid.lat, forecast.lat) and np.allclose(reader.grid.lon, forecast.lon)):
@@ -43,24 +46,31 @@ class FileTruth:
         train = reader.split_indices
         if not len(train):
             raise DataError(f"{reader.path!r}: no time step to build the climatology from (its 'train' split is empty)")
-        stats = reader.compute_stats(self.channels, climatology=self.channels)
-        static = {c: np.asarray(stats["climatology"][c]) for c in self.channels}
+        stats_here = reader.compute_stats(self.channels, climatology=self.channels)
+        static = {c: np.asarray(stats_here["climatology"][c]) for c in self.channels}
         self.static = torch.tensor(np.stack([static[c] for c in self.channels]), dtype=torch.float64)  # [C, H, W]
         self.seasonal = reader.seasonal_climatology(self.channels, static) or {}
+        given = (stats or {}).get("channels", {})  # keyed by the run's names; another model's names: computed here
+        means = [given.get(c, stats_here["channels"][c])["mean"] for c in self.channels]
+        self.means = torch.tensor(means, dtype=torch.float64)  # [C]
 
     def values(self, init_times: np.ndarray, hours: float) -> tuple[torch.Tensor, np.ndarray]:
         """(fields [B', C, H, W] float64 at init + hours, for the rows that have that time: bool [B])."""
-        times = self.reader.times
-        wanted = init_times + np.timedelta64(int(round(hours * 3600)), "s")
-        found = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
-        has = times[found] == wanted
+        found, has = valid_time_indices(self.reader.times, init_times, hours)
         if not has.any():
             return torch.zeros(0), has
         blocks = self.reader.read_many(self.channels, found[has])  # channel -> [B', H, W] float32
         return torch.from_numpy(np.stack([blocks[c] for c in self.channels], axis=1)).double(), has
 
+    def persistence(self, init_times: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """The truth at initialisation, non-finite pixels at the channel mean (`values` at 0 h otherwise)."""
+        fields, has = self.values(init_times, 0.0)
+        if has.any():
+            fields = torch.where(torch.isfinite(fields), fields, self.means[None, :, None, None])
+        return fields, has
+
     def climatology(self, init_times: np.ndarray, hours: float, like: torch.Tensor) -> torch.Tensor:
-        valid_times = init_times + np.timedelta64(int(round(hours * 3600)), "s")
+        valid_times = init_times + lead_timedelta(hours)
         return climatology_at(valid_times, self.seasonal, self.static, self.channels, like)
 
     def lat_weights(self) -> torch.Tensor:
@@ -100,15 +110,27 @@ class SyntheticTruth:
 
     def values(self, init_times: np.ndarray, hours: float) -> tuple[torch.Tensor, np.ndarray]:
         indices = synthetic_indices(init_times, self.where).tolist()
-        if hours == 0:  # the input fields: persistence
-            return build_source(self.cfg).batch(indices)["x"][:, self.in_index].double(), np.ones(len(indices), bool)
-        batch = build_source(self.cfg, lead_hours=int(round(hours))).batch(indices)
+        batch = build_source(self.cfg, lead_hours=self._whole(hours)).batch(indices)
         return batch["y"][:, self.out_index].double(), np.ones(len(indices), dtype=bool)
+
+    def persistence(self, init_times: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """The input fields of the samples (generated: always finite)."""
+        indices = synthetic_indices(init_times, self.where).tolist()
+        return build_source(self.cfg).batch(indices)["x"][:, self.in_index].double(), np.ones(len(indices), bool)
 
     def climatology(self, init_times: np.ndarray, hours: float, like: torch.Tensor) -> torch.Tensor:
         if hours not in self._clim:
-            self._clim[hours] = _synthetic_climatology(self.cfg, int(round(hours)))[self.out_index]
+            self._clim[hours] = synthetic_climatology(self.cfg, self._whole(hours))[self.out_index]
         return self._clim[hours][None].expand_as(like)
+
+    def _whole(self, hours: float) -> int:
+        """The generator's lead: whole hours only (another lead would be scored against the wrong truth)."""
+        if float(hours) != int(hours):
+            raise DataError(
+                f"{self.where}: lead {float(hours):g} h is not a whole number of hours, which a "
+                f"{self.cfg.data.kind} run's generator needs; pick whole-hour leads with --lead-hours"
+            )
+        return int(hours)
 
     def lat_weights(self) -> torch.Tensor:
         return self._weights
@@ -130,7 +152,8 @@ def _truth_of(forecast: ForecastFile, data_path: str | None, run: str | None):
                 raise ConfigError(f"--data-path applies to runs on files; --run {run!r} is a {cfg.data.kind} run")
             return SyntheticTruth(cfg, forecast), f"{cfg.data.kind} samples of run {run}"
         reader = build_source(cfg, channels, split="train", pairs=False)
-        return FileTruth(reader, channels, forecast), f"{cfg.data.path} (run {run}'s data and training split)"
+        truth = FileTruth(reader, channels, forecast, loaded.stats)  # persistence filled as the run's inputs are
+        return truth, f"{cfg.data.path} (run {run}'s data and training split)"
     shape = (len(forecast.lat), len(forecast.lon))
 
     def reader(split: dict) -> ERA5Source:  # opened lazily: only the time axis and metadata are read here
@@ -180,7 +203,7 @@ def evaluate_stored_forecast(
             rows = np.arange(start, min(start + batch_size, len(fc.init_times)))
             inits = fc.init_times[rows]
             target, has_target = truth.values(inits, hours)
-            persistence, has_input = truth.values(inits, 0.0)
+            persistence, has_input = truth.persistence(inits)
             ok = has_target & has_input  # scored: the truth holds the valid time and the initialisation time
             if not ok.any():
                 continue
@@ -188,7 +211,7 @@ def evaluate_stored_forecast(
             persistence = persistence[torch.from_numpy(ok[has_input])]
             pred = torch.from_numpy(fc.read(fc.channels, rows[ok], s))  # [B, C, H, W] float64
             clim = truth.climatology(inits[ok], hours, pred)
-            valid = torch.isfinite(pred) & torch.isfinite(target) & torch.isfinite(persistence)
+            valid = torch.isfinite(pred) & torch.isfinite(target)  # as eval --run: persistence is filled
             if valid.all():
                 valid = None
             else:  # unscored pixels: set to 0 so that no NaN reaches a sum

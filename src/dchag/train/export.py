@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dchag.config import Config, ConfigError, ParallelConfig, to_dict
+from dchag.data.held_out import FILE_BACKED
 from dchag.configure import load_config_dict
 from dchag.model import build_model
 from dchag.train.checkpoint import CheckpointError, complete_checkpoints
@@ -35,10 +36,15 @@ WEIGHTS_FILE, CONFIG_FILE, STATS_FILE, CARD_FILE = "model.safetensors", "config.
 
 def resolved_config_dict(cfg: Config) -> dict:
     """The config as a file holds it, with the channel lists written out by name: it loads without the
-    training data (which `data.channels: all` or a channel count would need to name the channels)."""
+    training data (which `data.channels: all` or a channel count would need to name the channels).
+    Where a fine-tuned run started is left out (`train.init_from`, and `train.freeze`, which is refused
+    without it): it names a path of the training machine that the export does not carry, so training from
+    the exported config trains the architecture from scratch (`train.lr_scale`, valid alone, is kept).
+    The model card records both."""
     data = to_dict(cfg)
     data["data"]["channels"] = cfg.channels
     data["data"]["out_channels"] = cfg.out_channels
+    data["train"].update(init_from=None, freeze=[])
     return data
 
 
@@ -124,7 +130,7 @@ def load_export_folder(path: str | Path) -> RunWeights:
     model = build_model(cfg)
     model.load_state_dict(weights)
     stats = json.loads((path / STATS_FILE).read_text()) if (path / STATS_FILE).is_file() else None
-    if stats is None and cfg.data.kind in ("era5", "spectral_cube"):
+    if stats is None and cfg.data.kind in FILE_BACKED:
         raise ConfigError(
             f"export folder {str(path)!r} has no {STATS_FILE}, the normalisation statistics its model was trained "
             "with; export it again with dchag export"

@@ -10,9 +10,13 @@ their channels:
 - the task heads' output rows (the forecast head's per output channel, the MAE decoder's per channel);
 - the hierarchy's aggregators (`front_end.hierarchy.levels.*`: one row per group): a group takes the
   pretrained group's rows only when it reduces the same tokens (the same channels, in the same order,
-  through the same groups below it); a changed group stays fresh, never silently misaligned.
+  through the same groups below it); a changed group stays fresh, never silently misaligned. A linear
+  level's weight [G, k, n_max] is padded to its largest group, so a group that grows changes n_max: each
+  matched group then takes the slots of its own channels, `[:size]`, and the padding stays as built.
 A weight the other model has not (a new head after switching MAE -> forecast, `lead_embed`) keeps its
 fresh initial values; one whose other dimensions differ is reported as shape-mismatched and stays fresh.
+A part named in `train.freeze` must not hold such a fresh tensor: freezing it would keep random weights
+for the whole run, so that is refused before anything is read.
 
 Reading goes through the same machinery as resuming: each rank's parameters are described as chunks of
 the logical tensors (`parallel.logical_shards`), and a chunk of rows maps to the pretrained tensor's rows,
@@ -33,6 +37,7 @@ from dchag.config import Config, ConfigError, config_from_dict
 from dchag.data import channel_names, default_out_channels
 from dchag.model import build_model
 from dchag.model.groups import resolve_level_groups, split_sizes
+from dchag.model.parts import part_of
 from dchag.parallel.logical_shards import Chunk, LogicalShards, logical_shards
 from dchag.train.checkpoint import complete_checkpoints, is_complete, read_shards, read_train_state
 from dchag.train.export import CONFIG_KEY
@@ -184,6 +189,14 @@ def _by_name(now: list, then: list, block: int = 1) -> list[int | None]:
     return rows
 
 
+def _level_param(name: str) -> tuple[int, str] | None:
+    """(level, parameter) of an aggregator weight `front_end.hierarchy.levels.<i>.aggregator.<param>`."""
+    if not name.startswith(LEVELS):
+        return None
+    level, _, param = name[len(LEVELS) :].partition(".aggregator.")
+    return (int(level), param) if param and level.isdigit() else None
+
+
 def row_map(name: str, now: Layout, then: Layout) -> list[int | None] | None:
     """How the rows (first dimension) of weight `name` match: None when they match as they are,
     else per row of this model the pretrained row (None: no pretrained row)."""
@@ -193,12 +206,21 @@ def row_map(name: str, now: Layout, then: Layout) -> list[int | None] | None:
         return _by_name(now.out_channels, then.out_channels, now.patch**2)
     if name in ("head.pred.weight", "head.pred.bias") and now.task == then.task == "mae":
         return _by_name(now.channels, then.channels, now.patch**2)
-    if name.startswith(LEVELS):
-        level, _, param = name[len(LEVELS) :].partition(".aggregator.")
-        i = int(level)
+    level = _level_param(name)
+    if level is not None:
+        i, param = level
         if param in GROUP_PARAMS.get(now.kinds[i], ()) and i < len(then.groups):
             return _by_name(now.groups[i], then.groups[i])
     return None
+
+
+def group_widths(name: str, now: Layout) -> list[int] | None:
+    """Per row (group) of a linear level's weight [G, k, n_max], the group's size: the slots that hold its
+    channels (a matched group has the same size in both models); None for every other weight."""
+    level = _level_param(name)
+    if level is None or level[1] != "weight" or now.kinds[level[0]] != "linear":
+        return None
+    return [len(key[3]) for key in now.groups[level[0]]]
 
 
 @dataclass
@@ -215,6 +237,7 @@ class Report:
     shape_mismatch: dict[str, dict] = field(default_factory=dict)  # same name, other shape: fresh
     new_channels: list[str] = field(default_factory=list)  # vocabulary names the pretrained model lacks
     dropped_channels: list[str] = field(default_factory=list)  # pretrained names this model does not use
+    frozen_partial: list[str] = field(default_factory=list)  # train.freeze tensors with some fresh rows
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -229,20 +252,25 @@ class Report:
 
 
 def plan_loading(shapes_now: dict[str, torch.Size], pretrained: Pretrained, now: Layout):
-    """(report, {name: row map or None} of the weights to read)."""
+    """(report, {name: (row map or None, per-row widths or None)} of the weights to read)."""
     then = pretrained.layout
     report = Report(str(pretrained.path), pretrained.kind, pretrained.step)
     report.new_channels = [c for c in now.vocabulary if c not in then.vocabulary]
     report.dropped_channels = [c for c in then.vocabulary if c not in now.vocabulary]
     report.unused = sorted(set(pretrained.shapes) - set(shapes_now))
-    to_read: dict[str, list | None] = {}
+    to_read: dict[str, tuple[list | None, list | None]] = {}
     for name, shape in shapes_now.items():
         old = pretrained.shapes.get(name)
         if old is None:
             report.new.append(name)
             continue
         rows = row_map(name, now, then)
-        if len(old) != len(shape) or tuple(old[1:]) != tuple(shape[1:]) or (rows is None and old[0] != shape[0]):
+        # a linear level whose largest group changed: matched groups read their own slots, [:size]
+        widths = group_widths(name, now) if rows is not None and len(old) == len(shape) == 3 else None
+        if widths is not None and old[-1] == shape[-1]:
+            widths = None
+        same = slice(1, -1) if widths is not None else slice(1, None)  # the dimensions that must agree
+        if len(old) != len(shape) or tuple(old[same]) != tuple(shape[same]) or (rows is None and old[0] != shape[0]):
             report.shape_mismatch[name] = {"pretrained": list(old), "now": list(shape)}
             continue
         if rows is not None and len(rows) != shape[0]:  # a layout this model does not describe: refuse to guess
@@ -252,7 +280,7 @@ def plan_loading(shapes_now: dict[str, torch.Size], pretrained: Pretrained, now:
         if found == 0:
             report.new.append(name)
             continue
-        identity = rows is None or (old[0] == shape[0] and rows == list(range(shape[0])))
+        identity = widths is None and (rows is None or (old[0] == shape[0] and rows == list(range(shape[0]))))
         if found == shape[0] and identity:
             report.loaded.append(name)
             rows = None
@@ -260,13 +288,30 @@ def plan_loading(shapes_now: dict[str, torch.Size], pretrained: Pretrained, now:
             report.partial[name] = {"rows_loaded": found, "rows_new": shape[0] - found}
         else:
             report.loaded.append(name)  # every row pretrained, in another order
-        to_read[name] = rows
+        to_read[name] = (rows, widths)
     return report, to_read
 
 
-def _read_chunks(chunk: Chunk, rows: list | None) -> list[Chunk]:
+def check_frozen(report: Report, freeze: list[str], names: list[str], source: str) -> None:
+    """Refuse a `train.freeze` part holding a tensor that `init_from` leaves wholly fresh (new or
+    shape-mismatched): it would train with random weights that never change. Tensors of frozen parts
+    with only some fresh rows (new channels, changed groups) are recorded in `report.frozen_partial`."""
+    frozen = set(freeze)
+    fresh = [n for n in names if part_of(n) in frozen and (n in report.new or n in report.shape_mismatch)]
+    if fresh:
+        parts = sorted({part_of(n) for n in fresh})
+        shown = ", ".join(fresh[:4]) + (f" (+{len(fresh) - 4} more)" if len(fresh) > 4 else "")
+        raise ConfigError(
+            f"train.freeze={list(freeze)} would keep random weights: train.init_from={source!r} has no "
+            f"weights for {shown}; leave {parts} out of train.freeze"
+        )
+    report.frozen_partial = [n for n in names if part_of(n) in frozen and n in report.partial]
+
+
+def _read_chunks(chunk: Chunk, rows: list | None, widths: list | None = None) -> list[Chunk]:
     """The pretrained chunks that fill `chunk` (a rank's block of this model's tensor): one per run of
-    consecutive rows that map to consecutive pretrained rows, each a view of the parameter's storage."""
+    consecutive rows that map to consecutive pretrained rows (and have the same width), each a view of
+    the parameter's storage; with `widths`, each row's view is narrowed to its first `width` slots."""
     if rows is None:
         return [chunk]
     start, n = chunk.offsets[0], chunk.local.shape[0]
@@ -276,10 +321,18 @@ def _read_chunks(chunk: Chunk, rows: list | None) -> list[Chunk]:
         if src is None:
             j += 1
             continue
+        width = None if widths is None else widths[start + j]
         length = 1
-        while j + length < n and rows[start + j + length] == src + length:
+        while (
+            j + length < n
+            and rows[start + j + length] == src + length
+            and (widths is None or widths[start + j + length] == width)
+        ):
             length += 1
-        out.append(Chunk((src, *chunk.offsets[1:]), chunk.local.narrow(0, j, length)))
+        local = chunk.local.narrow(0, j, length)
+        if width is not None:
+            local = local.narrow(-1, 0, width)  # [length, k, size]: the group's channels, not the padding
+        out.append(Chunk((src, *chunk.offsets[1:]), local))
         j += length
     return out
 
@@ -296,10 +349,12 @@ def init_from(cfg: Config, model: torch.nn.Module, plan, path: str | Path) -> Re
     with torch.device("meta"):  # the single-device shapes, no memory
         shapes = {n: p.shape for n, p in build_model(cfg, init=False).named_parameters()}
     report, to_read = plan_loading(shapes, pretrained, now)
+    check_frozen(report, cfg.train.freeze, list(shapes), str(path))
     mine = logical_shards(model, plan, lambda p: p)
     shards = {}
-    for name, rows in to_read.items():
-        chunks = [c for held in (mine[name].chunks if name in mine else ()) for c in _read_chunks(held, rows)]
+    for name, (rows, widths) in to_read.items():
+        held = mine[name].chunks if name in mine else ()
+        chunks = [c for h in held for c in _read_chunks(h, rows, widths)]
         if chunks:
             shards[name] = LogicalShards(pretrained.shapes[name], chunks)
     with torch.no_grad():
@@ -313,5 +368,12 @@ def report_init(report: Report, out: Path | None) -> None:
     if report.new:
         shown = ", ".join(report.new[:8]) + (f" (+{len(report.new) - 8} more)" if len(report.new) > 8 else "")
         print(f"dchag: init_from: new tensors: {shown}", file=sys.stderr, flush=True)
+    if report.frozen_partial:
+        print(
+            f"dchag: warning: train.freeze keeps the fresh rows (new channels or groups) of {report.frozen_partial} "
+            "at their initial values",
+            file=sys.stderr,
+            flush=True,
+        )
     if out is not None:
         (out / REPORT_FILE).write_text(json.dumps(report.as_dict(), indent=1))

@@ -174,6 +174,9 @@ def _training_data(cfg) -> list[str]:
 def _training(run: Path, cfg) -> list[str]:
     t = cfg.train
     lines = [f"- {t.steps} steps, global batch {t.batch_size}, AdamW lr {t.lr:g} (min {t.min_lr:g}), seed {t.seed}"]
+    if t.init_from:  # config.yaml leaves these out (dchag.train.export.resolved_config_dict)
+        frozen = f"; frozen parts: {', '.join(t.freeze)}" if t.freeze else ""
+        lines.append(f"- Fine-tuned from `{t.init_from}` (train.init_from){frozen}")
     summary_file = run / "summary.yaml"
     if summary_file.is_file():
         summary = yaml.safe_load(summary_file.read_text()) or {}

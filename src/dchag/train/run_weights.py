@@ -18,6 +18,7 @@ import torch
 
 from dchag.config import Config, ConfigError, ParallelConfig
 from dchag.configure import load_config
+from dchag.data.held_out import FILE_BACKED
 from dchag.model import build_model
 from dchag.train.checkpoint import (
     complete_checkpoints,
@@ -27,7 +28,6 @@ from dchag.train.checkpoint import (
     read_train_state,
 )
 
-FILE_BACKED = ("era5", "spectral_cube")  # sources normalised by statistics of their training split
 SINGLE_PROCESS = ["parallel.tp=1", "parallel.dp_shard=1", "parallel.dp_replicate=1", "data.workers=0"]
 
 
@@ -86,13 +86,21 @@ def load_run_weights(
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
     model = build_model(cfg)
     model.load_state_dict(read_logical_weights(chosen))
-    stats = read_stats(chosen)
+    stats = read_run_stats(run, chosen, cfg, option=option)
+    step = int(read_train_state(chosen)["step"])
+    return RunWeights(cfg, model.eval(), stats, chosen, step)
+
+
+def read_run_stats(run: str | Path, checkpoint: Path, cfg: Config, *, option: str = "--run") -> dict | None:
+    """The normalisation statistics of `run`: the checkpoint's, else the run folder's `stats.json`; None for
+    synthetic data. A file-backed run without them is refused: its model cannot be fed correctly."""
+    run = Path(run)
+    stats = read_stats(checkpoint)
     if stats is None and (run / "stats.json").is_file():
         stats = json.loads((run / "stats.json").read_text())
     if stats is None and cfg.data.kind in FILE_BACKED:
         raise ConfigError(
-            f"{option} {str(run)!r} has no normalisation statistics (stats.json in {str(chosen)!r} or in the "
+            f"{option} {str(run)!r} has no normalisation statistics (stats.json in {str(checkpoint)!r} or in the "
             "run folder), which its model was trained with; copy them back, or train the run again"
         )
-    step = int(read_train_state(chosen)["step"])
-    return RunWeights(cfg, model.eval(), stats, chosen, step)
+    return stats

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from dchag.config import ConfigError
 from dchag.data import build_source
 from dchag.data.held_out import HeldOut
+from dchag.data.wb2_layout import check_out as check_zarr_out
 from dchag.use.trained import POOLS, TrainedModel, load_trained
 
 DEFAULT_CROPS = 64  # spectral cubes draw crops without end: as many as `dchag eval` scores by default
@@ -34,18 +35,15 @@ FORMATS = (".npz", ".zarr")
 
 
 def check_out(out: str | Path) -> Path:
+    """`out` as the embeddings file to write: a .npz file, or a .zarr store (new, or an earlier one: replaced)."""
     out = Path(out)
     if out.suffix not in FORMATS:
         raise ConfigError(f"--out {str(out)!r}: give a file name ending in .npz (numpy) or .zarr (xarray)")
-    if out.suffix == ".zarr" and out.exists() and not _is_zarr(out):
-        raise ConfigError(f"--out {str(out)!r} exists and is not a zarr store; give a new name")
-    if out.suffix == ".npz" and out.is_dir():
+    if out.suffix == ".zarr":
+        return check_zarr_out(out)
+    if out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a folder; give a file name ending in .npz")
     return out
-
-
-def _is_zarr(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zattrs"))
 
 
 def split_source(trained: TrainedModel, split: str | None, max_samples: int | None):

@@ -97,12 +97,13 @@ def fit_and_score(train_x, train_y, test_x, test_y, classes: list[str], cfg: Pro
     }
 
 
-def paired_intervals(truth, preds: dict, tiles: np.ndarray, resamples: int, seed: int) -> dict:
+def paired_intervals(truth, preds: dict, tiles: np.ndarray, resamples: int, seed: int, n_classes: int) -> dict:
     """The encoder's accuracy and macro-F1 minus each baseline's, with 95 % intervals from resampling the
-    test tiles with replacement (patches of one tile move together: neighbouring patches are correlated)."""
+    test tiles with replacement (patches of one tile move together: neighbouring patches are correlated).
+    Macro-F1 averages over all `n_classes` classes, as `scores` does, also in a resample that lacks one."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    labels = sorted(set(truth.tolist()))
+    labels = list(range(n_classes))
     metric = {
         "accuracy": lambda t, p: accuracy_score(t, p),
         "macro_f1": lambda t, p: f1_score(t, p, labels=labels, average="macro", zero_division=0),
@@ -133,6 +134,12 @@ def scores(truth: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
         "per_class_f1": {name: float(v) for name, v in zip(classes, per_class)},
         "confusion": confusion_matrix(truth, pred, labels=labels).tolist(),  # rows: true class, columns: predicted
     }
+
+
+def random_encoder(trained: TrainedModel) -> TrainedModel:
+    """`trained` with its model at the initial weights of its run (`build_model` seeds them from the run's
+    train.seed): the same architecture, channels and statistics, nothing learned."""
+    return dataclasses.replace(trained, model=build_model(trained.config).to(trained.device).eval())
 
 
 def _check_counts(counts: dict, classes: list[str], cfg: ProbeConfig) -> None:
@@ -179,7 +186,7 @@ def probe(run, cfg: ProbeConfig, *, checkpoint=None, progress: bool = True) -> d
     }
     y = {part: getattr(task, part).labels[keep[part]] for part in keep}
     say(f"{len(y['train'])} training and {len(y['test'])} test patches of {', '.join(classes)}")
-    random_model = dataclasses.replace(trained, model=build_model(rc).to(trained.device).eval())
+    random_model = random_encoder(trained)
     extract = {
         "encoder": lambda crops, k: encoder_features(trained, crops, k, cfg.batch_size),
         "random_encoder": lambda crops, k: encoder_features(random_model, crops, k, cfg.batch_size),
@@ -193,7 +200,7 @@ def probe(run, cfg: ProbeConfig, *, checkpoint=None, progress: bool = True) -> d
     majority = int(np.bincount(y["train"], minlength=len(classes)).argmax())
     preds = {name: results[name].pop("predictions") for name in results}
     tiles = np.nonzero(keep["test"])[0]  # the test crop (one per tile) of each scored patch
-    paired = paired_intervals(y["test"], preds, tiles, cfg.bootstrap, cfg.seed)
+    paired = paired_intervals(y["test"], preds, tiles, cfg.bootstrap, cfg.seed, len(classes))
     import sklearn
 
     return {

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dchag.config import ConfigError, _check_finite, _from_dict, apply_overrides, read_yaml_mapping
+from dchag.config import ConfigError, apply_overrides, check_finite, from_dict, read_yaml_mapping
 from dchag.data.landsat_qa import QA_LAYOUTS, classes_of
 
 TASKS = ("landsat8-qa",)
@@ -62,7 +62,7 @@ def _check(cond: bool, message: str) -> None:
 def validate_probe(cfg: ProbeConfig) -> None:
     """Check every field once; the first problem raises a one-line ConfigError."""
     for name in ("data", "labels", "classifier"):
-        _check_finite(getattr(cfg, name), name)
+        check_finite(getattr(cfg, name), name)
     _check(cfg.task in TASKS, f"task={cfg.task!r} is unknown; use one of {TASKS}")
     d, lab, c = cfg.data, cfg.labels, cfg.classifier
     _check(d.qa_layout in QA_LAYOUTS, f"data.qa_layout={d.qa_layout!r} is unknown; use one of {QA_LAYOUTS}")
@@ -95,6 +95,6 @@ def validate_probe(cfg: ProbeConfig) -> None:
 def load_probe_config(path: str | Path, overrides: list[str] | None = None) -> ProbeConfig:
     """A probe config file with `key=value` overrides, every field checked."""
     data = apply_overrides(read_yaml_mapping(path), overrides or [])
-    cfg = _from_dict(ProbeConfig, data)
+    cfg = from_dict(ProbeConfig, data)
     validate_probe(cfg)
     return cfg

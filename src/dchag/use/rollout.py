@@ -7,10 +7,11 @@ static field) is taken from the data at each step's valid time when the data hol
 do not, it keeps its last known value (static fields have no time and stay as they are). Values go in and
 come out in physical units: normalised with the run's statistics, de-normalised after each step.
 
-One process runs the single-device model. Under torchrun with N processes the model is split N ways
-over channels (tensor parallelism, parallel.tp = N, as in training): each rank loads only its weight
-shards and reads only its own channels (inputs and forcings), predicts the output channels it owns (all
-among its own inputs, so the feedback stays on the rank), and rank 0 gathers each batch and writes it.
+One process runs the single-device model on the CPU, as `dchag eval --run` does (their scores then agree
+to float32 storage). Under torchrun with N processes the model is split N ways over channels (tensor
+parallelism, parallel.tp = N, as in training): each rank loads only its weight shards and reads only its
+own channels (inputs and forcings), predicts the output channels it owns (all among its own inputs, so
+the feedback stays on the rank), and rank 0 gathers each batch and writes it.
 
 Synthetic-weather runs forecast held-out samples (indices from data.num_samples on, as `dchag eval`);
 their inputs and forcings come from the generator, their channels keep their own names, and `time`
@@ -20,7 +21,6 @@ labels sample i (`dchag.data.wb2_layout.synthetic_times`; each sample is its own
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ import torch.distributed as dist
 from dchag.config import ConfigError
 from dchag.data import build_source
 from dchag.data.errors import DataError
-from dchag.data.wb2_layout import ForecastWriter, check_out, forecast_dataset_of, synthetic_times
+from dchag.data.wb2_layout import ForecastWriter, check_out, forecast_dataset_of, synthetic_times, valid_time_indices
 from dchag.tasks.rollout import input_positions, rollout
 
 SYNTHETIC_SAMPLES = 64  # held-out samples a synthetic run forecasts by default (as dchag eval scores)
@@ -54,13 +54,42 @@ class RankModel:
     owns_group: bool = False  # this process group was started here (torchrun) and is ended here
 
 
-def single_process(trained) -> RankModel:
-    if trained.config.train.task != "forecast":
-        raise ConfigError(
-            f"{str(trained.source)!r} trained task {trained.config.train.task!r}; forecasts need a forecast run"
-        )
+def _check_forecast_task(cfg, where: str) -> None:
+    if cfg.train.task != "forecast":
+        raise ConfigError(f"{where} trained task {cfg.train.task!r}; forecasts need a forecast run")
+
+
+def single_process(trained, where: str | None = None) -> RankModel:
+    """The whole model of `trained` in this process; `where` names it in errors (default its folder)."""
+    _check_forecast_task(trained.config, where or repr(str(trained.source)))
     channels, outs = list(trained.channels), list(trained.out_channels)
     return RankModel(trained, channels, outs, input_positions(channels, outs))
+
+
+def single_process_run(run: str | Path, data_path: str | None = None) -> RankModel:
+    """The run's whole model in this process, on the CPU as `dchag eval --run` runs it (so that a
+    rollout's first step is bit-comparable with its scores); `data_path` replaces data.path before the
+    config is resolved."""
+    from dchag.train.run_weights import load_run_weights
+
+    loaded = load_run_weights(run, data_path=data_path, option="--run")
+    trained = _trained_model(loaded.config, loaded.model, loaded.stats, Path(run), loaded.step)
+    return single_process(trained, f"--run {str(run)!r}")
+
+
+def _trained_model(cfg, model, stats, source: Path, step: int):
+    from dchag.use.trained import TrainedModel, wavelengths_of
+
+    return TrainedModel(
+        config=cfg,
+        model=model.eval(),
+        stats=stats,
+        channels=cfg.channels,
+        out_channels=cfg.out_channels,
+        wavelengths_nm=wavelengths_of(cfg, cfg.channels),
+        source=source,
+        step=step,
+    )
 
 
 def sharded(run: str | Path, data_path: str | None = None) -> RankModel:
@@ -85,38 +114,23 @@ def _sharded_model(run: Path, checkpoint: Path, data_path: str | None, owns_grou
     from dchag.configure import load_config
     from dchag.parallel import ParallelDims, build_mesh
     from dchag.parallel.construct import build_parallel_model
-    from dchag.train.checkpoint import load_checkpoint, read_stats, read_train_state
+    from dchag.train.checkpoint import load_checkpoint, read_train_state
     from dchag.train.loop import pick_device
-    from dchag.train.run_weights import FILE_BACKED, SINGLE_PROCESS
-    from dchag.use.trained import TrainedModel
+    from dchag.train.run_weights import SINGLE_PROCESS, read_run_stats
 
     world = dist.get_world_size()
     overrides = [o for o in SINGLE_PROCESS if not o.startswith("parallel.tp=")] + [f"parallel.tp={world}"]
     if data_path is not None:
         overrides.append(f"data.path={data_path}")
     cfg = load_config(run / "config.yaml", overrides)
-    if cfg.train.task != "forecast":
-        raise ConfigError(f"--run {str(run)!r} trained task {cfg.train.task!r}; dchag forecast needs a forecast run")
+    _check_forecast_task(cfg, f"--run {str(run)!r}")
     device = pick_device(cfg.train.device)
     plan = build_parallel_model(cfg, build_mesh(ParallelDims.from_config(cfg.parallel), device.type), device)
     load_checkpoint(checkpoint, plan.model, plan, None)  # each rank reads only its chunks
-    stats = read_stats(checkpoint)
-    if stats is None and (run / "stats.json").is_file():
-        stats = json.loads((run / "stats.json").read_text())
-    if stats is None and cfg.data.kind in FILE_BACKED:
-        raise ConfigError(f"--run {str(run)!r} has no normalisation statistics (stats.json); train the run again")
+    stats = read_run_stats(run, checkpoint, cfg)
     shard = plan.channel_shard
     outputs = [cfg.out_channels[k] for k in shard.out_index] if shard is not None else list(cfg.out_channels)
-    trained = TrainedModel(
-        config=cfg,
-        model=plan.model.eval(),
-        stats=stats,
-        channels=cfg.channels,
-        out_channels=cfg.out_channels,
-        wavelengths_nm=None,
-        source=run,
-        step=int(read_train_state(checkpoint)["step"]),
-    )
+    trained = _trained_model(cfg, plan.model, stats, run, int(read_train_state(checkpoint)["step"]))
     index = input_positions(cfg.channels, cfg.out_channels, shard)
     return RankModel(trained, list(plan.input_channels), outputs, index, distributed=True, owns_group=owns_group)
 
@@ -134,17 +148,14 @@ class FileInputs:
         self.lat, self.lon = reader.grid.lat, reader.grid.lon
 
     def initial(self, rows: np.ndarray) -> torch.Tensor:
-        return self.reader._fields(self.reader.channels, self.init_index[rows])[0]  # [B, C, H, W]
+        return self.reader.fields_at(self.reader.channels, self.init_index[rows])[0]  # [B, C, H, W]
 
     def at(self, rows: np.ndarray, hours: float) -> tuple[torch.Tensor | None, np.ndarray]:
         """(fields [B, C, H, W] at init + hours where the data hold that time, which rows do)."""
-        times = self.reader.times
-        wanted = self.init_times[rows] + np.timedelta64(int(round(hours * 3600)), "s")
-        found = np.clip(np.searchsorted(times, wanted), 0, len(times) - 1)
-        has = times[found] == wanted
+        found, has = valid_time_indices(self.reader.times, self.init_times[rows], hours)
         if not has.any():
             return None, has
-        fields = self.reader._fields(self.reader.channels, found[has])[0]
+        fields = self.reader.fields_at(self.reader.channels, found[has])[0]
         out = fields.new_zeros(len(rows), *fields.shape[1:])
         out[torch.from_numpy(has)] = fields
         return out, has
@@ -167,7 +178,7 @@ class SyntheticInputs:
         return build_source(self.cfg, self.channels).batch(self.indices[rows].tolist())["x"]
 
     def at(self, rows: np.ndarray, hours: float) -> tuple[torch.Tensor, np.ndarray]:
-        source = build_source(self.cfg, self.channels, lead_hours=int(round(hours)))
+        source = build_source(self.cfg, self.channels, lead_hours=int(hours))  # whole hours (run_forecast)
         source.out_channels = list(self.channels)  # every channel at the valid time, not only the targets
         return source.batch(self.indices[rows].tolist())["y"], np.ones(len(rows), dtype=bool)
 
@@ -234,11 +245,13 @@ def _dataset_attrs(rank: RankModel, lead_hours: float, steps: int, data: str) ->
     }
 
 
-def _check_steps(lead_hours: float, steps: int) -> None:
+def _check_steps(lead_hours: float, steps: int, batch_size: int, batch_option: str = "--batch-size") -> None:
     if not lead_hours > 0:
         raise ConfigError(f"--lead-hours {lead_hours:g} must be > 0")
     if steps < 1:
         raise ConfigError(f"--steps {steps} must be >= 1")
+    if batch_size < 1:
+        raise ConfigError(f"{batch_option} {batch_size} must be >= 1")
 
 
 def rollout_dataset_batches(rank: RankModel, inputs, lead_hours: float, steps: int, *, batch_size=8, progress=False,
@@ -275,7 +288,7 @@ def forecast_dataset(trained, ds, lead_hours, steps: int = 1, init_times=None, b
     import xarray as xr
 
     rank = single_process(trained)
-    _check_steps(float(lead_hours), int(steps))
+    _check_steps(float(lead_hours), int(steps), int(batch_size), "batch_size")
     if not isinstance(ds, xr.Dataset):
         raise DataError(f"forecast needs an xarray.Dataset, not a {type(ds).__name__}")
     cfg = trained.config
@@ -334,44 +347,18 @@ def run_forecast(
     torchrun the model is split over the ranks). Returns a summary on rank 0."""
     from dchag.train.loop import launched_distributed
 
-    _check_steps(float(lead_hours), int(steps))
+    _check_steps(float(lead_hours), int(steps), int(batch_size))
     if max_inits is not None and max_inits < 1:
         raise ConfigError(f"--max-inits {max_inits} must be >= 1")
     check_out(out)  # before any work
-    if launched_distributed():
-        rank = sharded(run, data_path)
-    else:
-        from dataclasses import replace
-
-        from dchag.use.trained import load
-
-        trained = load(run)
-        if data_path is not None:
-            trained.config = replace(trained.config, data=replace(trained.config.data, path=data_path))
-        rank = single_process(trained)
-    cfg = rank.trained.config
-    if cfg.data.kind == "era5":
-        name = split or ("test" if not init_times else next(iter(cfg.data.split)))
-        reader = build_source(cfg, rank.inputs, split=name, stats=rank.trained.stats, pairs=False)
-        index = _indices_of(reader, init_times, "--init-times") if init_times else reader.split_indices
-        inputs = FileInputs(reader, index[:max_inits])
-        data = str(cfg.data.path)
-    else:
-        if split is not None or init_times or data_path is not None:
-            raise ConfigError(
-                f"--split, --init-times and --data-path apply to runs on files; --run {str(run)!r} is a "
-                f"{cfg.data.kind} run, forecast from held-out samples (data.num_samples on): use --max-inits N"
-            )
-        count = SYNTHETIC_SAMPLES if max_inits is None else max_inits
-        inputs = SyntheticInputs(cfg, rank.inputs, cfg.data.num_samples + np.arange(count))
-        data = f"{cfg.data.kind} held-out samples {cfg.data.num_samples}..{cfg.data.num_samples + count - 1}"
-    if not len(inputs.init_times):
-        raise DataError(f"--split {split!r} of {data!r} holds no time step to forecast from")
+    rank = sharded(run, data_path) if launched_distributed() else single_process_run(run, data_path)
     ranks = dist.get_world_size() if rank.distributed else 1
     main = not rank.distributed or dist.get_rank() == 0
-    writer = ForecastWriter(out) if main else None
-    attrs = _dataset_attrs(rank, float(lead_hours), int(steps), data)
+    writer = None
     try:
+        inputs, data = _inputs_of(rank, run, lead_hours, data_path, split, init_times, max_inits)
+        writer = ForecastWriter(out) if main else None
+        attrs = _dataset_attrs(rank, float(lead_hours), int(steps), data)
         for part in rollout_dataset_batches(rank, inputs, float(lead_hours), int(steps), batch_size=batch_size,
                                             progress=progress, attrs=attrs):  # fmt: skip
             if writer is not None:
@@ -384,7 +371,7 @@ def run_forecast(
             writer.abort()
         raise
     finally:
-        if rank.owns_group:
+        if rank.owns_group:  # also after a refused option: no rank waits for peers that are gone
             dist.destroy_process_group()
     if not main:
         return {}
@@ -395,3 +382,30 @@ def run_forecast(
         "variables": list(rank.trained.out_channels),
         "ranks": ranks,
     }
+
+
+def _inputs_of(rank: RankModel, run, lead_hours: float, data_path, split, init_times, max_inits):
+    """(the inputs to forecast from, what they are) for `dchag forecast`'s options."""
+    cfg = rank.trained.config
+    if cfg.data.kind == "era5":
+        name = split or ("test" if not init_times else next(iter(cfg.data.split)))
+        reader = build_source(cfg, rank.inputs, split=name, stats=rank.trained.stats, pairs=False)
+        index = _indices_of(reader, init_times, "--init-times") if init_times else reader.split_indices
+        inputs, data = FileInputs(reader, index[:max_inits]), str(cfg.data.path)
+    else:
+        if split is not None or init_times or data_path is not None:
+            raise ConfigError(
+                f"--split, --init-times and --data-path apply to runs on files; --run {str(run)!r} is a "
+                f"{cfg.data.kind} run, forecast from held-out samples (data.num_samples on): use --max-inits N"
+            )
+        if float(lead_hours) != int(lead_hours):  # the generator's forcings, truth and climatology: whole hours
+            raise ConfigError(
+                f"--lead-hours {float(lead_hours):g}: --run {str(run)!r} is a {cfg.data.kind} run, whose generator "
+                f"has whole-hour leads only; give a whole number of hours (e.g. {max(round(lead_hours), 1)})"
+            )
+        count = SYNTHETIC_SAMPLES if max_inits is None else max_inits
+        inputs = SyntheticInputs(cfg, rank.inputs, cfg.data.num_samples + np.arange(count))
+        data = f"{cfg.data.kind} held-out samples {cfg.data.num_samples}..{cfg.data.num_samples + count - 1}"
+    if not len(inputs.init_times):
+        raise DataError(f"--split {split!r} of {data!r} holds no time step to forecast from")
+    return inputs, data
