@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dchag.config import Config, ConfigError, ParallelConfig, to_dict
-from dchag.data.held_out import FILE_BACKED
 from dchag.configure import load_config_dict
+from dchag.data.held_out import FILE_BACKED
 from dchag.model import build_model
 from dchag.train.checkpoint import CheckpointError, complete_checkpoints
 from dchag.train.run_weights import SINGLE_PROCESS, RunWeights, load_run_weights
