@@ -84,8 +84,9 @@ def test_eval_reports_each_levels_attention_entropy(tmp_path):
     from dchag.cli import main
 
     cfg_args = ["--config", "configs/tiny-weather.yaml", "--set", "train.steps=2", "model.depth=1", "data.workers=0"]
+    cfg_args.append("model.hierarchy.preset=dchag-C")  # two cross-attention levels (the preset is D-CHAG-L)
     assert main(["train", *cfg_args, "--out", str(tmp_path), "--no-progress"]) == 0
     assert main(["eval", "--run", str(tmp_path), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "e.json").read_text())["attention_entropy"]
-    assert [r["level"] for r in rows] == [0, 1]  # tiny-weather is D-CHAG-C: two cross-attention levels
+    assert [r["level"] for r in rows] == [0, 1]
     assert all(0.0 <= r["entropy"] <= 1.0 + 1e-9 for r in rows)

@@ -70,7 +70,7 @@ def test_shipped_tiny_hyperspectral_preset_halves_its_loss(tmp_path):
 def test_shipped_tiny_weather_preset_is_20_percent_below_persistence_in_its_own_run(tmp_path):
     """The forecaster (it predicts the change from the input) starts at persistence's error; after its own
     steps, on held-out samples, the mean over variables and trained leads of model / persistence RMSE is at
-    most 0.80 (measured 0.62 at commit-time settings; 0.91 with the 300 steps it had before)."""
+    most 0.80 (measured 0.45, docs/data.md; 0.91 with the 300 steps and D-CHAG-C it had before)."""
     from dchag.eval.forecast import evaluate_forecast
 
     rc = main(["train", "--config", str(ROOT / "configs/tiny-weather.yaml"), "--out", str(tmp_path), "--no-progress"])
