@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "dchag.config": set(),
     "dchag.compare": set(),
     "dchag.viz": set(),
+    "dchag.adapters": set(),  # works on the objects it is given: a front end and a foreign backbone
     "dchag.model": {"dchag.config"},
     "dchag.data": {"dchag.config"},
     "dchag.tasks": {"dchag.config"},

@@ -26,11 +26,12 @@ def tiny(*overrides: str):
     return load_config(TINY, ["model.depth=1", *overrides])
 
 
-def test_layouts_are_every_way_to_split_the_gpus_into_tp_dp_shard_and_dp_replicate():
+def test_layouts_are_every_way_to_split_the_gpus_into_tp_cp_dp_shard_and_dp_replicate():
     found = layouts(8)
-    assert len(found) == len(set(found)) == 10
-    assert all(tp * shard * rep == 8 for tp, shard, rep in found)
-    assert (8, 1, 1) in found and (2, 2, 2) in found and (1, 1, 8) in found
+    assert len(found) == len(set(found)) == 20  # ordered factorisations of 2^3 into 4 factors: C(6, 3)
+    assert all(tp * cp * shard * rep == 8 for tp, cp, shard, rep in found)
+    assert (8, 1, 1, 1) in found and (2, 1, 2, 2) in found and (1, 1, 1, 8) in found and (1, 8, 1, 1) in found
+    assert {c.cp for c in candidates(8, cp_sizes=(1, 4))} == {1, 4}
     names = {(c.variant, c.fused, c.tp) for c in candidates(2)}
     assert ("naive", False, 2) in names and ("naive", False, 1) not in names  # at tp=1 naive is replicated
     assert ("naive", True, 2) not in names  # the ablation gathers materialized tokens by definition
@@ -120,6 +121,7 @@ def test_plan_ranks_what_fits_by_predicted_throughput_and_says_why_a_layout_is_i
     out = tmp_path / "plan.json"
     args = ["plan", "--config", TINY, "--set", "model.depth=1", "train.batch_size=3", "--gpus", "2"]
     args += ["--gpu-mem", "0.02", "--variants", "replicated", "dchag-L", "--json", str(out), "--workers", "2"]
+    args += ["--cp", "1"]  # the layouts without context parallelism (tests/test_cp_planning.py has those)
     assert main(args) == 0
     captured = capsys.readouterr()
     printed = captured.out

@@ -9,12 +9,14 @@ from __future__ import annotations
 import dist_workers as W
 import fine_tuning_workers as FW
 import pytest
+import tokenizer_workers as TW
 import torch
 
 from dchag.checks.parity import BF16_TOLERANCE, FP32_TOLERANCE
 from dchag.model import build_model
 from dchag.model.parts import part_of
 from dchag.parallel.launch import spawn
+from dchag.tasks.channel_subset import channel_keep_for_step
 from dchag.train.init_from import init_from
 
 LAYOUTS = {"tp4": ["parallel.tp=4"], "fsdp2x2": ["parallel.tp=2", "parallel.dp_shard=2"]}
@@ -82,6 +84,23 @@ ROLLOUT_CASES = {
 }
 
 
+# train.channel_subset at tp = 4: step 0 keeps channels 3, 7 and 10 of the 11 (max=3), so level-1 groups
+# 0 and 2 lose every channel and TP rank 1 (group 2) keeps none of its own
+SUBSET = ["train.channel_subset.p=1", "train.channel_subset.max=3", *W.SPLITS["uneven"], "parallel.tp=4"]
+
+
+def _subset_cases() -> dict:
+    cases = {}
+    for kind, kind_set in W.KINDS.items():
+        for fname, fused in FUSED.items():
+            cases[f"subset/tp4/{kind}/{fname}"] = ([kind_set, fused, *SUBSET], "none")
+        cases[f"subset/tp4/{kind}/fused-vs-materializing"] = ([kind_set, *SUBSET], "none", True)
+    cases["subset/tp4/mae/C"] = (["model.hierarchy.preset=dchag-C", "train.task=mae", *SUBSET], "none")
+    cases["subset/tp4/naive/C"] = (["model.hierarchy.preset=dchag-C", "parallel.mode=naive", *SUBSET], "none")
+    cases["fault/subset/other-seed-on-rank-1"] = (["model.hierarchy.preset=dchag-C", *SUBSET], "channel-subset-seed")
+    return cases
+
+
 def _suite(root: str):
     dchag_c = ["model.hierarchy.preset=dchag-C", *W.SPLITS["uneven"]]
     spare_vocab = [
@@ -91,7 +110,9 @@ def _suite(root: str):
         "model.hierarchy.groups=4",
     ]
     return {
-        "parity": W.parity_matrix({}, {**_bf16_cases(), **_dropout_cases(), **ROLLOUT_CASES}),
+        "parity": W.parity_matrix(
+            {}, {**_bf16_cases(), **_dropout_cases(), **ROLLOUT_CASES, **_subset_cases(), **TW.parity_cases()}
+        ),
         "step_comm": W.step_communication(*dchag_c, "parallel.tp=4"),
         "step_comm_mae": W.step_communication(
             "model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "train.task=mae", "parallel.tp=4"
@@ -113,6 +134,9 @@ def _suite(root: str):
         ),
         # init_from (a linear level whose first group grew) and train.freeze=[blocks] at dp_shard 2 x tp 2
         "fine_tuning": FW.fsdp_fine_tuning(root),
+        # model.tokenizer wavelength / hypernetwork: a missing sum of shared weights' gradients; the meta build
+        "tokenizer_unsummed": TW.unsummed_shared_gradients(),
+        "tokenizer_built": TW.built_rank_by_rank(),
     }
 
 
@@ -155,6 +179,22 @@ def test_dropout_under_tp_draws_exactly_the_single_device_masks_of_a_tp_way_layo
 def test_rollout_training_under_fsdp2_x_tp_has_the_single_device_loss_and_gradients(four):
     worst, tensors, _ = four[0]["parity"]["rollout/fsdp2x2/C"]
     assert worst <= FP32_TOLERANCE, tensors
+
+
+def test_band_subset_training_at_tp4_has_the_single_device_loss_and_gradients(four):
+    """train.channel_subset on, groups and a whole rank left without channels: L and C, fused and
+    materializing, MAE and the naive mode equal one device to fp32 rounding (loss, outputs, gradients)."""
+    keep = channel_keep_for_step(W.config(*SUBSET), 0, 11)
+    assert keep.tolist() == [i in (3, 7, 10) for i in range(11)]  # the coverage the cases rely on
+    cases = {k: v for k, v in four[0]["parity"].items() if k.startswith("subset/")}
+    assert len(cases) == 8
+    bad = {k: v for k, v in cases.items() if v[0] > FP32_TOLERANCE}
+    assert not bad, bad
+
+
+def test_band_subset_check_catches_a_rank_that_draws_another_subset(four):
+    worst, tensors, _ = four[0]["parity"]["fault/subset/other-seed-on-rank-1"]
+    assert worst > 1e-2, tensors
 
 
 def test_attention_dropout_masks_differ_across_tp_ranks_and_match_the_single_device_blocks(four):
@@ -241,3 +281,27 @@ def test_frozen_blocks_stay_bit_identical_under_fsdp2_x_tp_while_the_rest_trains
     frozen = [k for k in start if part_of(k) == "blocks"]
     assert frozen and all(torch.equal(after[k], start[k]) for k in frozen)
     assert not torch.equal(after["head.out.weight"], start["head.out.weight"])
+
+
+def test_wavelength_tokenizers_at_tp4_have_the_single_device_loss_outputs_and_gradients(four):
+    """model.tokenizer wavelength / hypernetwork, MAE with named (SAR) channels mixed in and an unused
+    named vocabulary row: dchag at tp 4 with dropout (fp32) or bf16, fused against the materializing
+    reference, FSDP2 x TP, the replicated and naive modes. Shared weights are whole on every rank, their
+    partial gradients summed over TP; the conditioned output generates each rank's channels only."""
+    cases = {k: v for k, v in four[0]["parity"].items() if k.startswith("tokenizer/")}
+    assert len(cases) == 6
+    bad = {k: v for k, v in cases.items() if v[0] > (BF16_TOLERANCE if "bf16" in k else FP32_TOLERANCE)}
+    assert not bad, bad
+
+
+def test_wavelength_tokenizer_parity_catches_wrong_or_unsummed_shared_gradients(four):
+    worst, _, _ = four[0]["parity"]["fault/tokenizer/grad-scale"]
+    assert worst == pytest.approx(3.0, rel=0.05)  # (tp - 1)
+    unsummed = four[0]["tokenizer_unsummed"]
+    assert unsummed["worst"] > 0.1, unsummed  # a rank's own channels' share only
+
+
+def test_wavelength_model_built_rank_by_rank_has_the_single_device_initial_weights(four):
+    for rank_result in four:
+        built = rank_result["tokenizer_built"]
+        assert built["names"] and not built["differ"], built

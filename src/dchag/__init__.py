@@ -31,9 +31,18 @@ def require_torch() -> None:
 
 
 def __getattr__(name: str):
-    """`dchag.load` is imported on first use (PEP 562), so `import dchag` stays light: no torch, no data stack."""
+    """`dchag.load`, `dchag.FrontEnd` and `dchag.parallelize_front_end` are imported on first use (PEP 562),
+    so `import dchag` stays light: no torch, no data stack."""
     if name == "load":
         from dchag.use.trained import load
 
         return load
+    if name == "FrontEnd":
+        from dchag.use.front_end import FrontEnd
+
+        return FrontEnd
+    if name == "parallelize_front_end":
+        from dchag.use.parallel_front_end import parallelize_front_end
+
+        return parallelize_front_end
     raise AttributeError(f"module 'dchag' has no attribute {name!r}")

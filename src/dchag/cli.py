@@ -104,7 +104,15 @@ def cmd_eval(args) -> int:
 
         samples = 64 if args.samples is None else args.samples
         split = args.split or "test"
-        result = evaluate_mae(args.run, split=split, samples=samples, plots=args.plots, progress=not args.no_progress)
+        result = evaluate_mae(
+            args.run,
+            split=split,
+            samples=samples,
+            plots=args.plots,
+            progress=not args.no_progress,
+            channels=args.channels,
+            data_config=args.data_config,
+        )
         table = format_mae_table(result)
     else:
         from dchag.eval.forecast import evaluate_forecast, format_table
@@ -116,6 +124,7 @@ def cmd_eval(args) -> int:
             data_path=args.data_path,
             plots=args.plots,
             progress=not args.no_progress,
+            channels=args.channels,
         )
         table = format_table(result)
     from dchag.eval.attention import entropy_line, run_attention_entropy
@@ -132,7 +141,7 @@ def cmd_eval(args) -> int:
 
 
 # eval options that only one task uses: refused for the other, never silently ignored (--split serves both)
-EVAL_OPTIONS = {"forecast": ("lead_hours", "data_path"), "mae": ("samples",)}
+EVAL_OPTIONS = {"forecast": ("lead_hours", "data_path"), "mae": ("samples", "data_config")}
 
 
 def check_eval_options(args, task: str, kind: str | None = None) -> None:
@@ -151,7 +160,8 @@ def check_eval_options(args, task: str, kind: str | None = None) -> None:
 
 def cmd_eval_forecast_file(args) -> int:
     """`dchag eval --forecast FILE.zarr`: a stored forecast (WeatherBench 2 layout) against the truth."""
-    given = [f"--{n}" for n in ("split", "samples", "plots") if getattr(args, n) is not None]
+    names = ("split", "samples", "plots", "channels", "data_config")
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]
     if given:
         raise ConfigError(
             f"{' '.join(given)} do not apply to --forecast (its initialisation times and leads are the file's; "
@@ -302,9 +312,9 @@ def cmd_plan(args) -> int:
 
     _check_outputs(args, files=("json", "table"))
     if args.validate:
-        from dchag.planning.validate import validate_paper_cpu, validation_table
+        from dchag.planning.validate import validate_result, validation_table
 
-        records = validate_paper_cpu(args.validate, progress=not args.no_progress, workers=args.workers)
+        records = validate_result(args.validate, progress=not args.no_progress, workers=args.workers)
         table = validation_table(records, args.tolerance)
         ok = all(abs(r["error"]) <= args.tolerance for r in records)
         meta = {"validated": str(args.validate), "tolerance": args.tolerance}
@@ -313,7 +323,9 @@ def cmd_plan(args) -> int:
 
         if args.gpus is None or args.gpu_mem is None:
             raise ConfigError("dchag plan needs --gpus N and --gpu-mem GiB (or --validate PAPER_CPU_JSON)")
-        machine = Machine(args.gpus, args.gpu_mem, args.headroom, args.tflops, args.tp_gbs, args.dp_gbs)
+        machine = Machine(
+            args.gpus, args.gpu_mem, args.headroom, args.tflops, args.tp_gbs, args.dp_gbs, cp_gbs=args.cp_gbs
+        )
         cfg = load_config(args.config, args.set)
         records = plan(
             cfg,
@@ -321,6 +333,7 @@ def cmd_plan(args) -> int:
             dtype=args.dtype,
             local_batch=args.local_batch,
             variants=tuple(args.variants),
+            cp_sizes=tuple(args.cp) if args.cp else None,
             workers=args.workers,
             progress=not args.no_progress,
         )
@@ -439,6 +452,19 @@ def _eval_parser(sub) -> None:
     p.add_argument("--json", help="also write the metrics here as JSON")
     p.add_argument("--plots", help="folder for PNGs: forecast maps, or MAE false-colour composites and spectra")
     p.add_argument("--samples", type=int, help="MAE: held-out crops to evaluate (default 64)")
+    p.add_argument(
+        "--data-config",
+        metavar="CONFIG.yaml",
+        help="MAE with model.tokenizer wavelength or hypernetwork: evaluate on the data of another config (e.g. "
+        "another sensor's bands), normalised by that data's training split",
+    )
+    p.add_argument(
+        "--channels",
+        nargs="+",
+        metavar="NAME",
+        help="give the model only these of its channels (the others left out, as train.channel_subset does); "
+        "the scores still cover every channel",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -502,7 +528,7 @@ def _bench_parser(sub) -> None:
     p.add_argument(
         "--sweep",
         required=True,
-        help="fused-cpu | channel-parallel-cpu | tp-comm-cpu | accuracy-cpu | paper-cpu | paper-plan",
+        help="fused-cpu | channel-parallel-cpu | tp-comm-cpu | accuracy-cpu | paper-cpu | cp-cpu | paper-plan",
     )
     p.add_argument("--json", required=True, help="output JSON file")
     p.add_argument("--table", help="also write the Markdown table here")
@@ -539,13 +565,18 @@ def _plan_parser(sub) -> None:
     p.add_argument("--tflops", type=float, default=100.0, help="sustained TFLOP/s per GPU for the speed prediction")
     p.add_argument("--tp-gbs", type=float, default=100.0, help="GB/s per GPU within a TP group")
     p.add_argument("--dp-gbs", type=float, default=25.0, help="GB/s per GPU between data-parallel peers")
+    p.add_argument("--cp-gbs", type=float, default=100.0, help="GB/s per GPU within a context-parallel group")
+    p.add_argument(
+        "--cp", type=int, nargs="+", metavar="N", help="context-parallel sizes to consider (default: every divisor)"
+    )
     p.add_argument("--workers", type=int, default=1, help="trace this many candidates at once (processes)")
     p.add_argument("--json", help="write the records here")
     p.add_argument("--table", help="also write the Markdown table here")
     p.add_argument(
         "--validate",
-        metavar="PAPER_CPU_JSON",
-        help="instead: predict every point of a `dchag bench --sweep paper-cpu` result, compare with its measurements",
+        metavar="SWEEP_JSON",
+        help="instead: predict every point of a `dchag bench --sweep paper-cpu` (or cp-cpu) result, compare with "
+        "its measurements",
     )
     p.add_argument("--tolerance", type=float, default=0.15, help="--validate: largest allowed relative error")
     p.add_argument("--no-progress", action="store_true")

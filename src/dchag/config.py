@@ -32,6 +32,11 @@ SPLIT_BY = ("region", "file")
 REGRID_METHODS = ("bilinear", "conservative")  # data.regrid (era5): how fields reach data.grid
 TASKS = ("forecast", "mae")
 PARALLEL_MODES = ("dchag", "replicated", "naive")
+# model.tokenizer: per-channel weights by name, or computed from each channel's spec (model/channel_spec.py)
+TOKENIZERS = ("per_channel", "wavelength", "hypernetwork")
+# a spectral channel's name: `b` + its central wavelength in nm (b664.6); the data layer names bands so,
+# the model reads their wavelengths from it
+BAND_RE = re.compile(r"^b(\d+(?:\.\d+)?)$")
 # the top-level parts of ChannelViT that train.freeze and train.lr_scale name (lead_embed: forecast only)
 MODEL_PARTS = ("front_end", "pos_embed", "lead_embed", "blocks", "norm", "head")
 
@@ -96,6 +101,8 @@ class ModelConfig:
     vocabulary: list[str] | None = None  # channel names the embeddings cover; default: the data's channels
     hierarchy: HierarchyConfig = field(default_factory=HierarchyConfig)
     fused_front_end: bool = True  # compute aggregation without materializing [B, C, L, D] where exact
+    tokenizer: str = "per_channel"  # TOKENIZERS: weights per channel name, or from wavelengths (docs/design.md)
+    channel_specs: list | None = None  # one per channel: wavelength nm, {wavelength, bandwidth} or {name}
     residual_forecast: bool = False  # forecast the change: prediction = head output + the input field
     decoder_dim: int = 128  # MAE decoder width
     decoder_depth: int = 2
@@ -135,6 +142,17 @@ class DataConfig:
 
 
 @dataclass
+class ChannelSubsetConfig:
+    """`train.channel_subset`: train on random band subsets (ChannelViT's channel sampling), so that the
+    model works with bands missing. A step keeps, with probability `p`, m channels (m uniform in
+    [min, max], chosen uniformly), the others left out of the input; drawn from (train.seed, step)."""
+
+    p: float = 0.0  # share of the steps trained on a subset (0: off, every step sees every channel)
+    min: int = 1  # fewest channels a subset keeps (>= 1)
+    max: int | None = None  # most channels a subset keeps (default: every channel)
+
+
+@dataclass
 class TrainConfig:
     task: str = "forecast"
     steps: int = 200
@@ -158,6 +176,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     rollout_steps: int = 1  # forecast: the loss averaged over this many autoregressive steps at the drawn lead
     rollout_checkpointing: bool = False  # recompute each rollout step's activations in backward
+    channel_subset: ChannelSubsetConfig = field(default_factory=ChannelSubsetConfig)  # random band subsets
     init_from: str | None = None  # fine-tuning: weights by name from a run folder, an export folder or a .safetensors
     freeze: list[str] = field(default_factory=list)  # model parts left untrained (MODEL_PARTS)
     lr_scale: dict = field(default_factory=dict)  # {model part: learning-rate multiplier}
@@ -168,6 +187,7 @@ class ParallelConfig:
     tp: int = 1
     dp_shard: int = 1
     dp_replicate: int = 1
+    cp: int = 1  # context parallelism: each of cp ranks holds a strip of patch rows (docs/design.md)
     mode: str = "dchag"  # "dchag", "replicated" (TP-only baseline), "naive" (gather raw tokens)
     activation_checkpointing: bool = False
     compile: bool = False
@@ -430,6 +450,7 @@ def _validate_model(m: ModelConfig) -> None:
             f"model.hierarchy.preset={m.hierarchy.preset!r} is unknown; use one of {HIERARCHY_PRESETS} or give levels",
         )
     _check(m.hierarchy.preset is not None or bool(m.hierarchy.levels), "model.hierarchy: give a preset or levels")
+    _check(m.tokenizer in TOKENIZERS, f"model.tokenizer={m.tokenizer!r} is unknown; use one of {TOKENIZERS}")
 
 
 
@@ -605,7 +626,16 @@ def _validate_train(t: TrainConfig) -> None:
     _check(t.mae_loss_on in ("all", "masked"), f"train.mae_loss_on={t.mae_loss_on!r} must be 'all' or 'masked'")
     _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
     _check(t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be auto, cpu or cuda")
+    _validate_channel_subset(t.channel_subset)
     _validate_fine_tuning(t)
+
+
+def _validate_channel_subset(c: ChannelSubsetConfig) -> None:
+    """train.channel_subset's own fields (against the channel count: dchag.configure.check_channels)."""
+    key = "train.channel_subset"
+    _check(0.0 <= c.p <= 1.0, f"{key}.p={c.p} must be in [0, 1] (the share of steps on a band subset; 0: off)")
+    _check(c.min >= 1, f"{key}.min={c.min} must be >= 1: a step keeps at least one channel")
+    _check(c.max is None or c.max >= c.min, f"{key}.max={c.max} must be >= {key}.min={c.min} (or left out: all)")
 
 
 def _validate_fine_tuning(t: TrainConfig) -> None:
@@ -633,8 +663,19 @@ def _validate_fine_tuning(t: TrainConfig) -> None:
 
 
 def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> None:
-    for name in ("tp", "dp_shard", "dp_replicate"):
+    for name in ("tp", "dp_shard", "dp_replicate", "cp"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+    rows = m.img_size[0] // m.patch_size
+    _check(
+        p.cp <= rows,
+        f"parallel.cp={p.cp} exceeds the {rows} patch rows (model.img_size height {m.img_size[0]} / "
+        f"model.patch_size={m.patch_size}): every context-parallel rank needs at least one row",
+    )
+    _check(
+        p.cp == 1 or m.drop_rate == 0.0 or t.task == "forecast",
+        f"model.drop_rate={m.drop_rate} with parallel.cp={p.cp} and train.task=mae: dropout of a "
+        "context-parallel MAE is not supported (forecasting is); set model.drop_rate=0 or parallel.cp=1",
+    )
     _check(
         p.check_replicas_every >= 0,
         f"parallel.check_replicas_every={p.check_replicas_every} must be >= 0 (0 switches the check off)",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dchag.config import ChannelLists, Config, ConfigError, config_from_dict, parse_config
 from dchag.data import channel_names, default_out_channels
+from dchag.model.channel_spec import vocabulary_specs
 from dchag.model.groups import resolve_level_groups
 
 
@@ -51,9 +52,15 @@ def check_channels(cfg: Config) -> None:
         f"channel names {missing[:5]}{'...' if len(missing) > 5 else ''} are not in model.vocabulary "
         f"({len(vocab)} names); add them or drop them from data.channels",
     )
+    vocabulary_specs(vocab, channels, cfg.model.channel_specs)  # one spec per channel, each valid
     if cfg.train.task == "forecast":
         bad = [c for c in cfg.out_channels if c not in channels]
         _check(not bad, f"data.out_channels {bad} are not among the input channels data.channels")
+    sub = cfg.train.channel_subset
+    _check(
+        sub.p == 0 or sub.min <= len(channels),
+        f"train.channel_subset.min={sub.min} is more than the {len(channels)} channels; use at most {len(channels)}",
+    )
     h, p = cfg.model.hierarchy, cfg.parallel
     where = "model.hierarchy.levels" if h.levels else f"model.hierarchy (preset {h.preset}, groups={h.groups}) level"
     shapes = resolve_level_groups(h.resolved_levels(), len(channels), where)

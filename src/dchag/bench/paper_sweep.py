@@ -8,7 +8,9 @@ optimizer step, and inside it the front end's own peak; FLOPs; bytes moved by co
 steps (median). Variants: the TP-only baseline (`replicated`: every rank tokenizes and aggregates all
 channels, flat hierarchy), the paper's `naive` ablation (raw channel tokens gathered), D-CHAG-L and
 D-CHAG-C with level-1 groups = tp x `groups_per_rank`, each with the materializing and the fused front
-end (`naive` keeps the materializing one by definition). The table reports the worst rank.
+end (`naive` keeps the materializing one by definition), and with each `tokenizer` (model.tokenizer:
+per_channel, wavelength, hypernetwork; `--set "tokenizer=[per_channel, wavelength]"` puts them side by
+side). The table reports the worst rank.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class PaperSize:
     tp: tuple[int, ...] = (1, 2, 4)
     variants: tuple[str, ...] = tuple(VARIANTS)
     fused: tuple[bool, ...] = (False, True)
+    tokenizer: tuple[str, ...] = ("per_channel",)  # model.tokenizer values to measure
     img_size: tuple[int, int] = (64, 128)
     patch: int = 4
     embed_dim: int = 256
@@ -58,7 +61,7 @@ class PaperSize:
         return dataclasses.replace(size, tp=(size.simulate_tp,)) if size.simulate_tp else size
 
 
-def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: int):
+def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: int, tokenizer: str = "per_channel"):
     from dchag.configure import load_config
 
     return load_config(
@@ -75,6 +78,7 @@ def paper_config(size: PaperSize, variant: str, fused: bool, channels: int, tp: 
             f"train.batch_size={size.batch}",
             "train.task=mae",
             f"train.bf16={str(size.bf16).lower()}",
+            f"model.tokenizer={tokenizer}",
             *variant_overrides(variant, fused, tp, size.groups_per_rank),
         ],
     )
@@ -89,15 +93,17 @@ def _device_name() -> str:
 
 
 def measure_rank(size: PaperSize, tp: int) -> list[dict]:
-    """Runs on every rank of a `tp`-rank group: one record per (channels, variant, fused) for this rank."""
+    """Runs on every rank of a `tp`-rank group: one record per (channels, variant, fused, tokenizer) for
+    this rank."""
     records = []
     for channels in size.channels:
-        for variant, fused in variant_pairs(size.variants, size.fused):
-            records.append(measure_one(size, tp, variant, fused, channels))
+        for tokenizer in size.tokenizer:
+            for variant, fused in variant_pairs(size.variants, size.fused):
+                records.append(measure_one(size, tp, variant, fused, channels, tokenizer))
     return records
 
 
-def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: int) -> dict:
+def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: int, tokenizer: str) -> dict:
     """This rank's record for one configuration (everything it built is freed on return)."""
     import torch.distributed as dist
 
@@ -108,7 +114,7 @@ def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: i
     from dchag.train.loop import Layout, train_step
     from dchag.train.optim import build_optimizer
 
-    cfg = paper_config(size, variant, fused, channels, tp)
+    cfg = paper_config(size, variant, fused, channels, tp, tokenizer)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     # the rank builds only its shards: at paper scale the whole model need not fit this device
     plan = build_parallel_model(cfg, build_mesh(ParallelDims.from_config(cfg.parallel), device.type), device)
@@ -146,6 +152,7 @@ def measure_one(size: PaperSize, tp: int, variant: str, fused: bool, channels: i
         "sweep": "paper-cpu",
         "variant": variant,
         "fused": fused,
+        "tokenizer": tokenizer,
         "channels": channels,
         "tp": tp,
         "dp": 1,
@@ -185,10 +192,13 @@ def simulate_rank(size: PaperSize) -> list[dict]:
 
 def paper_cpu(size: PaperSize) -> list[dict]:
     from dchag.bench.fused_sweep import log
-    from dchag.config import ConfigError
+    from dchag.config import TOKENIZERS, ConfigError
     from dchag.parallel.launch import spawn
 
     size = size.resolved()
+    unknown = [t for t in size.tokenizer if t not in TOKENIZERS]
+    if unknown:
+        raise ConfigError(f"bench setting tokenizer={unknown[0]!r} is unknown; use one or more of {TOKENIZERS}")
     if size.simulate_tp and not 0 <= size.simulate_rank < size.simulate_tp:
         raise ConfigError(f"simulate_rank={size.simulate_rank} must be in [0, simulate_tp={size.simulate_tp})")
     if size.simulate_tp:
@@ -203,11 +213,11 @@ def paper_cpu(size: PaperSize) -> list[dict]:
 
 
 def worst_ranks(records: list[dict]) -> dict[tuple, dict]:
-    """(channels, tp, variant, fused) -> the record of the rank with the largest whole-step peak, with
-    the slowest rank's step time."""
+    """(channels, tp, variant, fused, tokenizer) -> the record of the rank with the largest whole-step
+    peak, with the slowest rank's step time."""
     worst: dict[tuple, dict] = {}
     for r in records:
-        key = (r["channels"], r["tp"], r["variant"], r["fused"])
+        key = (r["channels"], r["tp"], r["variant"], r["fused"], r.get("tokenizer", "per_channel"))
         w = worst.setdefault(key, dict(r))
         if r["peak_mem_bytes"] > w["peak_mem_bytes"]:
             w.update(peak_mem_bytes=r["peak_mem_bytes"], front_end_peak_mem_bytes=r["front_end_peak_mem_bytes"])
@@ -218,18 +228,22 @@ def worst_ranks(records: list[dict]) -> dict[tuple, dict]:
 
 def paper_table(records: list[dict]) -> str:
     """Per (channels, tp): each variant's worst-rank whole-step peak and throughput, as ratios to the
-    paper's baseline (replicated, materializing) and to our strongest (replicated, fused)."""
+    paper's baseline (replicated, materializing, per-channel tokenizer) and to our strongest (replicated,
+    fused, per-channel); with several tokenizers, each variant's rows follow each other."""
     worst = worst_ranks(records)
     lines = [
-        "| channels | tp | variant | fused | whole-step peak / rank | live while front end runs | "
+        "| channels | tp | variant | fused | tokenizer | whole-step peak / rank | live while front end runs | "
         "memory vs replicated | vs replicated fused | samples/s | x replicated | x replicated fused | "
         "TFLOP / rank | comm MB / rank |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key in sorted(worst, key=lambda k: (k[0], k[1], list(VARIANTS).index(k[2]), k[3])):
-        channels, tp, variant, fused = key
+    tokenizers = list(dict.fromkeys(k[4] for k in worst))
+    baseline = "per_channel" if "per_channel" in tokenizers else tokenizers[0] if tokenizers else None
+    for key in sorted(worst, key=lambda k: (k[0], k[1], list(VARIANTS).index(k[2]), k[3], tokenizers.index(k[4]))):
+        channels, tp, variant, fused, tokenizer = key
         r = worst[key]
-        base, strong = worst.get((channels, tp, "replicated", False)), worst.get((channels, tp, "replicated", True))
+        base = worst.get((channels, tp, "replicated", False, baseline))
+        strong = worst.get((channels, tp, "replicated", True, baseline))
 
         def ratio(ref, field, inverse=False):
             if ref is None:
@@ -240,7 +254,8 @@ def paper_table(records: list[dict]) -> str:
         mem_base = f"{100 * (r['peak_mem_bytes'] / base['peak_mem_bytes'] - 1):+.1f}%" if base else "-"
         mem_strong = f"{100 * (r['peak_mem_bytes'] / strong['peak_mem_bytes'] - 1):+.1f}%" if strong else "-"
         lines.append(
-            f"| {channels} | {tp} | {variant} | {'yes' if fused else 'no'} | {r['peak_mem_bytes'] / 2**20:,.1f} MiB | "
+            f"| {channels} | {tp} | {variant} | {'yes' if fused else 'no'} | {tokenizer} | "
+            f"{r['peak_mem_bytes'] / 2**20:,.1f} MiB | "
             f"{r['front_end_peak_mem_bytes'] / 2**20:,.1f} MiB | {mem_base} | {mem_strong} | "
             f"{r['samples_per_s']:.2f} | {ratio(base, 'samples_per_s')} | {ratio(strong, 'samples_per_s')} | "
             f"{r['flops_per_rank'] / 1e12:.3f} | {r['comm_bytes'] / 1e6:,.1f} |"

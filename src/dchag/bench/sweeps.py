@@ -11,6 +11,7 @@ from typing import Callable
 
 from dchag.bench.accuracy_sweep import AccuracySize, accuracy_cpu, accuracy_summary, accuracy_table
 from dchag.bench.channel_parallel_sweep import ChannelParallelSize, channel_parallel_cpu, channel_parallel_table
+from dchag.bench.cp_sweep import CPSize, cp_cpu, cp_table
 from dchag.bench.fused_sweep import FusedSweepSize, fused_cpu
 from dchag.bench.paper_sweep import PaperSize, paper_cpu, paper_table
 from dchag.bench.report import fused_table
@@ -23,6 +24,7 @@ SWEEPS: dict[str, tuple[type, Callable, Callable]] = {
     "tp-comm-cpu": (TPCommSize, tp_comm_cpu, tp_comm_table),
     "accuracy-cpu": (AccuracySize, accuracy_cpu, accuracy_table),
     "paper-cpu": (PaperSize, paper_cpu, paper_table),
+    "cp-cpu": (CPSize, cp_cpu, cp_table),
 }
 # name -> summary(records) -> list of rows, written beside the records as "summary"
 SUMMARIES: dict[str, Callable] = {"accuracy-cpu": accuracy_summary}

@@ -8,6 +8,7 @@ the single-device layout) are compared as max |a - b| / max |b| per tensor.
 from __future__ import annotations
 
 import copy
+import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -16,11 +17,14 @@ import torch.distributed as dist
 from dchag.compare import grad_errors, rel_err
 from dchag.config import ConfigError
 from dchag.data import batch_indices, build_source
+from dchag.data.row_strip import RowStrip
 from dchag.model import build_model
+from dchag.parallel.context_parallel import set_dropout_strips
 from dchag.parallel.mesh import ParallelDims, build_mesh
 from dchag.parallel.parallelize import parallelize
 from dchag.parallel.state import logical_grads
 from dchag.tasks import compute_loss, mask_noise_for_step
+from dchag.tasks.channel_subset import channel_keep_for_step
 from dchag.train.loop import autocast
 
 FAULTS = (
@@ -30,6 +34,10 @@ FAULTS = (
     "grad-scale",
     "rollout-data-fed",  # rollout faults: run with train.rollout_steps > 1
     "rollout-channel-map",
+    "channel-subset-seed",  # TP rank 1 draws its band subset (train.channel_subset) from another step
+    "cp-grad-sum",  # context parallelism: the CP ranks' gradient parts are not summed (without FSDP2)
+    "cp-kv-own-slice",  # the key/value gather keeps its own slice in backward instead of reduce-scattering
+    "cp-dropout-streams",  # every CP rank draws its dropout masks from strip 0's streams
 )
 
 
@@ -93,6 +101,12 @@ def _inject(fault: str, plan):
 
     if fault.startswith("rollout-"):
         return _inject_rollout(fault)
+    if fault == "cp-kv-own-slice":
+        return _inject_kv_own_slice()
+    if fault == "cp-dropout-streams":
+        own = (plan.strip.token_counts[plan.strip.rank],)
+        set_dropout_strips(plan.model, 0, own)
+        return lambda: set_dropout_strips(plan.model, plan.strip.rank, own)
     if fault == "gather-reduce-scatter":
         # torch's autograd all-gather (reduce-scatter backward) where the gradient is already complete:
         # the last level keeps its own all-reduce, so front-end gradients come out tp times too large
@@ -104,6 +118,35 @@ def _inject(fault: str, plan):
         front.gather_into_final = bool(front.gathered_counts) and front.final is not None
         channel_parallel.gather_to_tp = gather_from_tp
     return restore
+
+
+def _inject_kv_own_slice():
+    """The "cp-kv-own-slice" fault: the context-parallel key/value gather keeps its own slice in backward,
+    so the gradient other strips' queries send to this rank's keys and values is lost."""
+    from dchag.parallel import context_parallel
+    from dchag.parallel.collectives import gather_from_tp
+
+    original = context_parallel.gather_to_cp
+    context_parallel.gather_to_cp = gather_from_tp
+
+    def restore():
+        context_parallel.gather_to_cp = original
+
+    return restore
+
+
+def _finish_gradients(plan, fault: str) -> None:
+    """`plan.finish_gradients()`; under the "cp-grad-sum" fault without the sum over CP ranks."""
+    if fault != "cp-grad-sum":
+        plan.finish_gradients()
+        return
+    module = importlib.import_module("dchag.parallel.parallelize")  # the module, not the package's function
+    original = module.sum_gradients_over_cp
+    module.sum_gradients_over_cp = lambda model, group: None
+    try:
+        plan.finish_gradients()
+    finally:
+        module.sum_gradients_over_cp = original
 
 
 def _inject_rollout(fault: str):
@@ -119,8 +162,8 @@ def _inject_rollout(fault: str):
 
     if fault == "rollout-data-fed":
 
-        def data_fed(model, x, lead_hours, steps, *, in_out_index, forcings=None, checkpointing=False):
-            return [model(inputs, lead_hours).pred for inputs in [x, *(forcings or [])][:steps]]
+        def data_fed(model, x, lead_hours, steps, *, in_out_index, forcings=None, checkpointing=False, **kw):
+            return [model(inputs, lead_hours, **kw).pred for inputs in [x, *(forcings or [])][:steps]]
 
         step.rollout = data_fed
     else:
@@ -145,7 +188,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
 
     Runs in the config's precision (bf16 autocast when train.bf16) and with its dropout: the reference
     draws its attention-dropout masks per block of H/tp heads (`model.vit.attend`) and every rank starts
-    from the same generator state, so both sides drop exactly the same elements. Dropout needs pure TP
+    from the same generator state, so both sides drop exactly the same elements (context parallelism:
+    per strip of queries and tokens, `set_dropout_strips`). Dropout needs no data parallelism
     (data-parallel ranks draw different masks by design); `layout_for` switches it off otherwise.
 
     `reference_materializing`: the single-device reference uses the materializing front end
@@ -161,6 +205,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
         reference.front_end.fused = False
     for block in reference.blocks:  # the masks of a tp-way layout (see model.vit.attend)
         block.attn.dropout_streams = (0, dims.tp)
+    if plan.strip is not None and cfg.train.task == "forecast":  # ... and of a cp-way one
+        set_dropout_strips(reference, 0, plan.strip.token_counts)
     reference.train()
     plan.model.train()
 
@@ -175,10 +221,17 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     noise = None
     if cfg.train.task == "mae":
         noise = mask_noise_for_step(cfg, 0, cfg.train.batch_size, reference.num_patches).to(device)
+    # train.channel_subset: the step's band subset, over all channels on every rank (each applies its part)
+    ref_keep = channel_keep_for_step(cfg, 0, len(cfg.channels))
+    wrong = fault == "channel-subset-seed" and plan.tp_rank == 1
+    keep = channel_keep_for_step(cfg, 1, len(cfg.channels)) if wrong else ref_keep
+    ref_subset, subset = ({} if k is None else {"channel_keep": k.to(device)} for k in (ref_keep, keep))
 
     torch.manual_seed(seed + 12345)  # the dropout masks: the same generator state on both sides
     with autocast(cfg, torch.device(device)):
-        ref_loss, ref_out = compute_loss(reference, batch, cfg, lat_weights=lat_weights, mask_noise=noise)
+        ref_loss, ref_out = compute_loss(
+            reference, {**batch, **ref_subset}, cfg, lat_weights=lat_weights, mask_noise=noise
+        )
     ref_loss.backward()
     ref_grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in reference.named_parameters()}
 
@@ -194,7 +247,13 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
         for key in ("y", "y_valid"):  # and only its own targets (rollout: [B, K, C_out, H, W])
             if key in local:
                 local[key] = local[key].index_select(local[key].dim() - 3, owned)
-    local_noise = noise[rows] if noise is not None else None
+    local_noise = noise[rows] if noise is not None else None  # MAE: the whole image's noise, also under CP
+    local.update(subset)
+    local_lat = lat_weights
+    if plan.strip is not None:  # context parallelism: this rank's rows of every image
+        strip = RowStrip(None, plan.strip.pixel_rows, tuple(cfg.model.img_size))
+        local = {k: strip.cut(v) for k, v in local.items()}
+        local_lat = lat_weights[plan.strip.pixel_rows] if lat_weights is not None else None
     torch.manual_seed(seed + 12345)
     try:
         with autocast(cfg, torch.device(device)):
@@ -202,15 +261,16 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
                 plan.model,
                 local,
                 cfg,
-                lat_weights=lat_weights,
+                lat_weights=local_lat,
                 mask_noise=local_noise,
                 channel_shard=plan.channel_shard,
                 dp_mean=plan.dp_mean if plan.dp_size > 1 else None,
+                strip=plan.strip,
             )
         (loss / plan.dp_size).backward()
     finally:
         restore()
-    plan.finish_gradients()
+    _finish_gradients(plan, fault)
     if fault == "grad-scale":
         _scale_grads(plan)
 
@@ -224,6 +284,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
         else:  # [B, C_out, H, W], or [B, K, C_out, H, W] for a rollout
             owned = torch.tensor(plan.channel_shard.out_index, dtype=torch.long, device=expected.device)
             expected = expected.index_select(expected.dim() - 3, owned)
+    if plan.strip is not None:  # a context-parallel rank predicts its strip of rows
+        expected = expected[..., plan.strip.pixel_rows, :]
     grads = logical_grads(plan)
     ref_norm = torch.stack([g.double().square().sum() for g in ref_grads.values()]).sum().sqrt()
     report = ParityReport(
@@ -244,12 +306,12 @@ def layout_for(cfg, nproc: int):
     import dataclasses
 
     p = cfg.parallel
-    if p.tp * p.dp_shard * p.dp_replicate == 1 and nproc > 1:
+    if p.tp * p.dp_shard * p.dp_replicate * p.cp == 1 and nproc > 1:
         p = dataclasses.replace(p, tp=nproc)
-    if p.tp * p.dp_shard * p.dp_replicate != nproc:
+    if p.tp * p.dp_shard * p.dp_replicate * p.cp != nproc:
         raise ConfigError(
             f"--nproc {nproc} does not match parallel.dp_replicate={p.dp_replicate} x dp_shard={p.dp_shard} "
-            f"x tp={p.tp}; set them so that their product is the process count"
+            f"x cp={p.cp} x tp={p.tp}; set them so that their product is the process count"
         )
     from dchag.config import validate
     from dchag.configure import check_channels
@@ -279,7 +341,7 @@ def check_parity(cfg, nproc: int, tolerance: float | None = None, fault: str = "
     p = cfg.parallel
     lines = [
         f"parity: {cfg.model.hierarchy.preset or 'custom'} hierarchy, mode {p.mode}, "
-        f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} tp={p.tp}, task {cfg.train.task}"
+        f"dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} cp={p.cp} tp={p.tp}, task {cfg.train.task}"
         + f", {'bf16' if cfg.train.bf16 else 'fp32'}, dropout {cfg.model.drop_rate:g}"
         + (" (off: data-parallel ranks draw other masks)" if dropout_requested and not cfg.model.drop_rate else "")
         + (f", injected fault: {fault}" if fault != "none" else ""),

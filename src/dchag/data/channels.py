@@ -6,7 +6,7 @@ datasets with different channel subsets can share one model.
 
 from __future__ import annotations
 
-import re
+from dchag.config import BAND_RE  # noqa: F401  (re-exported; defined with the config: the model reads it too)
 
 SURFACE = ["t2m", "u10", "v10"]
 Z_LEVELS = [50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000]
@@ -17,7 +17,6 @@ ATMOS_LEVELS = [10, 20, 30, 50, 70, 100, 150, 200, 250, 300, 400, 500, 600, 700,
 ERA5_84 = SURFACE + [f"z_{p}" for p in Z_LEVELS] + [f"{var}_{p}" for var in ("q", "t", "u", "v") for p in ATMOS_LEVELS]
 FORECAST_TARGETS = ["z_500", "t_850", "t2m", "u10", "v10"]
 
-BAND_RE = re.compile(r"^b(\d+(?:\.\d+)?)$")
 
 
 def weather_names(count: int) -> list[str]:

@@ -23,6 +23,7 @@ from dchag.config import Config, ConfigError
 from dchag.data import build_source
 from dchag.data.held_out import HeldOut
 from dchag.data.moments import day_of_year_and_hour
+from dchag.tasks.channel_subset import keep_of_names
 from dchag.tasks.forecast import lat_weighted_mse
 from dchag.tasks.metrics import anomaly_correlation
 from dchag.train.run_weights import load_run_weights
@@ -144,12 +145,16 @@ def evaluate_forecast(
     plots: str | Path | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    channels: list[str] | None = None,
 ) -> dict:
-    """Metrics of a forecast run; the JSON document `dchag eval --json` writes."""
+    """Metrics of a forecast run; the JSON document `dchag eval --json` writes. `channels`: the input
+    channels the model is given (default all; the others left out, as in `train.channel_subset`)."""
     cfg, model, stats = load_run(run, data_path)
     if cfg.train.task != "forecast":
         raise ConfigError(f"--run {str(run)!r} trained task {cfg.train.task!r}; this evaluation is for forecasts")
-    outs, channels = cfg.out_channels, cfg.channels
+    given, channels = channels, cfg.channels
+    keep = None if given is None else keep_of_names(channels, list(given), "--channels")
+    outs = cfg.out_channels
     persist_index = [channels.index(c) for c in outs]
     records, maps = [], []
     seasonal = None  # WeatherBench 2's climatology by day of year x hour of day, when the data allow it
@@ -167,7 +172,7 @@ def evaluate_forecast(
         for start in range(0, source.num_samples, batch_size):
             batch = source.batch(list(range(start, min(start + batch_size, source.num_samples))))
             with torch.no_grad():
-                pred = model(batch["x"], batch["lead_hours"]).pred
+                pred = model(batch["x"], batch["lead_hours"], channel_keep=keep).pred
             pred, truth = _physical(pred, outs, stats), _physical(batch["y"], outs, stats)
             persistence = _physical(batch["x"][:, persist_index], outs, stats)
             clim = _climatology_of(source, seasonal, climatology, outs, start, truth)  # [B, C_out, H, W]
@@ -184,6 +189,8 @@ def evaluate_forecast(
         "climatology": "day_of_year_hour" if seasonal else "static",
         "metrics": records,
     }
+    if given is not None:
+        result["channels"] = list(given)
     if plots is not None:
         from dchag.viz.maps import forecast_maps
 

@@ -11,6 +11,10 @@ In the data's physical units, over the masked patches and over the whole image:
 - `band_rmse`: RMSE per band;
 - `baseline_psnr_db`, `baseline_sam_deg`: the same for the mean-spectrum baseline, which predicts every
   masked pixel as the mean spectrum of the crop's visible pixels (computed on the same pixels).
+
+`channels` (`dchag eval --channels`): the model sees only these bands, the others left out as in
+`train.channel_subset`; the scores still cover every band, and `left_out_bands` scores the bands it did
+not see over the whole image (spectral inpainting). The baseline still sees every band.
 """
 
 from __future__ import annotations
@@ -27,21 +31,35 @@ from dchag.data import build_source
 from dchag.data.held_out import HeldOut
 from dchag.eval.forecast import load_run
 from dchag.tasks import mask_noise_for_step
+from dchag.tasks.channel_subset import keep_of_names
 from dchag.tasks.metrics import ReconstructionScores
 
 
 def evaluate_mae(
-    run: str | Path, *, split: str = "test", samples: int = 64, batch_size: int = 8, plots=None, progress: bool = True
+    run: str | Path,
+    *,
+    split: str = "test",
+    samples: int = 64,
+    batch_size: int = 8,
+    plots=None,
+    progress: bool = True,
+    channels: list[str] | None = None,
+    data_config: str | Path | None = None,
 ) -> dict:
-    """Metrics of an MAE run on `samples` crops of `split` (spectral cubes; synthetic runs: held-out indices)."""
+    """Metrics of an MAE run on `samples` crops of `split` (spectral cubes; synthetic runs: held-out indices);
+    `channels`: the bands the model is given (default all)."""
     cfg, model, stats = load_run(run)
     if cfg.train.task != "mae":
         raise ConfigError(f"--run {str(run)!r} trained task {cfg.train.task!r}; this evaluation is for MAE runs")
+    if data_config is not None:  # another sensor's data: a wavelength model rebuilt for its channels
+        cfg, model, stats = on_other_data(cfg, model, data_config)
     if cfg.data.kind == "spectral_cube":
         source = build_source(cfg, split=split, stats=stats)
     else:  # synthetic: the generator's samples past the training range
         source, split = HeldOut(build_source(cfg, stats=stats), cfg.data.num_samples, samples), "held-out"
     names = source.channels
+    keep = None if channels is None else keep_of_names(names, list(channels), "--channels")
+    left_out = [c for c in names if channels is not None and c not in channels]
     if stats is not None:
         mean = np.array([stats["channels"][c]["mean"] for c in names])[:, None, None]
         std = np.array([stats["channels"][c]["std"] for c in names])[:, None, None]
@@ -49,6 +67,8 @@ def evaluate_mae(
         offset, scale = getattr(source.source, "standardisation", (0.0, 1.0))
         mean, std = np.full((len(names), 1, 1), offset), np.full((len(names), 1, 1), scale)
     parts = {k: ReconstructionScores(len(names)) for k in ("masked", "whole", "baseline_masked")}
+    if left_out:
+        parts["left_out"] = ReconstructionScores(len(left_out))
     patch = cfg.model.patch_size
     grid_w = cfg.model.img_size[1] // patch
     shown = None
@@ -57,7 +77,7 @@ def evaluate_mae(
         batch = source.batch(indices)
         noise = mask_noise_for_step(cfg, 10_000 + start, len(indices), model.num_patches)
         with torch.no_grad():
-            out = model(batch["x"], mask_noise=noise)
+            out = model(batch["x"], mask_noise=noise, channel_keep=keep)
         pixel_mask = repeat(out.mask, "b (h w) -> b (h p1) (w p2)", w=grid_w, p1=patch, p2=patch).bool().numpy()
         # data.nan=mask: only pixels valid in every band are scored (a spectrum needs all its bands)
         scored = batch["x_valid"].all(dim=1).numpy() if "x_valid" in batch else np.ones_like(pixel_mask)
@@ -74,6 +94,9 @@ def evaluate_mae(
             parts["masked"].add(pred[:, m], truth[:, m])
             parts["whole"].add(pred[:, scored[b]], truth[:, scored[b]])
             parts["baseline_masked"].add(np.repeat(visible_mean, m.sum(), axis=1), truth[:, m])
+            if left_out:
+                out_rows = ~keep.numpy()
+                parts["left_out"].add(pred[out_rows][:, scored[b]], truth[out_rows][:, scored[b]])
             if shown is None:
                 shown = (truth, truth * ~m[None], pred)
         if progress:
@@ -89,6 +112,12 @@ def evaluate_mae(
         "baseline_sam_deg": base["sam_deg"],
         "whole_image": parts["whole"].result(names),
     }
+    if channels is not None:
+        result["channels"] = list(channels)
+    if data_config is not None:
+        result["data_config"] = str(data_config)
+    if left_out:
+        result["left_out_bands"] = parts["left_out"].result(left_out)
     if plots is not None and shown is not None:
         from dchag.viz.spectra import reconstruction_figures
 
@@ -97,14 +126,36 @@ def evaluate_mae(
     return result
 
 
+def on_other_data(cfg, model, data_config: str | Path):
+    """(config, model, statistics) of a wavelength model applied to the data of another config file (its
+    `data` section: e.g. another sensor's scene, split and no-data value), with that data's own
+    normalisation statistics from its training split, as a run on it would compute them."""
+    from dchag.configure import load_config
+    from dchag.train.other_channels import model_for_channels
+
+    other = load_config(data_config)
+    cfg, model = model_for_channels(cfg, model, other.channels, other.model.channel_specs, data=other.data)
+    source = build_source(cfg)
+    return cfg, model, (source.compute_stats() if hasattr(source, "compute_stats") else None)
+
+
 def format_mae_table(result: dict) -> str:
     w = result["whole_image"]
     return "\n".join(
         [
-            f"{result['run']}: {result['samples']} {result['split']} crops, mask ratio {result['mask_ratio']}",
+            f"{result['run']}: {result['samples']} {result['split']} crops, mask ratio {result['mask_ratio']}"
+            + (f", data of {result['data_config']}" if "data_config" in result else ""),
             f"{'':<28} {'PSNR (dB)':>10} {'SAM (deg)':>10}",
             f"{'model, masked patches':<28} {result['psnr_db']:>10.2f} {result['sam_deg']:>10.2f}",
             f"{'mean-spectrum baseline':<28} {result['baseline_psnr_db']:>10.2f} {result['baseline_sam_deg']:>10.2f}",
             f"{'model, whole image':<28} {w['psnr_db']:>10.2f} {w['sam_deg']:>10.2f}",
         ]
+        + (
+            [
+                f"{'model, left-out bands':<28} {result['left_out_bands']['psnr_db']:>10.2f} "
+                f"{result['left_out_bands']['sam_deg']:>10.2f}  (input: {len(result['channels'])} bands)"
+            ]
+            if "left_out_bands" in result
+            else []
+        )
     )

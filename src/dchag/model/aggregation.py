@@ -126,7 +126,9 @@ class CrossAttentionPool(nn.Module):
 class LinearPool(nn.Module):
     """k learned weighted sums over each group's channels plus a scalar bias (the paper's "L" kind).
 
-    Weights start at the group mean (1/n), so the untrained level averages its channels.
+    Weights start at the group mean (1/n), so the untrained level averages its channels. With members left
+    out (a band subset) the kept ones are rescaled by n / n_kept, as inverted dropout does: an averaging
+    group keeps averaging, and the level's output keeps its scale whatever the subset's size.
     """
 
     group_params = ("weight", "bias")
@@ -137,6 +139,7 @@ class LinearPool(nn.Module):
         self.sizes = list(sizes)
         self.weight = nn.Parameter(self._group_means(tokens, n_max))  # [G, k, n]
         self.bias = nn.Parameter(torch.zeros(groups, tokens))  # [G, k]
+        self.register_buffer("members", torch.tensor(self.sizes, dtype=torch.float32), persistent=False)  # [G]
 
     def _group_means(self, tokens: int, n_max: int) -> torch.Tensor:
         weight = torch.zeros(len(self.sizes), tokens, n_max)
@@ -150,8 +153,12 @@ class LinearPool(nn.Module):
         yield "bias", torch.zeros(self.bias.shape)
 
     def effective_weight(self, valid: torch.Tensor | None) -> torch.Tensor:
-        """[G, k, n] with padding slots forced to zero."""
-        return self.weight if valid is None else self.weight * valid[:, None, :]
+        """[G, k, n] with invalid slots (padding, members left out) forced to zero and the valid ones scaled
+        by n / n_valid (exactly 1 when only padding is invalid; a group with no valid member gives its bias)."""
+        if valid is None:
+            return self.weight
+        scale = self.members.to(self.weight.dtype) / valid.sum(dim=-1).clamp(min=1)  # [G]
+        return self.weight * (valid * scale[:, None])[:, None, :]
 
     fused_unsupported = None
 

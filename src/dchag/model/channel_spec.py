@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dchag.config import ConfigError
-from dchag.data.channels import BAND_RE
+from dchag.config import BAND_RE, ConfigError
 
 
 @dataclass(frozen=True)
@@ -70,3 +69,20 @@ def resolve_channel_specs(channels: list[str], overrides: list | None = None, wh
             f"{where} has {len(overrides)} entries but the data has {len(channels)} channels; give one per channel"
         )
     return [parse_channel_spec(item, c, f"{where}[{i}]") for i, (item, c) in enumerate(zip(overrides, channels))]
+
+
+def vocabulary_specs(vocabulary: list[str], channels: list[str], overrides: list | None = None) -> list[ChannelSpec]:
+    """The spec of every vocabulary name: a channel's own (its `model.channel_specs` entry when given),
+    else read from the name. Named specs must name one row each: two channels may not share a name."""
+    own = dict(zip(channels, resolve_channel_specs(channels, overrides)))
+    specs = [own.get(name) or spec_from_name(name) for name in vocabulary]
+    named = [s.name for s in specs if not s.spectral]
+    dupes = sorted({n for n in named if named.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"model.channel_specs names {dupes} for more than one channel; give each its own name")
+    return specs
+
+
+def named_rows(specs: list[ChannelSpec]) -> list[str]:
+    """The names of the channels without a wavelength, in order: the rows of a tokenizer's learned table."""
+    return [s.name for s in specs if not s.spectral]

@@ -17,8 +17,9 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """[grid_h * grid_w, dim], rows then columns, half the width each."""
-    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    """[grid_h * grid_w, dim], rows then columns, half the width each. Each 1-D table is computed once per
+    row and per column and broadcast (a 0.25 deg grid has 64,800 patches: no per-patch sines)."""
     half = dim // 2
-    emb = torch.cat([sincos_1d(half, ys.flatten()), sincos_1d(dim - half, xs.flatten())], dim=1)
-    return emb  # [L, D]
+    rows = sincos_1d(half, torch.arange(grid_h))[:, None, :].expand(grid_h, grid_w, half)  # [h, w, D/2]
+    cols = sincos_1d(dim - half, torch.arange(grid_w))[None, :, :].expand(grid_h, grid_w, dim - half)
+    return torch.cat([rows, cols], dim=-1).reshape(grid_h * grid_w, dim)  # [L, D]

@@ -15,16 +15,33 @@ from dchag.model.hierarchy import ChannelHierarchy
 from dchag.model.tokenizer import ChannelTokenizer
 
 
+def drop_channels(x: torch.Tensor, channel_keep: torch.Tensor | None) -> torch.Tensor:
+    """x [B, C, H, W] with the channels `channel_keep` [C] leaves out (False) set to zero, so that nothing
+    in them (not even NaN) reaches the model; the aggregators also mask them out."""
+    if channel_keep is None:
+        return x
+    if channel_keep.shape != (x.shape[1],):
+        raise ValueError(f"channel_keep has shape {list(channel_keep.shape)}; expected [{x.shape[1]}], one per channel")
+    return torch.where(channel_keep[None, :, None, None], x, 0.0)
+
+
 def tokenize_and_aggregate(
-    tokenizer: ChannelTokenizer, level, x: torch.Tensor, index: torch.Tensor | None, fused: bool
+    tokenizer: ChannelTokenizer,
+    level,
+    x: torch.Tensor,
+    index: torch.Tensor | None,
+    fused: bool,
+    channel_keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tokenizer + first hierarchy level, [B, C, H, W] -> [B, G*k, L, D]; fused when `fused` is True.
 
-    `index`: the vocabulary rows of x's channels, or None when x holds every row in order."""
+    `index`: the vocabulary rows of x's channels, or None when x holds every row in order.
+    `channel_keep` [C] (bool): the channels to use; the others are left out as if absent (None: all)."""
+    x = drop_channels(x, channel_keep)
     if fused:
         weight, shift = tokenizer.channel_params(index)  # [C, D, p, p], [C, D]
-        return level.forward_fused(x, weight, shift)
-    return level(tokenizer(x, index))  # via tokens [B, C, L, D]
+        return level.forward_fused(x, weight, shift, channel_keep)
+    return level(tokenizer(x, index), channel_keep)  # via tokens [B, C, L, D]
 
 
 def fused_allowed(wanted: bool, level) -> bool:
@@ -50,9 +67,11 @@ class FrontEnd(nn.Module):
         heads: int,
         qk_norm: bool = False,
         fused: bool = True,
+        tokenizer: nn.Module | None = None,
     ):
         super().__init__()
-        self.tokenizer = ChannelTokenizer(vocab_size, dim, patch)
+        # any tokenizer with channel_params(index) and forward(x, index) (spectral_tokenizer.py); default per-channel
+        self.tokenizer = ChannelTokenizer(vocab_size, dim, patch) if tokenizer is None else tokenizer
         self.hierarchy = ChannelHierarchy(levels, len(channel_index), dim, heads, qk_norm)
         # vocabulary rows of the channels this model receives, in input order
         self.register_buffer("channel_index", torch.tensor(channel_index, dtype=torch.long), persistent=False)
@@ -60,8 +79,14 @@ class FrontEnd(nn.Module):
         # the channels are the whole vocabulary in order: use the weights without an indexed copy
         self.index_is_identity = channel_index == list(range(vocab_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] -> [B, L, D]."""
+    def input_keep(self, channel_keep: torch.Tensor) -> torch.Tensor:
+        """The part of a keep mask [C] over all the model's channels that belongs to x's channels (all)."""
+        return channel_keep
+
+    def forward(self, x: torch.Tensor, channel_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C, H, W] -> [B, L, D]. `channel_keep` [C] (bool, at least one True): a band subset, the
+        channels marked False left out as if absent (their pixels influence nothing)."""
         index = None if self.index_is_identity else self.channel_index
-        first = tokenize_and_aggregate(self.tokenizer, self.hierarchy.levels[0], x, index, self.fused)
-        return self.hierarchy(first, start_level=1)  # [B, G*k, L, D] -> [B, L, D]
+        level = self.hierarchy.levels[0]
+        first = tokenize_and_aggregate(self.tokenizer, level, x, index, self.fused, channel_keep)
+        return self.hierarchy(first, 1, level.output_valid(channel_keep))  # [B, G*k, L, D] -> [B, L, D]

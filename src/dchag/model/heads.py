@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from dchag.model.channel_encoding import FEATURES, HYPER_HIDDEN, ChannelEncoder, ChannelTable, by_name_table, mix_rows
 from dchag.model.embeddings import sincos_2d
 from dchag.model.vit import Block
 
@@ -49,7 +53,15 @@ class MAEDecoder(nn.Module):
     """Visible tokens -> narrow decoder with mask tokens -> every channel's pixels of every patch."""
 
     def __init__(
-        self, dim: int, dec_dim: int, depth: int, heads: int, channels: int, patch: int, grid: tuple[int, int]
+        self,
+        dim: int,
+        dec_dim: int,
+        depth: int,
+        heads: int,
+        channels: int,
+        patch: int,
+        grid: tuple[int, int],
+        pred: nn.Module | None = None,
     ):
         super().__init__()
         self.channels, self.patch, self.grid_w, self.grid = channels, patch, grid[1], grid
@@ -58,7 +70,8 @@ class MAEDecoder(nn.Module):
         self.pos_embed = nn.Parameter(sincos_2d(dec_dim, *grid)[None])  # [1, L, d]
         self.blocks = nn.ModuleList(Block(dec_dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dec_dim)
-        self.pred = nn.Linear(dec_dim, channels * patch * patch)
+        # [B, L, d] -> [B, L, C*p*p]: per channel by name, or conditioned on wavelengths (ConditionedPixelOutput)
+        self.pred = nn.Linear(dec_dim, channels * patch * patch) if pred is None else pred
 
     def initial_values(self, g: torch.Generator):
         """A zero mask token and the 2-D sin-cos table as the decoder's position embedding."""
@@ -66,12 +79,72 @@ class MAEDecoder(nn.Module):
         yield "pos_embed", sincos_2d(self.pos_embed.shape[-1], *self.grid)[None]
 
     def forward(self, visible: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
-        """visible [B, L_keep, D], restore [B, L] -> reconstruction [B, C, H, W]."""
+        """visible [B, L_keep, D], restore [B, L] -> reconstruction per patch [B, L, C*p*p] (the loss reads
+        this layout; `image` turns it into [B, C, H, W])."""
         x = self.embed(visible)  # [B, L_keep, d]
         b, keep, d = x.shape
         fill = self.mask_token.expand(b, restore.shape[1] - keep, d)
         x = torch.cat([x, fill], dim=1)  # [B, L, d] in shuffled order
         x = torch.gather(x, 1, restore[..., None].expand(-1, -1, d)) + self.pos_embed
+        return self.decode(x)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Every patch's tokens in order [B, L, d] (visible and mask tokens, positions added) ->
+        reconstruction per patch [B, L, C*p*p]."""
         for block in self.blocks:
             x = block(x)
-        return unpatchify(self.pred(self.norm(x)), self.channels, self.patch, self.grid_w)
+        return self.pred(self.norm(x))
+
+    def image(self, patches: torch.Tensor) -> torch.Tensor:
+        """[B, L, C*p*p] -> [B, C, H, W]."""
+        return unpatchify(patches, self.channels, self.patch, self.grid_w)
+
+
+class ConditionedPixelOutput(nn.Module):
+    """The MAE decoder's last projection, [B, L, d] -> [B, L, C*p*p], with each channel's output weights
+    [p*p, d] and bias [p*p] generated from its wavelength encoding (named channels: learned rows by
+    name), so a model reconstructs any channels, also of a sensor it never saw. Weights are generated
+    only for the channels it outputs (under channel parallelism: a rank's own). Drop-in for the
+    per-channel `nn.Linear(d, C*p*p)`: the same output layout."""
+
+    def __init__(self, specs: list, names: list[str], dec_dim: int, patch: int):
+        """`specs`: the output channels'; `names`: the rows of the by-name tables (the vocabulary's named
+        channels)."""
+        super().__init__()
+        self.pixels, self.dec_dim = patch * patch, dec_dim
+        self.table = ChannelTable(specs, names)
+        self.generate = ChannelEncoder(FEATURES, HYPER_HIDDEN, self.pixels * (dec_dim + 1), out_std=0.02)
+        self.name_weight = by_name_table(len(names), self.pixels, dec_dim)
+        self.name_bias = by_name_table(len(names), self.pixels, fill=torch.zeros)
+
+    def initial_values(self, g: torch.Generator):
+        """Named channels' rows as an nn.Linear's: N(0, 0.02) truncated, zero bias."""
+        from dchag.model.init import trunc_normal
+
+        if self.name_weight is not None:
+            yield "name_weight", trunc_normal(self.name_weight.shape, g)
+            yield "name_bias", torch.zeros(self.name_bias.shape)
+
+    def channel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output weight [C, p*p, d] and bias [C, p*p] of every output channel."""
+        features, spectral, name_row = self.table.select(None)
+        weight = bias = None
+        if self.table.any_spectral:
+            generated = self.generate(features)  # [C, p*p*(d+1)]
+            weight = generated[:, : self.pixels * self.dec_dim].view(-1, self.pixels, self.dec_dim)
+            bias = generated[:, self.pixels * self.dec_dim :]
+        weight = mix_rows(spectral, weight, self.name_weight, name_row)
+        return weight, mix_rows(spectral, bias, self.name_bias, name_row)
+
+    def subset(self, positions: list[int]) -> "ConditionedPixelOutput":
+        """The same output for the channels at `positions` only (the by-name tables kept whole)."""
+        local = copy.deepcopy(self)
+        local.table = self.table.subset(positions, own_names=False)[0]
+        return local
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, d] -> [B, L, C*p*p], channel-major as nn.Linear(d, C*p*p) gives it."""
+        if not self.table.specs:  # a rank that owns no output channel
+            return x[..., :0]
+        weight, bias = self.channel_weights()  # [C, k, d], [C, k]
+        return F.linear(x, rearrange(weight, "c k d -> (c k) d"), rearrange(bias, "c k -> (c k)"))

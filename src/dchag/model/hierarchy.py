@@ -4,6 +4,11 @@ Level i receives M_i tokens per patch, splits them into G_i contiguous groups (n
 first ones one larger when M_i % G_i != 0) and reduces each group to k_i tokens, so
 M_{i+1} = G_i * k_i; the last level gives one token. Uneven groups are padded to the largest size and
 masked, so all groups of a level still run as one stacked op.
+
+Any band subset (`train.channel_subset`, evaluation on some of the channels): a keep mask [C] marks the
+dropped channels invalid exactly as padding is. Validity then flows level by level: a group with no valid
+member gives tokens that are invalid for the next level (computed on a harmless stand-in, so no softmax
+over nothing gives NaN), and the last level has a valid input whenever one channel is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +35,17 @@ def group_layout(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         valid[g, :size] = True
         start += size
     return index, (None if len(set(sizes)) == 1 else valid)
+
+
+def members_valid(index: torch.Tensor, token_valid: torch.Tensor) -> torch.Tensor:
+    """Validity [M] of a level's input tokens -> [G, n_max] of each group's member slots (padding False)."""
+    return torch.cat([token_valid, token_valid.new_zeros(1)])[index]
+
+
+def groups_valid(index: torch.Tensor, token_valid: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Validity [M] of a level's input tokens -> [G*k] of its output tokens: a group with no valid member
+    gives invalid tokens."""
+    return members_valid(index, token_valid).any(dim=-1).repeat_interleave(tokens)
 
 
 class HierarchyLevel(nn.Module):
@@ -82,17 +98,40 @@ class HierarchyLevel(nn.Module):
         pad = t.new_zeros(*t.shape[:dim], 1, *t.shape[dim + 1 :])
         return torch.cat([t, pad], dim=dim).index_select(dim, self.index.flatten())
 
-    def forward_fused(self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def attend_mask(self, token_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """The [G, n] mask the aggregator applies: padding, plus the invalid tokens of `token_valid` [M]
+        (None: every token valid). A cross-attention group left with no valid member attends over its
+        padding-free slots instead (finite; `output_valid` marks its tokens invalid, so nothing reads
+        them); a linear group needs no stand-in (it gives its bias)."""
+        if token_valid is None:
+            return self.valid
+        members = members_valid(self.index, token_valid)  # [G, n]
+        if self.kind != "cross_attention":
+            return members
+        fallback = self.valid if self.valid is not None else torch.ones_like(members)
+        return torch.where(members.any(dim=-1, keepdim=True), members, fallback)
+
+    def output_valid(self, token_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Validity [G*k] of this level's output tokens given that of its inputs [M] (None: all valid)."""
+        return None if token_valid is None else groups_valid(self.index, token_valid, self.tokens)
+
+    def forward_fused(
+        self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, channel_keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """First level straight from pixels: image x [B, C, H, W], per-channel tokenizer weight
-        [C, D, p, p] and shift [C, D] -> [B, G*k, L, D], equal to forward(tokens) without the tokens."""
+        [C, D, p, p] and shift [C, D] -> [B, G*k, L, D], equal to forward(tokens) without the tokens.
+        `channel_keep` [C]: channels to leave out (False); their pixels must already be zero."""
         out = self.aggregator.forward_fused(
-            self.pad_channels(x, 1), self.pad_channels(weight, 0), self.pad_channels(shift, 0), self.valid
+            self.pad_channels(x, 1),
+            self.pad_channels(weight, 0),
+            self.pad_channels(shift, 0),
+            self.attend_mask(channel_keep),
         )  # [B, G, k, L, D]
         return rearrange(out, "b g k l d -> b (g k) l d")
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, M, L, D] -> [B, G*k, L, D]."""
-        out = self.aggregator(self.group(tokens), self.valid)  # [B, G, k, L, D]
+    def forward(self, tokens: torch.Tensor, token_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, M, L, D] -> [B, G*k, L, D]; `token_valid` [M]: tokens to leave out (False)."""
+        out = self.aggregator(self.group(tokens), self.attend_mask(token_valid))  # [B, G, k, L, D]
         return rearrange(out, "b g k l d -> b (g k) l d")
 
 
@@ -107,7 +146,10 @@ class ChannelHierarchy(nn.Module):
             for spec, (tokens_in, groups) in zip(levels, shapes)
         )
 
-    def forward(self, tokens: torch.Tensor, start_level: int = 0) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_level: int = 0, token_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`token_valid` [M]: which input tokens of level `start_level` are valid (None: all)."""
         for level in self.levels[start_level:]:
-            tokens = level(tokens)
+            tokens, token_valid = level(tokens, token_valid), level.output_valid(token_valid)
         return rearrange(tokens, "b 1 l d -> b l d")

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
+from dchag.model.channel_spec import named_rows, vocabulary_specs
 from dchag.model.embeddings import sincos_2d
 from dchag.model.front_end import FrontEnd
-from dchag.model.heads import ForecastHead, MAEDecoder, random_masking
+from dchag.model.heads import ConditionedPixelOutput, ForecastHead, MAEDecoder, random_masking
 from dchag.model.init import init_weights_
-from dchag.model.vit import Block
+from dchag.model.spectral_tokenizer import build_tokenizer
+from dchag.model.vit import Block, StripDropout
 
 
 @dataclass
 class ModelOutput:
-    pred: torch.Tensor  # forecast [B, C_out, H, W] or reconstruction [B, C, H, W]
+    """A forecast's prediction, or an MAE's reconstruction per patch and its mask. The MAE's image `pred`
+    is made from `patches` on first read: training's loss reads the patches, so neither an image-layout
+    copy of the reconstruction nor its gradient ever exists there."""
+
+    _pred: torch.Tensor | None = None  # forecast [B, C_out, H, W]
     mask: torch.Tensor | None = None  # MAE: [B, L], 1 = masked patch
+    patches: torch.Tensor | None = None  # MAE: [B, L, C*p*p]
+    to_image: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def pred(self) -> torch.Tensor:
+        """forecast [B, C_out, H, W] or reconstruction [B, C, H, W]"""
+        if self._pred is None:
+            self._pred = self.to_image(self.patches)
+        return self._pred
 
 
 class ChannelViT(nn.Module):
@@ -46,6 +62,8 @@ class ChannelViT(nn.Module):
         mask_ratio: float,
         fused_front_end: bool = True,
         residual_from: list[int] | None = None,
+        tokenizer: str = "per_channel",
+        vocab_specs: list | None = None,
     ):
         super().__init__()
         # forecast the change: pred = head + the input field of each output channel (its input index)
@@ -55,16 +73,30 @@ class ChannelViT(nn.Module):
         grid = (img_size[0] // patch, img_size[1] // patch)
         self.grid = grid
         self.num_patches = grid[0] * grid[1]
-        self.front_end = FrontEnd(channel_index, vocab_size, dim, patch, levels, agg_heads, qk_norm, fused_front_end)
+        # the patch tokens this model computes, in row-major order: all of them on one device; a strip of
+        # whole patch rows on a context-parallel rank (set by dchag.parallel.context_parallel)
+        self.token_slice = slice(None)
+        # model.tokenizer: per-channel weights by name, or computed from the vocabulary's channel specs
+        tok = None if tokenizer == "per_channel" else build_tokenizer(tokenizer, vocab_specs, dim, patch)
+        self.front_end = FrontEnd(
+            channel_index, vocab_size, dim, patch, levels, agg_heads, qk_norm, fused_front_end, tokenizer=tok
+        )
         self.pos_embed = nn.Parameter(sincos_2d(dim, *grid)[None])  # [1, L, D], learnable
         self.lead_embed = nn.Linear(1, dim) if task == "forecast" else None
-        self.drop = nn.Dropout(drop_rate)
+        self.drop = StripDropout(drop_rate)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, drop_rate) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         if task == "forecast":
             self.head = ForecastHead(dim, out_channels, patch, grid[1])
         else:
-            self.head = MAEDecoder(dim, decoder_dim, decoder_depth, decoder_heads, len(channel_index), patch, grid)
+            # a sensor-agnostic model also reconstructs from wavelengths: any channels, not only trained ones
+            pred = None
+            if tokenizer != "per_channel":
+                specs = [vocab_specs[i] for i in channel_index]
+                pred = ConditionedPixelOutput(specs, named_rows(vocab_specs), decoder_dim, patch)
+            self.head = MAEDecoder(
+                dim, decoder_dim, decoder_depth, decoder_heads, len(channel_index), patch, grid, pred=pred
+            )
 
     def initial_values(self, g: torch.Generator):
         """The learnable position embedding starts as the 2-D sin-cos table."""
@@ -76,10 +108,12 @@ class ChannelViT(nn.Module):
             z = block(z)
         return self.norm(z)
 
-    def patch_tokens(self, x: torch.Tensor, lead_hours: torch.Tensor | None = None) -> torch.Tensor:
+    def patch_tokens(
+        self, x: torch.Tensor, lead_hours: torch.Tensor | None = None, channel_keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The tokens [B, L, D] the ViT blocks take, before any masking: front end + position embedding,
         plus the lead-time embedding of a forecast model (which needs lead_hours [B])."""
-        z = self.front_end(x) + self.pos_embed  # [B, L, D]
+        z = self.front_end(x, channel_keep) + self.pos_embed[:, self.token_slice]  # [B, L, D]
         if self.task == "forecast":
             if lead_hours is None:
                 raise ValueError("a forecast model needs lead_hours [B]")
@@ -92,20 +126,27 @@ class ChannelViT(nn.Module):
         lead_hours: torch.Tensor | None = None,
         mask_noise: torch.Tensor | None = None,
         mask_ratio: float | None = None,
+        channel_keep: torch.Tensor | None = None,
     ) -> ModelOutput:
         """x [B, C, H, W]; forecast needs lead_hours [B]; mae takes mask_noise [B, L] (uniform; drawn if None)
-        and masks `mask_ratio` of the patches (default: the trained train.mask_ratio)."""
-        z = self.patch_tokens(x, lead_hours)  # [B, L, D]
+        and masks `mask_ratio` of the patches (default: the trained train.mask_ratio).
+        `channel_keep` [C] (bool): a band subset; the channels marked False are left out as if absent, and
+        the model still predicts every channel (an MAE reconstructs the missing bands too)."""
+        z = self.patch_tokens(x, lead_hours, channel_keep)  # [B, L, D]
         if self.task == "forecast":
             pred = self.head(self.encode(z))  # [B, C_out, H, W]
             if self.residual:
-                pred = pred + x.index_select(1, self.residual_from).to(pred.dtype)
+                base = x.index_select(1, self.residual_from)
+                if channel_keep is not None:  # a left-out input adds no residual: the head forecasts it alone
+                    kept = self.front_end.input_keep(channel_keep).index_select(0, self.residual_from)
+                    base = torch.where(kept[None, :, None, None], base, 0.0)
+                pred = pred + base.to(pred.dtype)
             return ModelOutput(pred)
         if mask_noise is None:
             mask_noise = torch.rand(z.shape[0], z.shape[1], device=z.device)
         keep, restore, mask = random_masking(mask_noise, self.mask_ratio if mask_ratio is None else mask_ratio)
         visible = torch.gather(z, 1, keep[..., None].expand(-1, -1, z.shape[-1]))  # [B, L_keep, D]
-        return ModelOutput(self.head(self.encode(visible), restore), mask)
+        return ModelOutput(mask=mask, patches=self.head(self.encode(visible), restore), to_image=self.head.image)
 
 
 def build_model(cfg, *, init: bool = True) -> ChannelViT:
@@ -137,5 +178,7 @@ def build_model(cfg, *, init: bool = True) -> ChannelViT:
         residual_from=[cfg.channels.index(c) for c in cfg.out_channels]
         if m.residual_forecast and cfg.train.task == "forecast"
         else None,
+        tokenizer=m.tokenizer,
+        vocab_specs=vocabulary_specs(vocab, cfg.channels, m.channel_specs),
     )
     return init_weights_(model, cfg.train.seed) if init else model

@@ -14,6 +14,13 @@ def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
     return rearrange(x, "b c (h p1) (w p2) -> b c (h w) (p1 p2)", p1=patch, p2=patch)
 
 
+def tokens_from_params(x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, patch: int) -> torch.Tensor:
+    """x [B, C, H, W], weight [C, D, p, p], shift [C, D] -> tokens [B, C, L, D] (the reference path)."""
+    patches = patchify(x, patch)  # [B, C, L, p*p]
+    tokens = torch.einsum("bclk,cdk->bcld", patches, rearrange(weight, "c d p1 p2 -> c d (p1 p2)"))  # [B, C, L, D]
+    return tokens + shift[None, :, None, :]
+
+
 class ChannelTokenizer(nn.Module):
     """Tokenizes each channel with its own patch embedding and adds that channel's embedding.
 
@@ -53,7 +60,24 @@ class ChannelTokenizer(nn.Module):
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         """x [B, C, H, W], index [C] (or None for all rows) -> tokens [B, C, L, D]."""
-        weight, shift = self.channel_params(index)
-        patches = patchify(x, self.patch)  # [B, C, L, p*p]
-        tokens = torch.einsum("bclk,cdk->bcld", patches, rearrange(weight, "c d p1 p2 -> c d (p1 p2)"))  # [B, C, L, D]
-        return tokens + shift[None, :, None, :]
+        return tokens_from_params(x, *self.channel_params(index), self.patch)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    by_name = ("weight", "bias", "channel_embed")
+
+    def row_params(self, rows) -> dict[str, torch.Tensor]:
+        """{parameter: its rows for vocabulary rows `rows`}: every parameter is one row per name."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return {name: rows for name in self.by_name}
+
+    def rows(self, rows) -> "ChannelTokenizer":
+        """A tokenizer holding only vocabulary rows `rows` (copies; on the meta device, shapes only)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        local = ChannelTokenizer(len(rows), self.weight.shape[1], self.patch).to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            for name in self.by_name:
+                getattr(local, name).copy_(getattr(self, name)[rows.to(self.weight.device)])
+        return local

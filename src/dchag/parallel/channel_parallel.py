@@ -27,10 +27,9 @@ from einops import rearrange
 from torch import nn
 
 from dchag.config import ConfigError
-from dchag.model.front_end import FrontEnd, tokenize_and_aggregate
+from dchag.model.front_end import FrontEnd, drop_channels, tokenize_and_aggregate
 from dchag.model.groups import split_sizes
-from dchag.model.hierarchy import HierarchyLevel
-from dchag.model.tokenizer import ChannelTokenizer
+from dchag.model.hierarchy import HierarchyLevel, groups_valid
 from dchag.parallel.collectives import copy_to_tp, gather_from_tp, gather_to_tp, reduce_from_tp
 
 
@@ -152,17 +151,26 @@ class HeadParallelLevel(nn.Module):
         local.proj_bias = None
         self.group = group
 
-    def forward(self, tokens: torch.Tensor, entered: bool = False) -> torch.Tensor:  # [B, M, L, D] -> [B, k, L, D]
+    def forward(
+        self, tokens: torch.Tensor, entered: bool = False, token_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [B, M, L, D] -> [B, k, L, D]
         """`entered`: the tokens already come through a `*_to_tp` collective (the D-CHAG gather), which
-        sums their gradient over the TP group; otherwise `copy_to_tp` does."""
-        partial = self.level(tokens if entered else copy_to_tp(tokens, self.group))
+        sums their gradient over the TP group; otherwise `copy_to_tp` does. `token_valid` [M]: as
+        HierarchyLevel's (every rank knows the whole band subset: no communication)."""
+        partial = self.level(tokens if entered else copy_to_tp(tokens, self.group), token_valid)
         return reduce_from_tp(partial, self.group) + self.proj_bias[0]
 
-    def forward_fused(self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def forward_fused(
+        self, x: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, channel_keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """As the first level, straight from pixels (see HierarchyLevel.forward_fused): the tokenizer's
         weight and shift enter through `copy_to_tp`, since each rank's heads give part of their gradient."""
-        partial = self.level.forward_fused(x, copy_to_tp(weight, self.group), copy_to_tp(shift, self.group))
+        weight, shift = copy_to_tp(weight, self.group), copy_to_tp(shift, self.group)
+        partial = self.level.forward_fused(x, weight, shift, channel_keep)
         return reduce_from_tp(partial, self.group) + self.proj_bias[0]
+
+    def output_valid(self, token_valid: torch.Tensor | None) -> torch.Tensor | None:
+        return self.level.output_valid(token_valid)
 
 
 class ParallelFrontEnd(nn.Module):
@@ -175,18 +183,16 @@ class ParallelFrontEnd(nn.Module):
         self.specs: dict[str, ShardSpec] = {}
         prefix = "front_end."
         c0, c1 = placement.channel_ranges[rank]
+        self.channel_range = (c0, c1)
         vocab_rows = front_end.channel_index[c0:c1].clone()
         tok = front_end.tokenizer
-        self.tokenizer = self._tokenizer_rows(
-            tok, vocab_rows, "tokenizer", prefix, disjoint=placement.mode != "replicated"
-        )
+        # parameters shared by all channels (a wavelength tokenizer's projection and encoder) are whole on
+        # every rank; outside the replicated baseline each rank's channels give part of their gradient
+        split = placement.mode != "replicated"
+        self.tokenizer = self._tokenizer_rows(tok, vocab_rows, prefix, disjoint=split, partial=split and tp > 1)
         # vocabulary rows no input channel uses still belong to the model: TP rank 0 keeps them
-        unused = sorted(set(range(tok.weight.shape[0])) - set(front_end.channel_index.tolist()))
-        self.spare = (
-            self._tokenizer_rows(tok, torch.tensor(unused, dtype=torch.long), "spare", prefix)
-            if unused and rank == 0
-            else None
-        )
+        unused = sorted(set(range(tok.vocab_size)) - set(front_end.channel_index.tolist()))
+        self.spare = self._spare_rows(tok, unused, prefix) if unused and rank == 0 else None
 
         levels = list(front_end.hierarchy.levels)
         self.local_levels = nn.ModuleList()
@@ -202,6 +208,9 @@ class ParallelFrontEnd(nn.Module):
                     pad_dim=_narrower_dim(getattr(levels[i].aggregator, name), getattr(sub.aggregator, name)),
                 )
             self._spec_rest(sub, f"local_levels.{i}", f"{prefix}hierarchy.levels.{i}", partial=tp > 1)
+            # the whole level's group layout: with a band subset, every rank derives the validity of the
+            # gathered tokens from the (global) keep mask itself (`gathered_valid`), with no communication
+            self.register_buffer(f"layout_{i}", levels[i].index.clone(), persistent=False)
 
         self.gathered_counts = placement.gathered_counts
         if self.gathered_counts and len(set(self.gathered_counts)) > 1:  # drop the padding after the gather
@@ -238,15 +247,27 @@ class ParallelFrontEnd(nn.Module):
             bool(self.gathered_counts) and not len(self.shared_levels) and isinstance(self.final, HeadParallelLevel)
         )
 
-    def _tokenizer_rows(
-        self, tok: ChannelTokenizer, rows: torch.Tensor, name: str, prefix: str, disjoint: bool = True
-    ) -> ChannelTokenizer:
-        local = ChannelTokenizer(len(rows), tok.weight.shape[1], tok.patch).to(tok.weight.device)
-        with torch.no_grad():
-            for pname in ("weight", "bias", "channel_embed"):
-                getattr(local, pname).copy_(getattr(tok, pname)[rows])
-                self.specs[f"{name}.{pname}"] = ShardSpec(f"{prefix}tokenizer.{pname}", 0, rows, tp_disjoint=disjoint)
+    def _tokenizer_rows(self, tok, rows: torch.Tensor, prefix: str, disjoint: bool, partial: bool) -> nn.Module:
+        """The tokenizer of vocabulary rows `rows`: their by-name rows, and the shared parameters whole."""
+        local = tok.rows(rows)
+        by_row = tok.row_params(rows)  # {parameter: its rows in the logical tensor}
+        for pname, _ in local.named_parameters():
+            logical = f"{prefix}tokenizer.{pname}"
+            if pname in by_row:
+                self.specs[f"tokenizer.{pname}"] = ShardSpec(logical, 0, by_row[pname], tp_disjoint=disjoint)
+            else:
+                self.specs[f"tokenizer.{pname}"] = ShardSpec(logical, partial_grad=partial)
         return local
+
+    def _spare_rows(self, tok, unused: list[int], prefix: str) -> nn.Module | None:
+        """The by-name rows of unused vocabulary entries (no computation uses them), or None if none."""
+        spare = nn.Module()
+        for pname, rows in tok.row_params(unused).items():
+            if len(rows):
+                param = getattr(tok, pname)
+                spare.register_parameter(pname, nn.Parameter(param.detach()[rows.to(param.device)].clone()))
+                self.specs[f"spare.{pname}"] = ShardSpec(f"{prefix}tokenizer.{pname}", 0, rows)
+        return spare if len(spare._parameters) else None
 
     def _spec_rest(self, module: nn.Module, local_prefix: str, logical_prefix: str, partial: bool) -> None:
         """Parameters not yet described are whole copies (qk-norm weights, replicated levels)."""
@@ -263,35 +284,53 @@ class ParallelFrontEnd(nn.Module):
         gathered = gather(padded, self.group, dim=1)  # [B, T*n_max, L, D]
         return gathered if self.gather_keep is None else gathered.index_select(1, self.gather_keep)
 
-    def distributed_part(self, x: torch.Tensor) -> torch.Tensor:
+    def input_keep(self, channel_keep: torch.Tensor) -> torch.Tensor:
+        """The part of a keep mask [C] over all the model's channels that belongs to this rank's x."""
+        return channel_keep[self.channel_range[0] : self.channel_range[1]]
+
+    def gathered_valid(self, channel_keep: torch.Tensor | None) -> torch.Tensor | None:
+        """Validity [M] of the tokens after the rank-local levels (and the gather), from the global keep
+        mask [C] through the whole levels' group layouts: what every rank would gather, computed locally."""
+        valid = channel_keep
+        for i, level in enumerate(self.local_levels if channel_keep is not None else ()):
+            valid = groups_valid(getattr(self, f"layout_{i}"), valid, level.tokens)
+        return valid
+
+    def distributed_part(self, x: torch.Tensor, channel_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Tokenize this rank's channels, run the rank-local levels, gather: [B, C_r, H, W] -> [B, M, L, D].
 
         This is D-CHAG proper: one all-gather forward; backward either no communication (own slice) or,
         straight into the head-parallel last level, the one reduce-scatter that level needs anyway.
+        `channel_keep` [C]: the band subset over all channels; this rank applies its own slice of it.
         """
+        keep = None if channel_keep is None else self.input_keep(channel_keep)  # [C_r]
         if self.local_levels:  # tokenizer + level 1, fused unless configured off
-            tokens = tokenize_and_aggregate(self.tokenizer, self.local_levels[0], x, None, self.fused)
+            tokens = tokenize_and_aggregate(self.tokenizer, self.local_levels[0], x, None, self.fused, keep)
+            valid = self.local_levels[0].output_valid(keep)
             for level in self.local_levels[1:]:
-                tokens = level(tokens)  # [B, n_r, L, D]
-        else:
-            tokens = self.tokenizer(x, None)  # [B, C_r, L, D]: the local tokenizer holds exactly x's channels
+                tokens, valid = level(tokens, valid), level.output_valid(valid)  # [B, n_r, L, D]
+        else:  # [B, C_r, L, D]: the local tokenizer holds exactly x's channels
+            tokens = self.tokenizer(drop_channels(x, keep), None)
         if self.gathered_counts:
             tokens = self._gather(tokens)  # [B, M, L, D]
         return tokens
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C_r, H, W] (this rank's channels) -> [B, L, D] (the same on every rank)."""
+    def forward(self, x: torch.Tensor, channel_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, C_r, H, W] (this rank's channels) -> [B, L, D] (the same on every rank). `channel_keep`
+        [C]: a band subset over all channels (the same on every rank), as FrontEnd's."""
         levels = [*self.shared_levels, *([self.final] if self.final is not None else [])]
         if self.fused and not self.local_levels and not self.gathered_counts:
             # replicated baseline: the first level sees every channel here, so it can run fused too
             weight, shift = self.tokenizer.channel_params(None)
-            tokens = levels[0].forward_fused(x, weight, shift)  # [B, G*k, L, D]
+            tokens = levels[0].forward_fused(drop_channels(x, channel_keep), weight, shift, channel_keep)
+            valid = levels[0].output_valid(channel_keep)  # [B, G*k, L, D] and its validity
             levels = levels[1:]
         else:
-            tokens = self.distributed_part(x)  # [B, M, L, D]
+            tokens = self.distributed_part(x, channel_keep)  # [B, M, L, D]
+            valid = self.gathered_valid(channel_keep)
         if self.gather_into_final:
-            tokens = self.final(tokens, entered=True)
+            tokens = self.final(tokens, entered=True, token_valid=valid)
             levels = []
         for level in levels:
-            tokens = level(tokens)
+            tokens, valid = level(tokens, token_valid=valid), level.output_valid(valid)
         return rearrange(tokens, "b 1 l d -> b l d")

@@ -1,4 +1,5 @@
-"""Autograd-aware collectives over the tensor-parallel group, each named by its forward/backward pair.
+"""Autograd-aware collectives over the tensor- and context-parallel groups, each named by its
+forward/backward pair.
 
 | function             | forward                         | backward                          |
 |----------------------|---------------------------------|-----------------------------------|
@@ -6,6 +7,15 @@
 | `reduce_from_tp`     | all-reduce (sum)                | identity                          |
 | `gather_from_tp`     | all-gather, concatenate on dim  | keep this rank's slice (no comm)  |
 | `gather_to_tp`       | all-gather, concatenate on dim  | reduce-scatter (sum, own slice)   |
+| `gather_to_cp`       | all-gather, concatenate on dim  | reduce-scatter (sum, own slice)   |
+| `reduce_from_cp`     | all-reduce (sum)                | identity                          |
+
+Context parallelism (CP: each rank holds a strip of the image's tokens) uses the same two pairs over the
+CP group. `gather_to_cp` is the attention's key/value exchange: every rank's queries read every rank's
+keys and values, so the gradient of the gathered keys and values on each rank is that rank's part of
+their gradient, and backward sums the parts onto the rank that owns each strip. `reduce_from_cp` adds
+the strips' loss sums. (On CUDA, `torch.distributed.tensor.experimental.context_parallel` offers ring
+attention for SDPA's kernels; the all-gather here is what runs everywhere, gloo included.)
 
 `*_to_tp` enter a region whose ranks each compute part of the result (heads, columns): the gradient
 that comes back is a per-rank partial sum, so backward sums it. `*_from_tp` leave such a region.
@@ -118,3 +128,15 @@ def gather_to_tp(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """All-gather forward along `dim`, reduce-scatter backward (the D-CHAG gather straight into the
     head-parallel last level)."""
     return _GatherToTP.apply(x, group, dim)
+
+
+def gather_to_cp(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """All-gather forward along `dim`, reduce-scatter backward: every CP rank's keys and values (stacked
+    into one tensor, one collective) for attention over the whole sequence."""
+    return _GatherToTP.apply(x, group, dim)
+
+
+def reduce_from_cp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce forward, identity backward: a loss's sums over the strips of the CP group (each rank's
+    own part of the gradient flows back to its own strip)."""
+    return _ReduceFromTP.apply(x, group)

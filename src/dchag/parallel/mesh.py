@@ -1,13 +1,17 @@
-"""The named device mesh (dp_replicate, dp_shard, tp) and process-group start-up.
+"""The named device mesh (dp_replicate, dp_shard, cp, tp) and process-group start-up.
 
-TP groups are consecutive ranks (the innermost mesh dimension), data parallelism runs across ranks with
-the same TP index, as in ORBIT's Hybrid-STOP and torchtitan.
+TP groups are consecutive ranks (the innermost mesh dimension); the context-parallel ranks of one sample
+(`cp`: each holds a strip of patch rows) come next, so a CP group's members are `tp` ranks apart; data
+parallelism runs across ranks with the same (cp, tp) index, as in ORBIT's Hybrid-STOP and torchtitan.
+CP ranks share the weights as data-parallel ranks do: under FSDP2 the shard dimension is dp_shard x cp
+flattened (`dp_shard_cp`), as in torchtitan.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,7 +21,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dchag.config import ConfigError
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost first: tp ranks are neighbours
+FSDP_SHARD_CP = "dp_shard_cp"  # dp_shard x cp flattened: FSDP2's shard dimension when cp > 1
 
 
 @dataclass(frozen=True)
@@ -25,14 +30,15 @@ class ParallelDims:
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
+    cp: int = 1
 
     @classmethod
     def from_config(cls, parallel_cfg) -> "ParallelDims":
-        return cls(parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
+        return cls(parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp, parallel_cfg.cp)
 
     @property
     def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
 
     @property
     def dp(self) -> int:
@@ -41,7 +47,8 @@ class ParallelDims:
     def validate(self, world_size: int) -> None:
         if self.world_size != world_size:
             raise ConfigError(
-                f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
+                f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x cp={self.cp} x "
+                f"tp={self.tp} = "
                 f"{self.world_size} ranks, but {world_size} processes were started; make the product equal"
             )
 
@@ -107,16 +114,34 @@ def unresponsive_ranks(timeout_s: float) -> str:
 
 
 def build_mesh(dims: ParallelDims, device: str | None = None) -> DeviceMesh:
-    """A 3-D mesh named (dp_replicate, dp_shard, tp) over all started ranks."""
+    """A 4-D mesh named MESH_DIMS (dp_replicate, dp_shard, cp, tp) over all started ranks; with cp > 1
+    also the flattened dp_shard x cp dimension FSDP2 shards over."""
     dims.validate(dist.get_world_size())
-    return init_device_mesh(
-        device or device_type(), (dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=MESH_DIMS
+    mesh = init_device_mesh(
+        device or device_type(), (dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp), mesh_dim_names=MESH_DIMS
     )
+    if dims.cp > 1:
+        mesh["dp_shard", "cp"]._flatten(FSDP_SHARD_CP)
+    return mesh
+
+
+def fsdp_shard_dim(mesh: DeviceMesh) -> str:
+    """The mesh dimension FSDP2 shards parameters over: dp_shard, or dp_shard x cp flattened."""
+    return FSDP_SHARD_CP if mesh["cp"].size() > 1 else "dp_shard"
+
+
+def submesh(mesh: DeviceMesh, *names: str) -> DeviceMesh:
+    """`mesh[names]`, also for the flattened dp_shard_cp (torch warns that slicing a flattened dimension
+    from the root mesh "will be deprecated"; it is how torchtitan names it, and it works)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+        return mesh[names if len(names) > 1 else names[0]]
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
-    """The data-parallel part of the mesh, 2-D (replicate, shard) for FSDP2/HSDP."""
-    return mesh["dp_replicate", "dp_shard"]
+    """The mesh FSDP2/HSDP shards over, 2-D (replicate, shard): context-parallel ranks hold the same
+    weights and each computes part of every gradient, so they join the shard dimension."""
+    return submesh(mesh, "dp_replicate", fsdp_shard_dim(mesh))
 
 
 def dp_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:

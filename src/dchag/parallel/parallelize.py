@@ -25,10 +25,13 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import checkpoint
 
+from dchag.model.heads import ConditionedPixelOutput
 from dchag.model.parts import freeze_parts
 from dchag.parallel.channel_parallel import ChannelPlacement, ParallelFrontEnd, ShardSpec, place_channels
 from dchag.parallel.collectives import copy_to_tp, reduce_from_tp
-from dchag.parallel.mesh import ParallelDims, dp_mesh, dp_rank_and_size
+from dchag.parallel.context_parallel import RowStrip, apply_context_parallel, sum_gradients_over_cp
+from dchag.parallel.gradients import finish_gradients
+from dchag.parallel.mesh import FSDP_SHARD_CP, ParallelDims, dp_mesh, dp_rank_and_size, fsdp_shard_dim, submesh
 
 # One ViT block under TP needs one all-reduce forward and one backward per sub-layer (attention, MLP).
 # q, k and v read the same input: PrepareModuleInput turns it into one replicated DTensor at the
@@ -84,6 +87,21 @@ class ChannelColumnLinear(nn.Linear):
         return super().forward(copy_to_tp(x, self.group))
 
 
+class ChannelColumnOutput(nn.Module):
+    """A wavelength-conditioned pixel output (`ConditionedPixelOutput`) for this rank's output channels
+    only: their weights alone are generated. The generator and by-name tables are whole on every rank
+    (each rank's channels give part of their gradient); the input enters through `copy_to_tp`, as
+    ChannelColumnLinear's."""
+
+    def __init__(self, full: ConditionedPixelOutput, positions: list[int], group):
+        super().__init__()
+        self.inner = full.subset(positions)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, d] -> [B, L, C_r*p*p]
+        return self.inner(copy_to_tp(x, self.group))
+
+
 @dataclass
 class ParallelPlan:
     model: nn.Module
@@ -97,10 +115,15 @@ class ParallelPlan:
     tp_rank: int
     dp_rank: int
     dp_size: int
+    strip: RowStrip | None = None  # context parallelism: this rank's strip of patch rows (cp > 1)
 
     @property
     def tp(self) -> int:
         return self.dims.tp
+
+    @property
+    def cp(self) -> int:
+        return self.dims.cp
 
     @property
     def tp_group(self):
@@ -114,22 +137,13 @@ class ParallelPlan:
            decay and drift from the single-device model).
         2. Gradients that each TP rank computed only in part (ShardSpec.partial_grad) are summed over TP,
            all in one flat all-reduce.
+        3. Under context parallelism each CP rank computed its strip's part of every gradient: without
+           data parallelism they are summed here (one flat all-reduce over CP); with it, FSDP2 sums them
+           (it shards over dp_shard x cp).
         """
-        partial = []
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            spec = self.specs.get(name)
-            if self.tp > 1 and spec is not None and spec.partial_grad:
-                partial.append(param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad)
-        if partial:
-            flat = torch.cat([g.reshape(-1) for g in partial])
-            dist.all_reduce(flat, group=self.tp_group)
-            torch._foreach_copy_(
-                partial, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in partial]), partial)]
-            )
+        finish_gradients(self.model.named_parameters(), self.specs, self.tp_group, self.tp)
+        if self.cp > 1 and self.dims.dp == 1:
+            sum_gradients_over_cp(self.model, self.mesh["cp"].get_group())
 
     def _tp_replicated(self, name: str, param: torch.Tensor) -> bool:
         """Whether every TP rank holds the same values of this (local) parameter."""
@@ -199,7 +213,7 @@ class ParallelPlan:
                 # a placement that is neither replicated nor partial splits the tensor: Shard, and the
                 # _StridedShard that FSDP2 uses on top of TP (not a Shard subclass)
                 split = {dim for dim, pl in zip(dims, grad.placements) if not (pl.is_replicate() or pl.is_partial())}
-                dp_split, tp_split = "dp_shard" in split, "tp" in split
+                dp_split, tp_split = bool(split & {"dp_shard", FSDP_SHARD_CP}), "tp" in split
                 grad = grad.to_local()
             spec = self.specs.get(name)
             if spec is not None and spec.dim is not None and spec.tp_disjoint:
@@ -227,9 +241,10 @@ class ParallelPlan:
         for (dp_split, tp_split), grads in self._local_grads().items():
             norms = torch._foreach_norm(grads)
             sums[int(dp_split), int(tp_split)] = torch.stack(norms).to(device, torch.float64).square().sum()
-        if self.mesh["dp_shard"].size() > 1:
+        shard = submesh(self.mesh, fsdp_shard_dim(self.mesh))  # FSDP2's shard dimension (x cp)
+        if self.dims.dp > 1 and shard.size() > 1:
             dp_pair = sums[1].clone()
-            dist.all_reduce(dp_pair, group=self.mesh["dp_shard"].get_group())
+            dist.all_reduce(dp_pair, group=shard.get_group())
             sums[1] = dp_pair
         if self.tp > 1:
             tp_pair = sums[:, 1].clone()
@@ -250,6 +265,18 @@ class ParallelPlan:
 
 class ReplicaDivergence(RuntimeError):
     """Parameters that must be identical on every TP rank are not (raised on every rank alike)."""
+
+
+def _splittable_decoder_blocks(head: nn.Module, tp: int) -> list[nn.Module]:
+    """The MAE decoder's blocks, which run on every TP rank's whole sequence, sharded like the encoder's
+    where TP splits their heads and MLP width evenly; otherwise (a narrow decoder with few heads) none,
+    and they stay whole on every rank."""
+    blocks = list(getattr(head, "blocks", ()))
+    if not blocks:
+        return []
+    attn, hidden = blocks[0].attn, blocks[0].mlp.fc1.out_features
+    heads = attn.wq.out_features // attn.head_dim
+    return blocks if heads % tp == 0 and hidden % tp == 0 else []
 
 
 def _checkpointed(module: nn.Module) -> None:
@@ -279,7 +306,7 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
     # 2. tensor parallelism for the ViT blocks (heads and MLP columns sharded); each rank's heads draw
     #    their attention-dropout masks from their own stream (see model.vit.attend)
     if dims.tp > 1:
-        for block in model.blocks:
+        for block in [*model.blocks, *_splittable_decoder_blocks(model.head, dims.tp)]:
             parallelize_module(block, tp_mesh, BLOCK_TP_PLAN)
             block.attn.dropout_streams = (tp_rank, 1)
     # Under channel parallelism each rank predicts only its own channels (the output rows of the MAE
@@ -296,7 +323,14 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
         rows = torch.tensor([k * patch_px + i for k in owned for i in range(patch_px)], dtype=torch.long)
         head = model.head
         linear = head.pred if cfg.train.task == "mae" else head.out
-        local = ChannelColumnLinear(linear, rows, tp_group)
+        if isinstance(linear, ConditionedPixelOutput):  # weights from wavelengths: generated for owned channels
+            local = ChannelColumnOutput(linear, owned, tp_group)
+            for pname, _ in local.inner.named_parameters():  # whole on every rank, each rank's channels give part
+                specs[f"{name}.inner.{pname}"] = ShardSpec(f"{name}.{pname}", partial_grad=dims.tp > 1)
+        else:
+            local = ChannelColumnLinear(linear, rows, tp_group)
+            specs[f"{name}.weight"] = ShardSpec(f"{name}.weight", 0, rows)
+            specs[f"{name}.bias"] = ShardSpec(f"{name}.bias", 0, rows)
         if cfg.train.task == "mae":
             head.pred, head.channels = local, len(owned)
         else:
@@ -305,8 +339,8 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
                 local_names = channels[c0:c1]
                 index = [local_names.index(cfg.out_channels[k]) for k in owned]
                 model.residual_from = torch.tensor(index, dtype=torch.long, device=model.residual_from.device)
-        specs[f"{name}.weight"] = ShardSpec(f"{name}.weight", 0, rows)
-        specs[f"{name}.bias"] = ShardSpec(f"{name}.bias", 0, rows)
+    # context parallelism: this rank computes its strip of patch rows; attention gathers keys and values
+    strip = apply_context_parallel(model, cfg, mesh["cp"]) if dims.cp > 1 else None
     # 3. activation checkpointing and compilation, per block
     for block in model.blocks:
         if p.activation_checkpointing:
@@ -315,7 +349,7 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
             block.compile()
     # 4. parts left untrained (train.freeze) are marked before FSDP2 shards them, which keeps the flag
     freeze_parts(model, cfg.train.freeze)
-    # 5. FSDP2 over the data-parallel dimensions: each block, then the root
+    # 5. FSDP2 over the data-parallel dimensions (dp_shard x cp: CP ranks share weights): each block, then the root
     if dims.dp > 1:
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -345,4 +379,5 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
         tp_rank=tp_rank,
         dp_rank=dp_rank,
         dp_size=dp_size,
+        strip=strip,
     )

@@ -42,7 +42,7 @@ def logical_tensors(plan, getter: Callable[[torch.nn.Parameter], torch.Tensor | 
     for name, param in plan.model.named_parameters():
         value = getter(param)
         # no gradient: zeros of the parameter's global shape (a DTensor's .shape is already global)
-        value = _full(value).detach() if value is not None else torch.zeros(param.shape)
+        value = _full(value).detach() if value is not None else torch.zeros(param.shape, dtype=param.dtype)
         value = value.cpu()
         spec = plan.specs.get(name)
         if spec is None:
@@ -57,8 +57,8 @@ def logical_tensors(plan, getter: Callable[[torch.nn.Parameter], torch.Tensor | 
         dist.all_gather_object(everyone, dict(pieces), group=plan.tp_group)
     for rank_pieces in everyone:
         for logical, parts in rank_pieces.items():
-            if logical not in out:
-                out[logical] = torch.zeros(plan.logical_shapes[logical])
+            if logical not in out:  # in the parameters' dtype (float64 in parity checks)
+                out[logical] = torch.zeros(plan.logical_shapes[logical], dtype=parts[0][2].dtype)
             for dim, indices, value in parts:
                 out[logical].index_copy_(dim, indices, _pad_to(value, out[logical].shape, dim))
     return out

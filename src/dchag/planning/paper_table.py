@@ -127,6 +127,7 @@ def paper_plan(size: PaperPlanSize) -> list[dict]:
             dtype="bf16",
             local_batch=2,
             variants=("replicated", "dchag-L"),
+            cp_sizes=(1,),  # the paper's layouts: no context parallelism
             workers=size.workers,
         )
         records += [{**r, "part": "hyperspectral-7b"} for r in found]

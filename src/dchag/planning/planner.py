@@ -1,12 +1,16 @@
-"""`dchag plan`: every variant x every (tp, dp_shard, dp_replicate) layout of N GPUs, traced.
+"""`dchag plan`: every variant x every (tp, cp, dp_shard, dp_replicate) layout of N GPUs, traced.
 
 For each candidate the config is rewritten to that variant and layout (`variants.variant_overrides`),
 checked exactly as `dchag train` checks it, and its widest ranks are traced (`trace.trace_rank`). The
 per-GPU peak is the traced tensor peak; a candidate fits when that peak stays below the GPU's memory
 less `headroom` (the CUDA/ROCm context, communicator buffers and allocator fragmentation, which a
 tensor trace does not see). Throughput is predicted from the traced work of a rank, with the stated
-machine speeds: step time = FLOPs / tflops + TP bytes / tp_gbs + data-parallel bytes / dp_gbs (no
-overlap assumed), samples/s = local batch x data-parallel size / step time.
+machine speeds: step time = FLOPs / tflops + TP bytes / tp_gbs + CP bytes / cp_gbs + data-parallel
+bytes / dp_gbs (no overlap assumed), samples/s = local batch x data-parallel size / step time.
+
+Context parallelism (`cp`) needs no model of its own: the traced rank holds its strip of patch rows, so
+its activations, its front end's work and the keys and values it gathers for attention (forward
+all-gather, backward reduce-scatter over the CP group) are in the trace as they are in the step.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Machine:
     tflops: float = 100.0  # sustained dense TFLOP/s per GPU
     tp_gbs: float = 100.0  # GB/s each GPU sends within its TP group (intra-node links)
     dp_gbs: float = 25.0  # GB/s each GPU sends to its data-parallel peers (often across nodes)
+    cp_gbs: float = 100.0  # GB/s each GPU sends within its context-parallel group (keys and values)
 
     def check(self) -> None:
         if self.gpus < 1:
@@ -39,7 +44,7 @@ class Machine:
             raise ConfigError(f"--gpu-mem {self.gpu_mem_gib} must be a positive number of GiB")
         if not 0 <= self.headroom < 1:
             raise ConfigError(f"--headroom {self.headroom} must be in [0, 1)")
-        for name in ("tflops", "tp_gbs", "dp_gbs"):
+        for name in ("tflops", "tp_gbs", "dp_gbs", "cp_gbs"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be positive")
 
@@ -55,6 +60,7 @@ class Candidate:
     tp: int
     dp_shard: int
     dp_replicate: int
+    cp: int = 1  # context parallelism: ranks sharing one sample's sequence, each a strip of patch rows
 
     @property
     def dp(self) -> int:
@@ -62,29 +68,38 @@ class Candidate:
 
     @classmethod
     def of(cls, record: dict) -> "Candidate":
-        return cls(record["variant"], record["fused"], record["tp"], record["dp_shard"], record["dp_replicate"])
+        return cls(
+            record["variant"], record["fused"], record["tp"], record["dp_shard"], record["dp_replicate"],
+            record.get("cp", 1),
+        )  # fmt: skip
 
     def label(self) -> str:
         fused = " fused" if self.fused else ""
-        return f"{self.variant}{fused} tp={self.tp} dp_shard={self.dp_shard} dp_replicate={self.dp_replicate}"
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
+        return f"{self.variant}{fused} tp={self.tp}{cp} dp_shard={self.dp_shard} dp_replicate={self.dp_replicate}"
 
 
-def layouts(gpus: int) -> list[tuple[int, int, int]]:
-    """Every (tp, dp_shard, dp_replicate) whose product is `gpus`."""
-    out = []
-    for tp in range(1, gpus + 1):
-        if gpus % tp:
-            continue
-        rest = gpus // tp
-        out += [(tp, shard, rest // shard) for shard in range(1, rest + 1) if rest % shard == 0]
-    return out
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(gpus: int, variants=tuple(VARIANTS), fused=(False, True)) -> list[Candidate]:
-    """Every variant on every layout; `naive` only with tp > 1 (at tp = 1 it is the replicated model)."""
+def layouts(gpus: int) -> list[tuple[int, int, int, int]]:
+    """Every (tp, cp, dp_shard, dp_replicate) whose product is `gpus`."""
     return [
-        Candidate(v, f, tp, shard, rep)
-        for tp, shard, rep in layouts(gpus)
+        (tp, cp, shard, gpus // (tp * cp * shard))
+        for tp in _divisors(gpus)
+        for cp in _divisors(gpus // tp)
+        for shard in _divisors(gpus // (tp * cp))
+    ]
+
+
+def candidates(gpus: int, variants=tuple(VARIANTS), fused=(False, True), cp_sizes=None) -> list[Candidate]:
+    """Every variant on every layout (with cp in `cp_sizes`, default any); `naive` only with tp > 1 (at
+    tp = 1 it is the replicated model)."""
+    return [
+        Candidate(v, f, tp, shard, rep, cp)
+        for tp, cp, shard, rep in layouts(gpus)
+        if cp_sizes is None or cp in cp_sizes
         for v, f in variant_pairs(variants, fused)
         if not (v == "naive" and tp == 1)
     ]
@@ -100,6 +115,7 @@ def candidate_config(base: dict, cand: Candidate, dtype: str | None, global_batc
         *variant_overrides(cand.variant, cand.fused, cand.tp),
         f"parallel.dp_shard={cand.dp_shard}",
         f"parallel.dp_replicate={cand.dp_replicate}",
+        *([f"parallel.cp={cand.cp}"] if cand.cp > 1 else []),  # a config from before cp existed stays loadable
     ]
     if global_batch is not None:
         overrides.append(f"train.batch_size={global_batch}")
@@ -129,7 +145,13 @@ def plan_one(base_dict: dict, cand: Candidate, machine: Machine, dtype: str | No
     worst = max(traces, key=lambda t: t.peak_mem_bytes)
     flops = max(t.flops for t in traces)
     tp_bytes, dp_bytes = max(t.tp_comm_bytes for t in traces), max(t.dp_comm_bytes for t in traces)
-    step_s = flops / (machine.tflops * 1e12) + tp_bytes / (machine.tp_gbs * 1e9) + dp_bytes / (machine.dp_gbs * 1e9)
+    cp_bytes = max(t.cp_comm_bytes for t in traces)
+    step_s = (
+        flops / (machine.tflops * 1e12)
+        + tp_bytes / (machine.tp_gbs * 1e9)
+        + cp_bytes / (machine.cp_gbs * 1e9)
+        + dp_bytes / (machine.dp_gbs * 1e9)
+    )
     return {
         **record,
         "local_batch": batch,
@@ -141,6 +163,7 @@ def plan_one(base_dict: dict, cand: Candidate, machine: Machine, dtype: str | No
         "param_bytes": worst.param_bytes,
         "flops_per_rank": flops,
         "tp_comm_bytes": tp_bytes,
+        "cp_comm_bytes": cp_bytes,
         "dp_comm_bytes": dp_bytes,
         "predicted_step_time_s": step_s,
         "predicted_samples_per_s": batch * cand.dp / step_s,
@@ -157,11 +180,13 @@ def plan(
     dtype: str | None = None,
     local_batch: int | None = None,
     variants=tuple(VARIANTS),
+    cp_sizes: tuple[int, ...] | None = None,
     workers: int = 1,
     progress: bool = True,
 ) -> list[dict]:
-    """Records for every candidate, ranked: fitting ones by predicted samples/s (fastest first), then
-    the rest by memory, then invalid ones."""
+    """Records for every candidate (context-parallel sizes in `cp_sizes`, default every divisor of the
+    GPUs), ranked: fitting ones by predicted samples/s (fastest first), then the rest by memory, then
+    invalid ones."""
     machine.check()
     if dtype not in (None, "bf16", "fp32"):
         raise ConfigError(f"--dtype {dtype!r} is unknown; use bf16 or fp32 (or leave it out: the config's)")
@@ -170,7 +195,10 @@ def plan(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants {unknown[0]!r} is unknown; use some of {list(VARIANTS)}")
-    todo = candidates(machine.gpus, variants)
+    bad_cp = [c for c in cp_sizes or () if c < 1 or machine.gpus % c]
+    if bad_cp:
+        raise ConfigError(f"--cp {bad_cp[0]} must be a positive divisor of --gpus {machine.gpus}")
+    todo = candidates(machine.gpus, variants, cp_sizes=cp_sizes)
     base_dict = to_dict(base)
 
     def report(done: int, record: dict) -> None:
@@ -209,11 +237,11 @@ def plan_table(records: list[dict], machine: Machine) -> str:
     lines = [
         f"{machine.gpus} GPUs x {machine.gpu_mem_gib:g} GiB, {machine.headroom:.0%} kept free: a layout fits below "
         f"{machine.usable_bytes / GIB:.1f} GiB per GPU. Speeds assumed: {machine.tflops:g} TFLOP/s, "
-        f"TP {machine.tp_gbs:g} GB/s, data-parallel {machine.dp_gbs:g} GB/s per GPU.",
+        f"TP {machine.tp_gbs:g} GB/s, CP {machine.cp_gbs:g} GB/s, data-parallel {machine.dp_gbs:g} GB/s per GPU.",
         "",
-        "| # | variant | fused | tp | dp_shard | dp_replicate | per-GPU peak | of GPU | front end | fits | "
-        "samples/s (pred.) | step s (pred.) | TFLOP / GPU | TP GB / GPU | DP GB / GPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | variant | fused | tp | cp | dp_shard | dp_replicate | per-GPU peak | of GPU | front end | fits | "
+        "samples/s (pred.) | step s (pred.) | TFLOP / GPU | TP GB / GPU | CP GB / GPU | DP GB / GPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     invalid = []
     for i, r in enumerate(records, 1):
@@ -221,12 +249,12 @@ def plan_table(records: list[dict], machine: Machine) -> str:
             invalid.append(r)
             continue
         lines.append(
-            f"| {i} | {r['variant']} | {'yes' if r['fused'] else 'no'} | {r['tp']} | {r['dp_shard']} | "
-            f"{r['dp_replicate']} | {size_text(r['predicted_peak_mem_bytes'])} | "
+            f"| {i} | {r['variant']} | {'yes' if r['fused'] else 'no'} | {r['tp']} | {r.get('cp', 1)} | "
+            f"{r['dp_shard']} | {r['dp_replicate']} | {size_text(r['predicted_peak_mem_bytes'])} | "
             f"{r['predicted_peak_mem_bytes'] / (machine.gpu_mem_gib * GIB):.0%} | {r['front_end_share']:.0%} | "
             f"{'yes' if r['fits'] else '**no**'} | {r['predicted_samples_per_s']:,.4g} | "
             f"{r['predicted_step_time_s']:.3g} | {r['flops_per_rank'] / 1e12:.3g} | "
-            f"{r['tp_comm_bytes'] / 1e9:.3g} | {r['dp_comm_bytes'] / 1e9:.3g} |"
+            f"{r['tp_comm_bytes'] / 1e9:.3g} | {r.get('cp_comm_bytes', 0) / 1e9:.3g} | {r['dp_comm_bytes'] / 1e9:.3g} |"
         )
     if invalid:
         lines += ["", "Not possible with this config:"]

@@ -37,6 +37,7 @@ class RankTrace:
     flops: int  # forward + backward (+ recomputation under activation checkpointing)
     tp_comm_bytes: int  # bytes this rank sends through collectives on its TP group (ring algorithms)
     dp_comm_bytes: int  # the same on its data-parallel groups (FSDP all-gathers and reduce-scatters)
+    cp_comm_bytes: int = 0  # the same on its context-parallel group (keys and values of attention)
 
 
 def ranks_to_trace(cfg) -> list[int]:
@@ -56,9 +57,18 @@ def ranks_to_trace(cfg) -> list[int]:
     return sorted({0, widest})
 
 
+def _rows(cfg, plan) -> int:
+    """The image rows this rank reads: all of them, or its strip's under context parallelism."""
+    strip = getattr(plan, "strip", None)
+    if strip is None:
+        return cfg.model.img_size[0]
+    return strip.pixel_rows.stop - strip.pixel_rows.start
+
+
 def _batch_shapes(cfg, plan, local_batch: int) -> dict[str, tuple[int, ...]]:
-    """The shapes of this rank's batch: its own input channels and, for forecasting, its targets."""
-    h, w = cfg.model.img_size
+    """The shapes of this rank's batch: its own input channels (and rows, under context parallelism)
+    and, for forecasting, its targets."""
+    h, w = _rows(cfg, plan), cfg.model.img_size[1]
     shapes = {"x": (local_batch, len(plan.input_channels), h, w)}
     if cfg.train.task == "forecast":
         shard = plan.channel_shard
@@ -69,7 +79,8 @@ def _batch_shapes(cfg, plan, local_batch: int) -> dict[str, tuple[int, ...]]:
 
 
 def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fake: bool = True) -> RankTrace:
-    """Trace TP rank `tp_rank` (data-parallel coordinates 0) of the layout in `cfg.parallel`.
+    """Trace TP rank `tp_rank` (data-parallel coordinates 0; context-parallel rank 0, whose strip of
+    patch rows is the widest) of the layout in `cfg.parallel`.
 
     `target`: the device the step is traced for. "cuda": AdamW with multi-tensor (foreach) kernels and
     flash attention, as torch runs them on GPUs; "cpu": as torch runs them on CPU (to compare with
@@ -100,8 +111,10 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
         with parameters_on_meta():
             model = build_model(cfg, init=False)
         plan = parallelize(model, cfg, mesh)  # on meta: channel shards, TP slices, FSDP shards
+        noise = _mask_noise(cfg, plan, local_batch)  # real values: a CP rank's shapes depend on the mask
         # real index buffers become fake on use
-        with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+        with _visible_slots_of(cfg, plan, noise) if fake else contextlib.nullcontext(), fake_mode:
             allocate(plan.model, torch.device("cpu"))
             layout = Layout(plan.model, plan)
             optimizer = build_optimizer(plan.model, cfg.train, foreach=True if on_gpu else None)
@@ -111,12 +124,12 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
                 p.grad = torch.zeros_like(p)
             optimizer.step()
             shapes = _batch_shapes(cfg, plan, local_batch)
-            lat_weights = torch.ones(cfg.model.img_size[0]) if cfg.train.task == "forecast" else None
+            lat_weights = torch.ones(_rows(cfg, plan)) if cfg.train.task == "forecast" else None
 
             def step() -> None:
                 batch = {k: torch.randn(shape) for k, shape in shapes.items()}
-                noise = torch.rand(local_batch, plan.model.num_patches) if cfg.train.task == "mae" else None
-                _, norm = loss_and_gradients(layout, optimizer, batch, cfg, lat_weights, noise)
+                step_noise = noise.clone() if noise is not None else None  # made in the step, as training does
+                _, norm = loss_and_gradients(layout, optimizer, batch, cfg, lat_weights, step_noise)
                 layout.clip(cfg.train.grad_clip, norm)
                 optimizer.step()
 
@@ -132,22 +145,67 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
                 [_local(t) for t in state if isinstance(t, torch.Tensor)]
             )
             local = [_local(p) for p in plan.model.parameters()]
-            tp_group = str(plan.tp_group.group_name)
+            tp_group, cp_group = str(plan.tp_group.group_name), cp_group_name(mesh)
             tp_bytes = sum(r["ring_bytes"] for r in comm.records if r["group"] == tp_group)
-            dp_bytes = sum(r["ring_bytes"] for r in comm.records if r["group"] != tp_group)
+            cp_bytes = sum(r["ring_bytes"] for r in comm.records if r["group"] == cp_group)
+            dp_bytes = sum(r["ring_bytes"] for r in comm.records if r["group"] not in (tp_group, cp_group))
             return RankTrace(
-                tp_rank, peak, front_end_peak, front_end_bytes, tensor_bytes(local), flops, int(tp_bytes), int(dp_bytes)
+                tp_rank,
+                peak,
+                front_end_peak,
+                front_end_bytes,
+                tensor_bytes(local),
+                flops,
+                int(tp_bytes),
+                int(dp_bytes),
+                int(cp_bytes),
             )
+
+
+def cp_group_name(mesh) -> str | None:
+    """The name of this rank's context-parallel process group (None without context parallelism: a mesh
+    dimension of size 1 may share its group's name with another one's)."""
+    if "cp" not in (mesh.mesh_dim_names or ()) or mesh["cp"].size() == 1:
+        return None
+    return str(mesh["cp"].get_group().group_name)
+
+
+def _mask_noise(cfg, plan, local_batch: int) -> torch.Tensor | None:
+    """An MAE step's mask noise [B, L] (seeded: every trace of a layout draws the same mask)."""
+    if cfg.train.task != "mae":
+        return None
+    return torch.rand(local_batch, plan.model.num_patches, generator=torch.Generator().manual_seed(0))
+
+
+@contextlib.contextmanager
+def _visible_slots_of(cfg, plan, noise):
+    """A context-parallel MAE rank pads its visible tokens to the most any strip holds, a number read
+    from the mask (`context_parallel.visible_slots`), which fake tensors do not have: it is computed here
+    from the step's real noise, as the rank computes it, and given to the traced step."""
+    strip = getattr(plan, "strip", None)
+    if noise is None or strip is None:
+        yield
+        return
+    from dchag.parallel import context_parallel
+
+    slots = context_parallel.strip_masking(noise, cfg.train.mask_ratio, strip).local_index.shape[1]
+    original = context_parallel.visible_slots
+    context_parallel.visible_slots = lambda counts: slots
+    try:
+        yield slots
+    finally:
+        context_parallel.visible_slots = original
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _flash_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, streams) -> torch.Tensor:
+def _flash_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, *streams) -> torch.Tensor:
     """Attention as GPUs run it (flash attention, dropout inside the kernel): saves the output and the
     log-sum-exp [B, H, L], never the [B, H, L, L] scores. (On CPU, torch takes the math path whenever
-    dropout is on, which holds the scores; no GPU run does.)"""
+    dropout is on, which holds the scores; no GPU run does.) `streams`: `attend`'s dropout streams (and
+    strips), which change which masks are drawn, not what is held."""
     out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout)
     return out
 

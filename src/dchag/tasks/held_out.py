@@ -22,10 +22,11 @@ MASK_SEED_OFFSET = 10_000  # held-out masks never coincide with a training step'
 @torch.no_grad()
 def held_out_loss(
     model, cfg, source, count: int, batch_size: int, lat_weights=None, *, rank: int = 0, ranks: int = 1,
-    channel_shard=None,
+    channel_shard=None, strip=None,
 ) -> tuple[float, int]:  # fmt: skip
     """(sum over this rank's samples of the per-sample loss, number of those samples) over the first
-    `count` samples of `source`; the model is evaluated as it is (call model.eval() first)."""
+    `count` samples of `source`; the model is evaluated as it is (call model.eval() first). Under context
+    parallelism (`strip`) the source gives this rank's rows and the model its strip's part."""
     device = next(model.parameters()).device
     starts = list(range(0, count, batch_size))
     total, seen = 0.0, 0
@@ -39,7 +40,9 @@ def held_out_loss(
         if cfg.train.task == "mae":
             noise = mask_noise_for_step(cfg, MASK_SEED_OFFSET + start, len(indices), model.num_patches).to(device)
         lat = lat_weights.to(device) if lat_weights is not None else None
-        loss, _ = compute_loss(model, batch, cfg, lat_weights=lat, mask_noise=noise, channel_shard=channel_shard)
+        loss, _ = compute_loss(
+            model, batch, cfg, lat_weights=lat, mask_noise=noise, channel_shard=channel_shard, strip=strip
+        )
         total += weight * float(loss) * len(indices)
         seen += weight * len(indices)
     return total, seen

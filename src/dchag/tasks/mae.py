@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from einops import rearrange
+
+from dchag.tasks.patch_error import patch_counts, patch_sse, patchify
 
 
 def mask_noise_for_step(cfg, step: int, global_batch: int, num_patches: int) -> torch.Tensor:
@@ -26,41 +27,50 @@ def mae_loss(
     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
     valid: torch.Tensor | None = None,
     dp_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    consume: bool = False,
+    sum_over_strips: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """pred, target [B, C, H, W]; mask [B, L] (1 = masked).
+    """pred: the decoder's patches [B, L, C*p*p] (what training passes) or an image [B, C, H, W];
+    target [B, C, H, W]; mask [B, L] (1 = masked).
 
     "all": mean squared error over the whole image (as in the paper); "masked": over masked patches only.
-    Under channel parallelism pred/target hold this rank's channels only: `sum_over_ranks` adds the
-    per-patch squared errors of all ranks and `total_channels` is the full channel count.
-    `valid` [B, C, H, W] (bool, under data.nan=mask): the mean is taken over valid pixels only, of the
-    global batch when `dp_mean` is given (see `dchag.tasks.step.masked_mean`).
+    Under channel parallelism pred/target hold this rank's channels only: the rank sums its squared
+    errors to a scalar, `sum_over_ranks` adds the ranks' scalars and `total_channels` is the full channel
+    count. `valid` [B, C, H, W] (bool, under data.nan=mask): the mean is taken over valid pixels only, of
+    the global batch when `dp_mean` is given (see `dchag.tasks.step.masked_mean`). The squared error never
+    exists at image size (`dchag.tasks.patch_error`); with `consume` (training: nobody reads the
+    prediction afterwards) it is built in the prediction's own storage.
+    Under context parallelism pred/target/mask hold one strip of the image's patches: `sum_over_strips`
+    adds the strips' sums (and the patch counts divided by) over the CP group.
     """
-    channels = total_channels or pred.shape[1]
-    err = (pred.float() - target.float()) ** 2
-    if valid is not None:
-        return _masked_mae_loss(err, mask, patch, loss_on, valid, sum_over_ranks, dp_mean)
-    sse = rearrange(err, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch, p2=patch).sum(-1)  # [B, L]
+    channels = total_channels or target.shape[1]
+    if pred.dim() == 4:  # an image: its patch-layout copy is ours to consume
+        pred, consume = patchify(pred, patch), True
+    sse = patch_sse(pred, target, patch, valid, consume)  # [B, L]: this rank's channels
+    weight = mask if loss_on == "masked" else None  # [B, L] or every patch alike
+    if valid is not None:  # divide by the valid pixels counted (of masked patches, for "masked")
+        count = patch_counts(valid, patch)  # [B, L]
+        sums = torch.stack([_weighted_sum(sse, weight), _weighted_sum(count, weight)])  # one reduction
+        if sum_over_ranks is not None:
+            sums = sum_over_ranks(sums)
+        if sum_over_strips is not None:
+            sums = sum_over_strips(sums)
+        total = sums[1]
+        if dp_mean is not None:  # the global batch's count (see dchag.tasks.step.masked_mean)
+            total = dp_mean(total)
+        return sums[0] / total.clamp(min=1)
+    total_sse = _weighted_sum(sse, weight)  # a scalar: all that crosses the TP group
     if sum_over_ranks is not None:
-        sse = sum_over_ranks(sse)
-    per_patch = sse / (channels * patch * patch)  # [B, L] mean over every channel and pixel of a patch
+        total_sse = sum_over_ranks(total_sse)
+    per_pixel = total_sse / (channels * patch * patch)  # sum over patches of each patch's mean error
+    if sum_over_strips is not None:  # the sum and the patches counted over the whole image, in one reduction
+        counted = sse.new_tensor(float(sse.numel())) if loss_on == "all" else mask.sum().to(sse.dtype)
+        per_pixel, counted = sum_over_strips(torch.stack([per_pixel, counted]))
+        return per_pixel / counted.clamp(min=1)
     if loss_on == "all":
-        return per_patch.mean()
-    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+        return per_pixel / sse.numel()
+    return per_pixel / mask.sum().clamp(min=1)
 
 
-def _masked_mae_loss(err, mask, patch: int, loss_on: str, valid, sum_over_ranks, dp_mean=None) -> torch.Tensor:
-    """Squared error [B, C, H, W] averaged over the valid pixels (of masked patches, for "masked"): per
-    patch the sum over valid pixels and their count, added up over ranks, then sum / count."""
-    per = "b c (h p1) (w p2) -> b (h w) (c p1 p2)"
-    sse = rearrange(torch.where(valid, err, 0.0), per, p1=patch, p2=patch).sum(-1)  # [B, L]
-    count = rearrange(valid.to(err.dtype), per, p1=patch, p2=patch).sum(-1)  # [B, L]
-    both = torch.stack([sse, count])  # [2, B, L]: one reduction for both sums
-    if sum_over_ranks is not None:
-        both = sum_over_ranks(both)
-    sse, count = both[0], both[1]
-    if loss_on == "masked":
-        sse, count = sse * mask, count * mask
-    total = count.sum()
-    if dp_mean is not None:  # the global batch's count (see dchag.tasks.step.masked_mean)
-        total = dp_mean(total)
-    return sse.sum() / total.clamp(min=1)
+def _weighted_sum(per_patch: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return per_patch.sum() if weight is None else (per_patch * weight).sum()

@@ -33,18 +33,21 @@ def input_positions(channels: list[str], out_channels: list[str], channel_shard=
     return [local.index(out_channels[k]) for k in channel_shard.out_index]
 
 
-def _step(model, x: torch.Tensor, lead_hours: torch.Tensor) -> torch.Tensor:
-    return model(x, lead_hours).pred
+def _step(model, x: torch.Tensor, lead_hours: torch.Tensor, channel_keep=None) -> torch.Tensor:
+    if channel_keep is None:
+        return model(x, lead_hours).pred
+    return model(x, lead_hours, channel_keep=channel_keep).pred
 
 
 def rollout(
-    model, x, lead_hours, steps, *, in_out_index, forcings=None, checkpointing: bool = False
+    model, x, lead_hours, steps, *, in_out_index, forcings=None, checkpointing: bool = False, channel_keep=None
 ) -> list[torch.Tensor]:  # fmt: skip
     """x [B, C, H, W] normalised inputs at t0; lead_hours [B] (one step's lead); `in_out_index[k]` = the input
     channel index fed by output channel k; forcings: optional list (len steps-1) of [B, C, H, W] inputs at each
     later valid time (their non-predicted channels are used; None: non-predicted channels held fixed).
     `checkpointing`: recompute each step's activations in backward (torch.utils.checkpoint), so training
     memory grows by one step's inputs per step instead of one step's activations.
+    `channel_keep` [C]: a band subset, the same at every step (left-out inputs stay out, predicted or not).
     Returns the `steps` predictions [B, C_out, H, W] at t0 + lead, t0 + 2 lead, ..."""
     if steps < 1:
         raise ValueError(f"rollout steps={steps} must be >= 1")
@@ -55,9 +58,9 @@ def rollout(
     current = x  # [B, C, H, W]
     for s in range(steps):
         if checkpointing and torch.is_grad_enabled():
-            pred = checkpoint(_step, model, current, lead_hours, use_reentrant=False)
+            pred = checkpoint(_step, model, current, lead_hours, channel_keep, use_reentrant=False)
         else:
-            pred = _step(model, current, lead_hours)  # [B, C_out, H, W]
+            pred = _step(model, current, lead_hours, channel_keep)  # [B, C_out, H, W]
         preds.append(pred)
         if s + 1 < steps:  # the next inputs: the predicted channels over the data at the next valid time
             base = forcings[s] if forcings is not None else current  # [B, C, H, W]

@@ -282,7 +282,7 @@ def _layout(plan) -> str:
     if plan is None:
         return "one process"
     d = plan.dims
-    return f"parallel.tp={d.tp} dp_shard={d.dp_shard} dp_replicate={d.dp_replicate}"
+    return f"parallel.tp={d.tp} dp_shard={d.dp_shard} dp_replicate={d.dp_replicate} cp={d.cp}"
 
 
 def _save_hint(err: BaseException, plan) -> str:

@@ -6,7 +6,11 @@ The source is a run folder (its newest checkpoint), a checkpoint folder, a `dcha
 whose rows belong to channels are matched row by row by channel NAME, so the two models may differ in
 their channels:
 - the tokenizer (`front_end.tokenizer.*`: one row per vocabulary name): names the pretrained vocabulary
-  lacks keep this run's fresh rows and channel embeddings; pretrained names this run lacks are ignored;
+  lacks keep this run's fresh rows and channel embeddings; pretrained names this run lacks are ignored.
+  A wavelength / hypernetwork tokenizer's weights are shared by all channels and load whole, whatever
+  the channels; only its rows for channels without a wavelength (`channel_embed`, `name_weight`, and the
+  wavelength-conditioned MAE output's `head.pred.name_*`) match by name, and the hierarchy's group
+  weights load by position (the same number of groups: they do not belong to channels there);
 - the task heads' output rows (the forecast head's per output channel, the MAE decoder's per channel);
 - the hierarchy's aggregators (`front_end.hierarchy.levels.*`: one row per group): a group takes the
   pretrained group's rows only when it reduces the same tokens (the same channels, in the same order,
@@ -36,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from dchag.config import Config, ConfigError, config_from_dict
 from dchag.data import channel_names, default_out_channels
 from dchag.model import build_model
+from dchag.model.channel_spec import named_rows, vocabulary_specs
 from dchag.model.groups import resolve_level_groups, split_sizes
 from dchag.model.parts import part_of
 from dchag.parallel.logical_shards import Chunk, LogicalShards, logical_shards
@@ -46,6 +51,7 @@ from dchag.train.safe_metadata import read_metadata_safely
 REPORT_FILE = "init_from.json"
 TOKENIZER = "front_end.tokenizer."
 LEVELS = "front_end.hierarchy.levels."
+BY_NAME = ("channel_embed", "name_weight")  # wavelength / hypernetwork tokenizers' rows by name
 GROUP_PARAMS = {  # per-group tensors of each aggregator kind (first dimension: the group)
     "cross_attention": ("query", "wq", "wk", "wv", "proj_weight", "proj_bias"),
     "linear": ("weight", "bias"),
@@ -64,6 +70,8 @@ class Layout:
     channels: list[str]
     out_channels: list[str]
     vocabulary: list[str]
+    tokenizer: str  # model.tokenizer
+    named: list[str]  # the rows of a wavelength model's by-name tables: its vocabulary's channels without one
     patch: int
     groups: list[list[tuple]]  # per level, per group: the group's key (see `group_keys`)
     kinds: list[str]  # per level: the aggregator kind
@@ -71,11 +79,14 @@ class Layout:
     @classmethod
     def of(cls, cfg: Config, channels: list[str], out_channels: list[str]) -> "Layout":
         levels = cfg.model.hierarchy.resolved_levels()
+        vocabulary = list(cfg.model.vocabulary) if cfg.model.vocabulary else list(channels)
         return cls(
             task=cfg.train.task,
             channels=list(channels),
             out_channels=list(out_channels) if cfg.train.task == "forecast" else [],
-            vocabulary=list(cfg.model.vocabulary) if cfg.model.vocabulary else list(channels),
+            vocabulary=vocabulary,
+            tokenizer=cfg.model.tokenizer,
+            named=named_rows(vocabulary_specs(vocabulary, list(channels), cfg.model.channel_specs)),
             patch=cfg.model.patch_size,
             groups=group_keys(levels, channels),
             kinds=[level.kind for level in levels],
@@ -201,12 +212,20 @@ def row_map(name: str, now: Layout, then: Layout) -> list[int | None] | None:
     """How the rows (first dimension) of weight `name` match: None when they match as they are,
     else per row of this model the pretrained row (None: no pretrained row)."""
     if name.startswith(TOKENIZER):
-        return _by_name(now.vocabulary, then.vocabulary)
+        if now.tokenizer == "per_channel":  # every tokenizer weight: one row per vocabulary name
+            return _by_name(now.vocabulary, then.vocabulary if then.tokenizer == "per_channel" else then.named)
+        if name[len(TOKENIZER) :] in BY_NAME:  # a wavelength model's rows for channels without a wavelength
+            return _by_name(now.named, then.vocabulary if then.tokenizer == "per_channel" else then.named)
+        return None  # shared by all channels: no rows to match
+    if name in ("head.pred.name_weight", "head.pred.name_bias") and now.task == then.task == "mae":
+        return _by_name(now.named, then.named)  # the wavelength-conditioned output's by-name rows
     if name in ("head.out.weight", "head.out.bias") and now.task == then.task == "forecast":
         return _by_name(now.out_channels, then.out_channels, now.patch**2)
     if name in ("head.pred.weight", "head.pred.bias") and now.task == then.task == "mae":
         return _by_name(now.channels, then.channels, now.patch**2)
     level = _level_param(name)
+    if level is not None and now.tokenizer != "per_channel" and then.tokenizer != "per_channel":
+        return None  # wavelength models: a group's weights do not belong to its channels; they load by position
     if level is not None:
         i, param = level
         if param in GROUP_PARAMS.get(now.kinds[i], ()) and i < len(then.groups):

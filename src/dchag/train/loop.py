@@ -22,9 +22,11 @@ from dchag.config import Config, ConfigError, to_dict
 from dchag.data import build_source
 from dchag.data.held_out import held_out_source
 from dchag.data.pipeline import step_batches
+from dchag.data.row_strip import RowStrip
 from dchag.model import build_model
 from dchag.model.parts import freeze_parts
 from dchag.tasks import compute_loss, mask_noise_for_step
+from dchag.tasks.channel_subset import channel_keep_for_step
 from dchag.tasks.held_out import held_out_loss
 from dchag.train.checkpoint import load_checkpoint, read_stats, read_train_state, resolve_resume, save_checkpoint
 from dchag.train.guards import BadSteps, decide, findings
@@ -75,7 +77,7 @@ class Layout:
     def for_run(cls, cfg: Config, device: torch.device) -> "Layout":
         """The model of this run: on several ranks (torchrun) each builds only its own shards
         (`parallel.construct`), never the whole model; on one process the single-device model."""
-        n = cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate
+        n = cfg.parallel.tp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate * cfg.parallel.cp
         if launched_distributed():
             from dchag.parallel import ParallelDims, build_mesh
             from dchag.parallel.construct import build_parallel_model
@@ -200,6 +202,7 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
     model, plan = layout.model, layout.plan
     steps = t.rollout_steps if t.task == "forecast" else 1
     source = build_source(cfg, channels=plan.input_channels if plan else None, rollout_steps=steps)
+    source = strip_of(source, cfg, plan)  # context parallelism: this rank's rows of every image
     optimizer = build_optimizer(model, t)
     run = _start(cfg, layout, optimizer, out, resume, resume_changed)
     if run.resume_from is None and t.init_from:  # fine-tuning starts from these weights; a resume never does
@@ -233,6 +236,9 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
         batch = {k: v.to(device) for k, v in batch.items() if k not in ("index", "worker")}
+        keep = channel_keep_for_step(cfg, step, len(cfg.channels))  # train.channel_subset: [C] or None
+        if keep is not None:  # the whole band subset on every rank; each applies its own channels' part
+            batch["channel_keep"] = keep.to(device)
         noise = (
             mask_noise_for_step(cfg, step, t.batch_size, model.num_patches)[rows].to(device)
             if t.task == "mae"
@@ -326,6 +332,7 @@ class Validation:
             plan = layout.plan
             channels = plan.input_channels if plan else None
             self.source, self.count = held_out_source(cfg, stats, cfg.train.eval_samples, channels)
+            self.source = strip_of(self.source, cfg, plan)
             self.lat = self.source.lat_weights() if cfg.train.task == "forecast" else None
 
     def loss_if_due(self, done: int) -> float | None:
@@ -343,6 +350,7 @@ class Validation:
             rank=layout.dp_rank,
             ranks=layout.dp_size,
             channel_shard=plan.channel_shard if plan else None,
+            strip=plan.strip if plan else None,
         )
         layout.model.train()
         sums = torch.tensor([total, float(seen)], dtype=torch.float64)
@@ -397,10 +405,21 @@ def build_model_meta(cfg: Config) -> torch.nn.Module:
         return build_model(cfg, init=False)  # shapes are all it is for
 
 
+def strip_of(source, cfg: Config, plan):
+    """The source as this rank reads it: under context parallelism its strip of rows of every image."""
+    if plan is None or plan.strip is None:
+        return source
+    return RowStrip(source, plan.strip.pixel_rows, tuple(cfg.model.img_size))
+
+
 def loss_and_gradients(layout: Layout, optimizer, batch: dict, cfg: Config, lat_weights, noise):
     """Forward, loss, backward and gradient finishing: (loss, global gradient norm), both tensors. Reads
     no value on the host, so the planner (`dchag.planning`) traces it on fake tensors."""
     model, plan = layout.model, layout.plan
+    if optimizer is not None:  # the last step's gradients are spent: free them before the activations come
+        optimizer.zero_grad(set_to_none=True)
+    # the model's output is not kept (what backward needs, autograd holds): an MAE's loss may build its
+    # error in the prediction's storage
     with autocast(cfg, batch["x"].device):
         loss, _ = compute_loss(
             model,
@@ -410,9 +429,9 @@ def loss_and_gradients(layout: Layout, optimizer, batch: dict, cfg: Config, lat_
             mask_noise=noise,
             channel_shard=plan.channel_shard if plan else None,
             dp_mean=plan.dp_mean if plan is not None and plan.dp_size > 1 else None,
+            keep_output=False,
+            strip=plan.strip if plan else None,
         )
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
     (loss / layout.dp_size).backward()  # gradients are summed over DP ranks: this makes them a mean
     if plan is not None:
         plan.finish_gradients()

@@ -28,7 +28,7 @@ from dchag.train.checkpoint import (
     read_train_state,
 )
 
-SINGLE_PROCESS = ["parallel.tp=1", "parallel.dp_shard=1", "parallel.dp_replicate=1", "data.workers=0"]
+SINGLE_PROCESS = ["parallel.tp=1", "parallel.dp_shard=1", "parallel.dp_replicate=1", "parallel.cp=1", "data.workers=0"]
 
 
 @dataclass

@@ -9,6 +9,7 @@ checked up front (channels, image size, NaN) with one-line errors naming the val
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from dchag.config import Config, ConfigError
 from dchag.data.channels import BAND_RE, band_wavelength
 from dchag.data.errors import DataError
+from dchag.tasks.channel_subset import keep_of_names
 from dchag.train.checkpoint import complete_checkpoints
 from dchag.train.export import WEIGHTS_FILE, load_export_folder
 from dchag.train.run_weights import load_run_weights
@@ -87,8 +89,12 @@ class TrainedModel:
         return x * std + mean
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def _model_input(self, x, what: str) -> tuple[torch.Tensor, bool, bool]:
-        """(x [B, C, H, W] in model units on the model's device, was it numpy, was it one [C, H, W] cube)."""
+    def _model_input(self, x, what: str, channels: list[str] | None = None):
+        """(x [B, C, H, W] in model units on the model's device, was it numpy, was it one [C, H, W] cube,
+        keep mask [C] or None). `channels`: the names of x's channels when x holds only some of the model's
+        (any subset, any order); the others are left out (`channel_keep`), their slots zero."""
+        keep = None if channels is None else keep_of_names(self.channels, list(channels), "channels", DataError)
+        given = self.channels if channels is None else list(channels)
         numpy = isinstance(x, np.ndarray)
         if not numpy and not isinstance(x, torch.Tensor):
             raise DataError(f"{what} is a {type(x).__name__}; give a numpy array or torch tensor [(B,) C, H, W]")
@@ -97,11 +103,13 @@ class TrainedModel:
             raise DataError(f"{what} has shape {list(t.shape)}; give [C, H, W] or [B, C, H, W]")
         single = t.ndim == 3
         t = (t[None] if single else t).float()
-        channels, size = t.shape[1], list(t.shape[2:])
-        if channels != len(self.channels):
+        count, size = t.shape[1], list(t.shape[2:])
+        if channels is not None and count != len(given):
+            raise DataError(f"{what} has {count} channels and channels= names {len(given)}; give one name per channel")
+        if count != len(given):
             raise DataError(
-                f"{what} has {channels} channels; the model takes {len(self.channels)} "
-                f"({_short_list(self.channels)}), in that order"
+                f"{what} has {count} channels; the model takes {len(self.channels)} "
+                f"({_short_list(self.channels)}), in that order (or name a subset with channels=[...])"
             )
         if size != list(self.config.model.img_size):
             h, w = self.config.model.img_size
@@ -115,8 +123,13 @@ class TrainedModel:
                 f"{what} holds {int(bad.sum())} NaN value(s), the first at [B, C, H, W] index {first}; fill them "
                 "(the run was trained with data.nan=error)"
             )
-        t = self.normalise(t.to(self.device), self.channels)
-        return torch.where(torch.isnan(t), 0.0, t), numpy, single  # data.nan=mask: NaN at the channel mean
+        t = self.normalise(t.to(self.device), given)
+        t = torch.where(torch.isnan(t), 0.0, t)  # data.nan=mask: NaN at the channel mean
+        if keep is not None:  # into the model's channel order; left-out slots stay zero
+            full = t.new_zeros(t.shape[0], len(self.channels), *t.shape[2:])
+            full[:, [self.channels.index(c) for c in given]] = t
+            t, keep = full, keep.to(self.device)
+        return t, numpy, single, keep
 
     def default_lead_hours(self) -> int:
         """The shortest lead the run trained on (forecast runs' embeddings are taken at it)."""
@@ -130,9 +143,13 @@ class TrainedModel:
 
         return forecast_dataset(self, ds, lead_hours, steps)
 
-    def reconstruct(self, cube, mask_ratio: float | None = None, seed: int = 0) -> Reconstruction:
+    def reconstruct(
+        self, cube, mask_ratio: float | None = None, seed: int = 0, channels: list[str] | None = None
+    ) -> Reconstruction:
         """MAE reconstruction of `cube` [C, H, W] or [B, C, H, W] (physical units, numpy or torch) with
-        `mask_ratio` of the patches hidden (default: the trained ratio), the mask drawn from `seed`."""
+        `mask_ratio` of the patches hidden (default: the trained ratio), the mask drawn from `seed`.
+        `channels`: names of the cube's bands when it holds only some of the model's; the reconstruction
+        still covers every band of the model (the missing ones predicted from the others)."""
         if self.task != "mae":
             raise ConfigError(
                 f"reconstruct needs a masked-autoencoder run; {str(self.source)!r} trained task {self.task!r} "
@@ -141,10 +158,10 @@ class TrainedModel:
         ratio = self.config.train.mask_ratio if mask_ratio is None else float(mask_ratio)
         if not 0.0 <= ratio < 1.0:
             raise DataError(f"mask_ratio={mask_ratio} must be in [0, 1)")
-        x, numpy, single = self._model_input(cube, "cube")
+        x, numpy, single, keep = self._model_input(cube, "cube", channels)
         noise = torch.rand(x.shape[0], self.model.num_patches, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            out = self.model(x, mask_noise=noise.to(x.device), mask_ratio=ratio)
+            out = self.model(x, mask_noise=noise.to(x.device), mask_ratio=ratio, channel_keep=keep)
         pred = self.denormalise(out.pred, self.channels)  # [B, C, H, W] physical
         gh, gw = self.model.grid
         p = self.config.model.patch_size
@@ -156,26 +173,59 @@ class TrainedModel:
             parts = [t.cpu().numpy() for t in parts]
         return Reconstruction(*parts, mask_ratio=ratio)
 
-    def embed(self, x, pool: str = "none", lead_hours: float | None = None):
+    def embed(self, x, pool: str = "none", lead_hours: float | None = None, channels: list[str] | None = None):
         """Encoder tokens after the ViT blocks of x [C, H, W] or [B, C, H, W] (physical units): [B, L, D]
         (L patches in row-major order), or [B, D] with pool="mean". MAE runs embed every patch (no
-        masking); forecast runs at `lead_hours` (default: the shortest trained lead)."""
+        masking); forecast runs at `lead_hours` (default: the shortest trained lead). `channels`: names of
+        x's channels when it holds only some of the model's."""
         if pool not in POOLS:
             raise DataError(f"pool={pool!r} is unknown; use one of {POOLS}")
-        z, numpy, single = self._model_input(x, "x")
-        out = self.embed_normalised(z, pool, lead_hours)
+        z, numpy, single, keep = self._model_input(x, "x", channels)
+        out = self.embed_normalised(z, pool, lead_hours, keep)
         out = out[0] if single else out
         return out.cpu().numpy() if numpy else out
 
-    def embed_normalised(self, z: torch.Tensor, pool: str = "none", lead_hours: float | None = None) -> torch.Tensor:
-        """`embed` of z [B, C, H, W] already in model units (a data source's batch["x"])."""
+    def embed_normalised(
+        self, z: torch.Tensor, pool: str = "none", lead_hours: float | None = None, channel_keep=None
+    ) -> torch.Tensor:
+        """`embed` of z [B, C, H, W] already in model units (a data source's batch["x"]); `channel_keep` [C]:
+        the channels to use (None: all)."""
         lead = None
         if self.task == "forecast":
             hours = self.default_lead_hours() if lead_hours is None else float(lead_hours)
             lead = torch.full((z.shape[0],), hours, device=self.device)
         with torch.no_grad():
-            tokens = self.model.encode(self.model.patch_tokens(z.to(self.device), lead))  # [B, L, D]
+            tokens = self.model.encode(self.model.patch_tokens(z.to(self.device), lead, channel_keep))  # [B, L, D]
         return tokens.mean(dim=1) if pool == "mean" else tokens
+
+    def for_channels(
+        self, channels: list[str], stats: dict | None = None, channel_specs: list | None = None
+    ) -> "TrainedModel":
+        """This wavelength / hypernetwork model rebuilt for other channels (another sensor's bands named by
+        wavelength like b865.0, or `channel_specs`), same weights (`dchag.train.other_channels`). `stats`:
+        normalisation statistics of the new channels ({"channels": {name: {"mean", "std"}}}), needed for
+        file-trained runs unless the run's own cover them."""
+        from dchag.train.other_channels import model_for_channels
+
+        channels = list(channels)
+        cfg, model = model_for_channels(self.config, self.model, channels, channel_specs)
+        stats = stats if stats is not None else self.stats
+        if stats is not None:
+            missing = [c for c in channels if c not in stats.get("channels", {})]
+            if missing:
+                raise DataError(
+                    f"no normalisation statistics for channels {missing[:5]}; pass stats={{'channels': "
+                    "{name: {'mean': ..., 'std': ...}}} for the new channels (e.g. from their training data)"
+                )
+        return dataclasses.replace(
+            self,
+            config=cfg,
+            model=model.eval(),
+            stats=stats,
+            channels=channels,
+            out_channels=list(cfg.out_channels) if self.task == "forecast" else [],
+            wavelengths_nm=wavelengths_of(cfg, channels),
+        )
 
 
 def _short_list(names: list[str]) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def paper_plots(worst: dict[tuple, dict], folder: str | Path) -> list[Path]:
-    """From `paper-cpu`'s worst ranks ((channels, tp, variant, fused) -> record, as
+    """From `paper-cpu`'s worst ranks ((channels, tp, variant, fused, tokenizer) -> record, as
     `bench.paper_sweep.worst_ranks` reduces them): per TP size, whole-step peak memory and samples/s
     against channels; PNGs `folder/memory_tp{T}.png` and `folder/throughput_tp{T}.png`."""
     import matplotlib
@@ -23,15 +23,18 @@ def paper_plots(worst: dict[tuple, dict], folder: str | Path) -> list[Path]:
             ("samples_per_s", "samples / s (slowest rank)", "throughput"),
         ):
             fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+            tokenizers = list(dict.fromkeys(k[4] for k in worst))
             for variant in dict.fromkeys(k[2] for k in worst):  # in the sweep's order
-                for fused in (False, True):
-                    points = sorted((k[0], r[field]) for k, r in worst.items() if k[1:] == (tp, variant, fused))
+                for fused, tokenizer in ((f, t) for f in (False, True) for t in tokenizers):
+                    line = (tp, variant, fused, tokenizer)
+                    points = sorted((k[0], r[field]) for k, r in worst.items() if k[1:] == line)
                     if not points:
                         continue
                     xs, ys = zip(*points)
                     ys = [y / 2**20 for y in ys] if field == "peak_mem_bytes" else list(ys)
+                    named = f" {tokenizer}" if len(tokenizers) > 1 else ""
                     ax.plot(xs, ys, marker="o", linestyle="-" if fused else "--",
-                            label=f"{variant}{' fused' if fused else ''}")  # fmt: skip
+                            label=f"{variant}{' fused' if fused else ''}{named}")  # fmt: skip
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("channels")

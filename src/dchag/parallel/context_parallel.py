@@ -1,0 +1,239 @@
+"""Context parallelism (CP): the ranks of a CP group share each sample, each holding a strip of patch rows.
+
+The image's grid of G_h x G_w patches is split into `cp` contiguous strips of whole patch rows (uneven
+when cp does not divide G_h: the first G_h % cp strips get one row more). CP rank j:
+
+- reads its strip's pixel rows of the input (of its own channels under TP) and of the targets;
+- tokenizes and aggregates them: the channel front end works patch by patch, so it runs unchanged on the
+  strip, over the rank's TP group;
+- adds its rows of the position embedding (`ChannelViT.token_slice`);
+- runs the ViT blocks on its tokens [B, L_j, D] with attention over the whole sequence: each attention
+  layer gathers every rank's keys and values (`KVExchange`: one all-gather forward, one reduce-scatter of
+  their gradients backward, `collectives.gather_to_cp`); only keys and values of the whole sequence exist
+  on a rank, and only inside attention;
+- predicts its strip (the forecast head and the MAE decoder work per token); the loss adds the strips'
+  sums over the group (`RowStrip.sum_over_ranks`).
+
+MAE: the mask is the single-device model's. Every rank holds the mask noise of its data-parallel rows for
+the whole image, so it knows every strip's visible tokens: it keeps its own (padded to the group's largest
+count, so that the gather moves equal shapes), and orders the gathered keys as one device orders its
+visible tokens. Its decoder builds its strip's tokens (visible ones and mask tokens) and attends over
+every strip's decoder tokens in the same way.
+
+Parameters are replicated over CP; each rank computes part of every gradient: `ParallelPlan` sums them
+(FSDP2 over dp_shard x cp, or one all-reduce over CP without data parallelism).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from dchag.model.groups import split_sizes
+from dchag.model.heads import random_masking
+from dchag.model.model import ModelOutput
+from dchag.model.vit import Attention, StripDropout
+from dchag.parallel.collectives import gather_to_cp, reduce_from_cp
+
+
+def row_strips(grid_rows: int, cp: int) -> list[tuple[int, int]]:
+    """The patch rows [start, stop) of each of `cp` contiguous strips: 5 rows, cp 2 -> [(0, 3), (3, 5)]."""
+    bounds = [0]
+    for n in split_sizes(grid_rows, cp):
+        bounds.append(bounds[-1] + n)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@dataclass
+class RowStrip:
+    """This CP rank's strip of the image, for the data it reads and the losses it adds up."""
+
+    rank: int
+    rows: list[tuple[int, int]]  # patch rows [start, stop) of every CP rank's strip
+    grid_w: int  # patches per row
+    patch: int
+    group: object  # the CP process group
+
+    @property
+    def pixel_rows(self) -> slice:
+        """This rank's rows of the image (inputs, targets, latitude weights)."""
+        start, stop = self.rows[self.rank]
+        return slice(start * self.patch, stop * self.patch)
+
+    @property
+    def tokens(self) -> slice:
+        """This rank's patch tokens, in the row-major order of the whole image."""
+        start, stop = self.rows[self.rank]
+        return slice(start * self.grid_w, stop * self.grid_w)
+
+    @property
+    def token_counts(self) -> list[int]:
+        return [(stop - start) * self.grid_w for start, stop in self.rows]
+
+    @property
+    def height(self) -> int:
+        """Pixel rows of the whole image."""
+        return self.rows[-1][1] * self.patch
+
+    def sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        """A loss's sums over every strip (all-reduce forward, identity backward)."""
+        return reduce_from_cp(partial, self.group)
+
+
+class KVExchange:
+    """Attention's keys and values of the whole sequence from this rank's [B, H, n, e] (set as
+    `Attention.kv_exchange`): one all-gather of keys and values stacked forward, one reduce-scatter of
+    their gradients backward (`gather_to_cp`), over the CP group.
+
+    Every rank contributes the same number of tokens to the gather (the padded largest count); `order`
+    then picks the real tokens of the gathered [cp * n_max] in the order one device holds them: None when
+    every rank holds n_max real ones, a static [L] for uneven strips, or per sample [B, L] (MAE's visible
+    tokens, set for each forward by `StripMAEForward`). The keys are then exactly one device's, with no
+    padding left, so attention needs no mask and any SDPA kernel applies.
+    """
+
+    def __init__(self, group, counts: list[int] | None = None):
+        """`counts`: tokens each rank holds, for fixed strips; None when the caller pads (MAE)."""
+        self.group = group
+        self.n_max = max(counts) if counts else None
+        self.order: torch.Tensor | None = None
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        if counts and len(set(counts)) > 1:  # uneven strips: drop each strip's padding
+            self.order = torch.tensor([r * self.n_max + i for r, n in enumerate(counts) for i in range(n)])
+
+    def set_order(self, order: torch.Tensor | None) -> None:
+        self.order, self._on_device = order, {}
+
+    def _order(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self.order.to(device)
+        return self._on_device[device]
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = torch.stack([k, v])  # [2, B, H, n, e]: one collective for both
+        if self.n_max is not None and kv.shape[3] < self.n_max:  # a shorter strip: pad to equal shapes
+            kv = F.pad(kv, (0, 0, 0, self.n_max - kv.shape[3]))
+        every = gather_to_cp(kv, self.group, dim=3)  # [2, B, H, cp * n_max, e]
+        if self.order is not None:
+            order = self._order(every.device)
+            if order.dim() == 1:
+                every = every.index_select(3, order)  # [2, B, H, L, e]
+            else:  # per sample [B, L]
+                two, b, h, _, e = every.shape
+                every = torch.gather(every, 3, order[None, :, None, :, None].expand(two, b, h, order.shape[1], e))
+        return every[0], every[1]
+
+
+@dataclass
+class StripMasking:
+    """This rank's part of one MAE mask (the single-device `random_masking` of the whole image)."""
+
+    local_index: torch.Tensor  # [B, n_max] positions within the strip of its visible tokens (0 as padding)
+    key_order: torch.Tensor  # [B, L_keep] where each visible token, in one device's order, is in the gather
+    decoder_slots: torch.Tensor  # [B, L_j] per strip token: its slot among the visible ones, n_max if masked
+    mask: torch.Tensor  # [B, L_j] (1 = masked)
+
+
+def visible_slots(counts: torch.Tensor) -> int:
+    """How many visible tokens every rank holds (padded): the largest count of any strip and sample
+    [B, cp], read on the host (one synchronisation per step; the shapes that follow depend on it)."""
+    return int(counts.max())
+
+
+def strip_masking(noise: torch.Tensor, ratio: float, strip: RowStrip) -> StripMasking:
+    """The whole image's MAE mask from `noise` [B, L] (exactly one device's), as this rank holds it."""
+    keep, _, mask = random_masking(noise, ratio)  # keep [B, L_keep]: positions, one device's order
+    starts = torch.tensor([start * strip.grid_w for start, _ in strip.rows[1:]], device=keep.device)
+    owner = torch.bucketize(keep.contiguous(), starts, right=True)  # [B, L_keep]: the strip of each token
+    member = F.one_hot(owner, len(strip.rows))  # [B, L_keep, cp]
+    slot = (member.cumsum(1) - 1).gather(2, owner[..., None])[..., 0]  # [B, L_keep]: order within its strip
+    n_max = visible_slots(member.sum(1))
+    mine = owner == strip.rank
+    first = strip.tokens.start
+    b = keep.shape[0]
+    local = keep.new_zeros(b, n_max + 1)  # the last column collects the other strips' tokens
+    local.scatter_(1, torch.where(mine, slot, n_max), torch.where(mine, keep - first, 0))
+    slots = keep.new_full(noise.shape, n_max)  # [B, L]: masked positions read the mask token (slot n_max)
+    slots.scatter_(1, keep, slot)
+    return StripMasking(local[:, :n_max], owner * n_max + slot, slots[:, strip.tokens], mask[:, strip.tokens])
+
+
+class StripMAEForward:
+    """`ChannelViT.forward` of an MAE on a CP rank: the same model, on this rank's strip (see the module
+    text). Set as the model's `forward` by `apply_context_parallel`; a plain callable, not a module, so
+    the model's parameters keep their names."""
+
+    def __init__(self, model, strip: RowStrip, encoder: KVExchange):
+        self.model, self.strip, self.encoder = model, strip, encoder
+
+    def __call__(self, x, lead_hours=None, mask_noise=None, mask_ratio=None, **front) -> ModelOutput:
+        """x [B, C(_r), H_j, W]: the strip's pixel rows; mask_noise [B, L]: the whole image's (required:
+        every rank of the group must draw the same mask)."""
+        model, strip = self.model, self.strip
+        if mask_noise is None:
+            raise ValueError("a context-parallel MAE needs the whole image's mask noise [B, L] (mask_noise_for_step)")
+        z = model.patch_tokens(x, lead_hours, **front)  # [B, L_j, D]
+        layout = strip_masking(mask_noise, model.mask_ratio if mask_ratio is None else mask_ratio, strip)
+        visible = torch.gather(z, 1, layout.local_index[..., None].expand(-1, -1, z.shape[-1]))  # [B, n_max, D]
+        self.encoder.set_order(layout.key_order)
+        latent = model.encode(visible)  # [B, n_max, D]
+        head = model.head
+        embedded = head.embed(latent)  # [B, n_max, d]
+        b, _, d = embedded.shape
+        tokens = torch.cat([embedded, head.mask_token.expand(b, 1, d)], dim=1)  # [B, n_max + 1, d]
+        tokens = torch.gather(tokens, 1, layout.decoder_slots[..., None].expand(-1, -1, d))  # [B, L_j, d]
+        patches = head.decode(tokens + head.pos_embed[:, strip.tokens])  # [B, L_j, C*p*p]
+        return ModelOutput(mask=layout.mask, patches=patches, to_image=head.image)
+
+
+def apply_context_parallel(model, cfg, cp_mesh) -> RowStrip:
+    """Make the single-device `model` this CP rank's part, in place (attributes only: no parameter
+    changes), and return its strip."""
+    rank, group = cp_mesh.get_local_rank(), cp_mesh.get_group()
+    grid_h, grid_w = model.grid
+    strip = RowStrip(rank, row_strips(grid_h, cp_mesh.size()), grid_w, cfg.model.patch_size, group)
+    model.token_slice = strip.tokens
+    static = functools.partial(KVExchange, group, strip.token_counts)
+    if cfg.train.task == "forecast":
+        exchange = static()
+        for block in model.blocks:
+            block.attn.kv_exchange = exchange
+        set_dropout_strips(model, rank, (strip.token_counts[rank],))
+        return strip
+    encoder, decoder = KVExchange(group), static()
+    for block in model.blocks:
+        block.attn.kv_exchange = encoder
+    for block in model.head.blocks:
+        block.attn.kv_exchange = decoder
+    model.forward = StripMAEForward(model, strip, encoder)
+    return strip
+
+
+def set_dropout_strips(model, first: int, sizes: tuple[int, ...]) -> None:
+    """Draw every dropout mask of the model's token sequence per strip (`model.vit.attend`,
+    `StripDropout`): a CP rank with (rank, (its token count,)), and the single-device reference of a
+    cp-way layout with (0, every strip's token count), which then draws exactly the masks of that layout.
+    Forecasting only: an MAE's encoder tokens are its visible ones, whose strips differ per sample."""
+    for module in model.modules():
+        if isinstance(module, StripDropout):
+            module.strips = (first, tuple(sizes))
+        elif isinstance(module, Attention):
+            module.dropout_strips = (first, tuple(sizes))
+
+
+def sum_gradients_over_cp(model, group) -> None:
+    """Add up the CP ranks' parts of every gradient (each rank's strip contributed its own), in one flat
+    all-reduce; used without data parallelism (with it, FSDP2 over dp_shard x cp does this sum)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])

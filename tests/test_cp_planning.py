@@ -1,0 +1,103 @@
+"""`dchag plan` with context parallelism: a CP rank's traced step holds its strip of patch rows, the
+keys and values of the whole sequence inside attention, and sends them over its CP group.
+
+Single process, fake process group (one rank traced, as the planner does). The measured side (real gloo
+ranks, `dchag bench --sweep cp-cpu`, then `dchag plan --validate`) is in tests/test_cp_bench.py.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from dchag.cli import main
+from dchag.config import to_dict
+from dchag.configure import load_config
+from dchag.planning.planner import Candidate, Machine, plan_one
+from dchag.planning.trace import trace_rank
+
+ROOT = Path(__file__).parents[1]
+WEATHER = str(ROOT / "configs/tiny-weather.yaml")
+SPECTRAL = str(ROOT / "configs/tiny-hyperspectral.yaml")
+
+
+def config(path: str, *overrides: str):
+    return load_config(path, ["model.depth=1", "model.drop_rate=0", *overrides])
+
+
+@pytest.mark.parametrize(
+    "path, layout",
+    [
+        (WEATHER, ["parallel.cp=2"]),
+        (WEATHER, ["parallel.cp=2", "parallel.tp=2"]),
+        (WEATHER, ["parallel.cp=2", "parallel.dp_shard=2"]),
+        (SPECTRAL, ["parallel.cp=2"]),  # MAE: the padded visible tokens follow the (seeded) mask
+    ],
+    ids=["forecast-cp2", "forecast-cp2-tp2", "forecast-cp2-fsdp2", "mae-cp2"],
+)
+def test_fake_tensors_account_for_a_context_parallel_step_as_real_tensors_do(path, layout):
+    """The same CP rank's step on real CPU tensors and on fake ones: equal peak, FLOPs and bytes per group."""
+    cfg = config(path, *layout)
+    real = trace_rank(cfg, 2, 0, target="cpu", fake=False)
+    traced = trace_rank(cfg, 2, 0, target="cpu")
+    assert abs(traced.peak_mem_bytes - real.peak_mem_bytes) <= 0.02 * real.peak_mem_bytes, (traced, real)
+    assert traced.flops == real.flops and traced.param_bytes == real.param_bytes
+    assert (traced.tp_comm_bytes, traced.cp_comm_bytes, traced.dp_comm_bytes) == (
+        real.tp_comm_bytes, real.cp_comm_bytes, real.dp_comm_bytes,
+    )  # fmt: skip
+    assert traced.cp_comm_bytes > 0
+
+
+def test_a_cp_rank_holds_its_strip_and_sends_the_keys_and_values_of_its_strip():
+    """Activation-dominated forecasting (16 x 32 patches, width 32, 3 blocks, one sample): the traced peak
+    falls with cp, and the CP group's bytes are the K/V exchange the design says - per block one
+    all-gather of [2, B, H, L, e] forward and one reduce-scatter of its gradient backward, each sending
+    (cp - 1) / cp of it from a rank - plus the all-reduce of the replicated weights' gradients and of the
+    loss's sums. A trace of the whole image on every rank (the rows not split) is caught."""
+    extra = ["model.img_size=[64, 128]", "model.embed_dim=32", "model.depth=3"]
+    peaks, comm = {}, {}
+    for cp in (1, 2, 4):
+        cfg = config(WEATHER, *extra, f"parallel.cp={cp}")
+        t = trace_rank(cfg, 1, 0, target="cpu")
+        peaks[cp], comm[cp] = t.peak_mem_bytes, t
+    assert peaks[4] < peaks[2] < peaks[1] and peaks[4] < 0.6 * peaks[1], peaks
+    assert comm[1].cp_comm_bytes == 0
+    tokens, width, depth = 16 * 32, 32, 3
+    for cp in (2, 4):
+        kv = 2 * 1 * tokens * width * 4  # the gathered keys and values of one block, fp32 bytes
+        exchange = depth * 2 * (cp - 1) / cp * kv  # forward all-gather + backward reduce-scatter
+        gradients = 2 * (cp - 1) / cp * comm[cp].param_bytes  # ring all-reduce of every gradient
+        extra_bytes = comm[cp].cp_comm_bytes - exchange - gradients
+        assert 0 <= extra_bytes <= 1024, (cp, comm[cp].cp_comm_bytes, exchange, gradients)  # the loss's sums
+
+
+def test_the_trace_of_the_whole_image_on_a_cp_rank_does_not_run(monkeypatch):
+    """Counter-check: a trace that fed every CP rank all image rows (the strip ignored) would overstate
+    the rank's memory; the strip's model refuses such a batch, so it cannot pass unnoticed."""
+    import dchag.planning.trace as trace
+
+    monkeypatch.setattr(trace, "_rows", lambda cfg, plan: cfg.model.img_size[0])
+    with pytest.raises(RuntimeError):
+        trace_rank(config(WEATHER, "parallel.cp=2"), 1, 0, target="cpu")
+
+
+def test_plan_offers_context_parallel_layouts_and_predicts_their_exchange(tmp_path, capsys):
+    """4 GPUs, --cp 1 2: every layout with cp in {1, 2} is traced, cp = 2 layouts carry CP bytes (cp = 1
+    none) that enter the predicted step time at --cp-gbs; the table has the cp column."""
+    import json
+
+    out = tmp_path / "plan.json"
+    args = ["plan", "--config", WEATHER, "--set", "model.depth=1", "model.drop_rate=0", "--gpus", "4"]
+    args += ["--gpu-mem", "80", "--variants", "dchag-L", "--cp", "1", "2", "--json", str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    records = [r for r in json.loads(out.read_text())["records"] if "invalid" not in r]
+    assert {r["cp"] for r in records} == {1, 2}
+    assert all((r["cp_comm_bytes"] > 0) == (r["cp"] > 1) for r in records)
+    assert "| tp | cp | dp_shard |" in printed and "CP GB / GPU" in printed
+    cand = Candidate("dchag-L", True, 1, 2, 1, 2)
+    base = to_dict(config(WEATHER))
+    fast, slow = (plan_one(base, cand, Machine(4, 80, cp_gbs=gbs), None, None) for gbs in (100.0, 1e-3))
+    assert slow["predicted_step_time_s"] - fast["predicted_step_time_s"] == pytest.approx(
+        fast["cp_comm_bytes"] * (1 / 1e6 - 1 / 100e9), rel=1e-6
+    )
+    assert "cp=2" in cand.label()
