@@ -203,17 +203,18 @@ def target_grid(lat: np.ndarray, lon: np.ndarray, shape) -> Grid:
     return Grid(np.linspace(lat.min(), lat.max(), h), np.linspace(lon.min(), lon.max(), w), periodic)
 
 
+def on_grid(lat: np.ndarray, lon: np.ndarray, grid: Grid) -> bool:
+    """Whether fields on (lat, lon) are already on `grid` (regridding leaves them as they are)."""
+    same_size = len(lat) == len(grid.lat) and len(lon) == len(grid.lon)
+    return same_size and np.allclose(lat, grid.lat) and np.allclose(lon, grid.lon)
+
+
 def regrid(block: np.ndarray, lat: np.ndarray, lon: np.ndarray, grid: Grid, method: str = "bilinear") -> np.ndarray:
     """Fields [k, lat, lon] (lat ascending, lon ascending) onto `grid`, periodic in longitude for global
     fields: bilinear with xarray.interp, or `method="conservative"` (see `conservative`)."""
     import xarray as xr
 
-    if (
-        len(lat) == len(grid.lat)
-        and len(lon) == len(grid.lon)
-        and np.allclose(lat, grid.lat)
-        and np.allclose(lon, grid.lon)
-    ):
+    if on_grid(lat, lon, grid):
         return block
     if method == "conservative":
         return conservative(block, lat, lon, grid)
@@ -259,11 +260,18 @@ class _Field:
 class ERA5Source:
     """`batch(indices)` -> x [B, C, H, W] at t, y [B, C_out, H, W] at t + lead (normalised), lead_hours [B].
 
+    `rows` (set on a copy by `data/row_strip.py` for a context-parallel rank): `batch` holds only those
+    pixel rows of the model grid. On the data's own grid only those latitudes are read from the files;
+    when regridding, whole fields are read and regridded, then cut (a strip of the model grid needs
+    source rows around it, and conservative regridding normalises over the cells it overlaps).
+
     `split` is one of train / val / test; leads are the pairs of time steps whose distance lies in
     `lead_range` (training) or equals `fixed_lead` (evaluation). `pairs=False` makes a reader without
     samples: `read_many` / `fields_at` at any time index (forecast rollouts, scoring stored forecasts);
     `dataset` reads an xarray Dataset already in memory (`path` then only names it in messages).
     """
+
+    rows: slice | None = None  # the pixel rows `batch` serves (a context-parallel strip); None: all
 
     def __init__(
         self,
@@ -297,6 +305,7 @@ class ERA5Source:
         self.split_name = split_name
         self.variables_read: set[str] = set()
         self.read_log: list[tuple[str, tuple[int, ...]]] = []  # (variable, time indices) of every block read
+        self.lat_read: list[tuple[int, int]] = []  # the file's latitude indices [start, stop) of each block
         self.files_opened: list[str] = []
         self._ds, self._pid = None, None
         ds = self._dataset()
@@ -322,6 +331,7 @@ class ERA5Source:
         self.src_lon = lon[self._lon_order]
         shape = None if grid == "native" else tuple(grid)
         self.grid = target_grid(self.src_lat, self.src_lon, shape)
+        self.native = on_grid(self.src_lat, self.src_lon, self.grid)  # no regridding: rows read alone
         if (len(self.grid.lat), len(self.grid.lon)) != tuple(img_size):
             raise DataError(
                 f"{where}: the data grid is {len(self.grid.lat)}x{len(self.grid.lon)} but model.img_size is "
@@ -414,11 +424,19 @@ class ERA5Source:
         """Physical values of `channel` at time indices `times`, on the model grid: [k, H, W] float32."""
         return self.read_many([channel], times)[channel]
 
-    def read_many(self, channels: list[str], times: np.ndarray) -> dict[str, np.ndarray]:
+    def read_many(self, channels: list[str], times: np.ndarray, rows: slice | None = None) -> dict:
         """Physical values of several channels at time indices `times`, on the model grid: channel ->
-        [k, H, W] float32. The channels of one variable are read in one block for all their pressure
-        levels, so a chunk holding several levels is read once, not once per level."""
+        [k, H, W] float32 (`rows`: only those pixel rows, [k, H_rows, W]). The channels of one variable
+        are read in one block for all their pressure levels, so a chunk holding several levels is read
+        once, not once per level. On the data's own grid `rows` limits the latitudes read."""
         ds = self._dataset()
+        lat_order, cut = self._lat_order, None  # file latitude index of each model row; rows cut afterwards
+        if rows is not None and self.native:
+            lat_order = self._lat_order[np.arange(len(self.src_lat))[rows]]
+        elif rows is not None:
+            cut = rows
+        first, stop = int(lat_order.min()), int(lat_order.max()) + 1  # contiguous: latitudes are monotonic
+        window = {self.lat_name: slice(first, stop)}
         unique, inverse = np.unique(np.asarray(times), return_inverse=True)
         groups: dict[tuple, list[str]] = {}  # (variable, level dim, other indexers) -> channels
         for channel in dict.fromkeys(channels):
@@ -432,17 +450,22 @@ class ERA5Source:
             da = ds[variable].isel(dict(other))
             if level_dim is not None:
                 levels = [self.fields[c].indexers[level_dim] for c in names]
-                da = da.isel({level_dim: levels, self.time_name: unique}).transpose(level_dim, *axes)
+                da = da.isel({level_dim: levels, self.time_name: unique, **window}).transpose(level_dim, *axes)
                 block = np.asarray(da.values, dtype=np.float64)  # [levels, k, lat, lon]
             else:
-                block = np.asarray(da.isel({self.time_name: unique}).transpose(*axes).values, dtype=np.float64)[None]
+                da = da.isel({self.time_name: unique, **window}).transpose(*axes)
+                block = np.asarray(da.values, dtype=np.float64)[None]
             self.read_log.append((variable, tuple(int(t) for t in unique)))
+            self.lat_read.append((first, stop))
             self.variables_read.update(names)
-            block = block[:, :, self._lat_order][:, :, :, self._lon_order]
+            block = block[:, :, lat_order - first][:, :, :, self._lon_order]
             n_lev, k = block.shape[:2]
             flat = block.reshape(n_lev * k, *block.shape[2:])
-            fields = regrid(flat, self.src_lat, self.src_lon, self.grid, self.regrid)
-            fields = fields.reshape(n_lev, k, *fields.shape[1:])  # [levels, k, H, W]
+            if lat_order is self._lat_order:
+                flat = regrid(flat, self.src_lat, self.src_lon, self.grid, self.regrid)
+            fields = flat.reshape(n_lev, k, *flat.shape[1:])  # [levels, k, H, W]
+            if cut is not None:
+                fields = fields[:, :, cut]
             for i, channel in enumerate(names):
                 out[channel] = fields[i][inverse].astype(np.float32)
         return out
@@ -459,12 +482,15 @@ class ERA5Source:
             f"{when} (time index {t}); set data.nan: mask to mask NaN pixels out of the loss and the metrics"
         )
 
-    def fields_at(self, channels: list[str], times: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fields_at(
+        self, channels: list[str], times: np.ndarray, rows: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Normalised fields [B, C, H, W] of `channels` at `times`, and under data.nan=mask their validity
-        [B, C, H, W] (bool; invalid pixels are set to 0, the channel mean). NaN raises under data.nan=error."""
+        [B, C, H, W] (bool; invalid pixels are set to 0, the channel mean). NaN raises under data.nan=error.
+        `rows`: only those pixel rows ([B, C, H_rows, W]), normalised with the whole training data's stats."""
         if self.stats is None:
             raise RuntimeError("normalisation statistics are not set: call compute_stats() or pass stats=")
-        values = self.read_many(channels, times)
+        values = self.read_many(channels, times, rows)
         out, valid = [], []
         for c in channels:
             s = self.stats["channels"][c]
@@ -485,9 +511,9 @@ class ERA5Source:
         """x [B, C, H, W] at t, y [B, C_out, H, W] at t + lead (normalised), lead_hours [B]; under
         data.nan=mask also x_valid, y_valid (bool, same shapes)."""
         pairs = self.pairs[np.asarray(indices, dtype=np.int64)]  # [B, 3]: input index, target index, hours
-        x, x_valid = self.fields_at(self.channels, pairs[:, 0])
+        x, x_valid = self.fields_at(self.channels, pairs[:, 0], self.rows)
         if self.out_channels:
-            y, y_valid = self.fields_at(self.out_channels, pairs[:, 1])
+            y, y_valid = self.fields_at(self.out_channels, pairs[:, 1], self.rows)
         else:  # a tensor-parallel rank that owns no output channel
             y = x.new_zeros(len(indices), 0, *x.shape[2:])
             y_valid = torch.zeros(y.shape, dtype=torch.bool) if x_valid is not None else None
@@ -504,9 +530,9 @@ class ERA5Source:
         chains = self.chains[indices]  # [B, K] time indices: t + lead, ..., t + K lead
         ys, valids, forcings = [batch["y"]], [batch.get("y_valid")], []
         for k in range(1, self.rollout_steps):
-            forcings.append(self.fields_at(self.channels, chains[:, k - 1])[0])
+            forcings.append(self.fields_at(self.channels, chains[:, k - 1], self.rows)[0])
             if self.out_channels:
-                y, valid = self.fields_at(self.out_channels, chains[:, k])
+                y, valid = self.fields_at(self.out_channels, chains[:, k], self.rows)
             else:
                 y, valid = batch["y"], batch.get("y_valid")
             ys.append(y)

@@ -391,7 +391,12 @@ def _empty_part_message(where, fractions, part, by, sizes, crop, n) -> str:
 
 
 class SpectralCubeSource:
-    """`batch(indices)` -> x [B, C, h, w]: crops of the selected bands, normalised per band."""
+    """`batch(indices)` -> x [B, C, h, w]: crops of the selected bands, normalised per band.
+
+    `rows` (set on a copy by `data/row_strip.py` for a context-parallel rank): `batch` reads and holds
+    only those rows of each crop, a sub-window of the crop's; statistics read whole crops."""
+
+    rows: slice | None = None  # the crop's pixel rows `batch` serves (a context-parallel strip); None: all
 
     def __init__(
         self,
@@ -475,13 +480,17 @@ class SpectralCubeSource:
         s = self.scenes[scene]
         return scene, int(g.integers(s.height - self.height + 1)), int(g.integers(s.width - self.width + 1))
 
-    def read_crop(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def read_crop(self, index: int, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Physical values [C, h, w] of sample `index` and their validity [C, h, w] (False: no-data, or NaN
         under data.nan=mask, in any band the channel is made of; such values are 0). Per channel, so a
-        tensor-parallel rank, which reads only its own bands, finds what one device finds."""
-        scene, r, c = self.crop(index)
+        tensor-parallel rank, which reads only its own bands, finds what one device finds. `rows`: only
+        those rows of the crop are read ([C, h_rows, w]); a crop that is all no-data is then not refused,
+        since another strip of it may hold data (the statistics' crops are still checked whole)."""
+        scene, crop_row, c = self.crop(index)
+        start, stop, _ = (rows if rows is not None else slice(None)).indices(self.height)
+        r, height = crop_row + start, stop - start
         reader = self.scenes[scene]
-        raw = reader.read(self.needed, (r, r + self.height), (c, c + self.width))  # [n_needed, h, w]
+        raw = reader.read(self.needed, (r, r + height), (c, c + self.width))  # [n_needed, h, w]
         self.bands_read.update(self.needed)
         finite = np.isfinite(raw)
         nodata_is_nan = self.nodata is not None and math.isnan(self.nodata)
@@ -490,7 +499,7 @@ class SpectralCubeSource:
             band = self.needed[k]
             raise DataError(
                 f"data.path {self.path!r}: band {band} of {scene_file(reader, band)!r} holds NaN in the crop of sample "
-                f"{index} (rows {r}-{r + self.height}, columns {c}-{c + self.width}); set data.nan: mask to mask NaN "
+                f"{index} (rows {r}-{r + height}, columns {c}-{c + self.width}); set data.nan: mask to mask NaN "
                 "pixels out of the loss and the metrics, or data.nodata: .nan to treat them as no-data"
             )
         bad = ~finite
@@ -498,9 +507,9 @@ class SpectralCubeSource:
             bad |= raw == self.nodata
         support = (np.abs(self.matrix[:, self.needed]) > 0).astype(np.float32)  # [C, n_needed]
         valid = np.einsum("cn,nhw->chw", support, bad.astype(np.float32)) == 0  # [C, h, w]
-        if not valid.any():
+        if rows is None and not valid.any():
             raise DataError(
-                f"data.path {self.path!r}: the crop of sample {index} (scene {scene}, rows {r}-{r + self.height}, "
+                f"data.path {self.path!r}: the crop of sample {index} (scene {scene}, rows {r}-{r + height}, "
                 f"columns {c}-{c + self.width}) is all no-data; lower model.img_size or set data.nodata"
             )
         values = np.einsum("cn,nhw->chw", self.matrix[:, self.needed], np.where(bad, 0.0, raw))
@@ -515,7 +524,7 @@ class SpectralCubeSource:
         std = np.array([self.stats["channels"][c]["std"] for c in self.channels], dtype=np.float32)
         crops, masks = [], []
         for i in indices:
-            values, valid = self.read_crop(i)
+            values, valid = self.read_crop(i, self.rows)
             normed = (values - mean[:, None, None]) / std[:, None, None]
             crops.append(np.where(valid, normed, 0.0))  # no-data pixels sit at the band mean
             masks.append(valid)

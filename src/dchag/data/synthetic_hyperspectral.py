@@ -23,8 +23,10 @@ MEAN, SCALE = 0.3, 0.2  # rough reflectance mean and spread, used to standardise
 
 
 class SyntheticHyperspectral:
-    """`batch(indices)` -> x [B, C, H, W] (standardised reflectance)."""
+    """`batch(indices)` -> x [B, C, H, W] (standardised reflectance). `rows` (set on a copy by
+    `data/row_strip.py` for a context-parallel rank): only those pixel rows are generated."""
 
+    rows: slice | None = None  # the pixel rows `batch` serves (a context-parallel strip); None: all
     standardisation = (MEAN, SCALE)  # x = (reflectance - MEAN) / SCALE: how to get reflectance back
 
     def __init__(
@@ -68,11 +70,12 @@ class SyntheticHyperspectral:
         spectra = self._base[:, None] + self._slope[:, None] * (self.wavelengths[None, :] - 650) / 500 + bumps.sum(1)
         return spectra.clamp(0.01, 0.99)
 
-    def _abundances(self, index: int) -> torch.Tensor:
+    def _abundances(self, index: int, rows: slice | None = None) -> torch.Tensor:
+        """[M, H, W] (`rows`: [M, H_rows, W], pixel by pixel the whole map's values)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index + 1)
-        ys = torch.linspace(0, 1, self.height)[:, None]
+        ys = torch.linspace(0, 1, self.height)[rows if rows is not None else slice(None), None]
         xs = torch.linspace(0, 1, self.width)[None, :]
-        logits = torch.zeros(self.materials, self.height, self.width)
+        logits = torch.zeros(self.materials, len(ys), self.width)
         for fy in range(ABUNDANCE_MODES):
             for fx in range(ABUNDANCE_MODES):
                 a = torch.randn(self.materials, 1, 1, generator=g) / (1 + fx + fy)
@@ -81,7 +84,8 @@ class SyntheticHyperspectral:
         return torch.softmax(4.0 * logits, dim=0)  # [M, H, W]
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        abund = torch.stack([self._abundances(i) for i in indices])  # [B, M, H, W]
+        abund = torch.stack([self._abundances(i, self.rows) for i in indices])  # [B, M, H, W]
         cube = torch.einsum("bmhw,mc->bchw", abund, self.spectra())  # [B, C, H, W]
-        cube = cube + self.noise * observation_noise(indices, self.channels, cube.shape[2:], self.seed, "x")
+        shape = (self.height, self.width)
+        cube = cube + self.noise * observation_noise(indices, self.channels, shape, self.seed, "x", self.rows)
         return {"x": (cube - MEAN) / SCALE}

@@ -26,14 +26,19 @@ def _name_seed(name: str, seed: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def observation_noise(indices: list[int], names: list[str], shape, seed: int, stream: str) -> torch.Tensor:
+def observation_noise(
+    indices: list[int], names: list[str], shape, seed: int, stream: str, rows: slice | None = None
+) -> torch.Tensor:
     """Unit Gaussian noise [B, C, H, W], seeded per (sample, channel): any channel subset or batch split
-    sees exactly the noise the full dataset has there."""
-    out = torch.empty(len(indices), len(names), *shape)
+    sees exactly the noise the full dataset has there. `rows`: only those rows [B, C, H_rows, W] (each
+    image is drawn whole, one at a time, so a strip holds exactly the whole image's values)."""
+    rows = rows if rows is not None else slice(None)
+    h = len(range(shape[0])[rows])
+    out = torch.empty(len(indices), len(names), h, *shape[1:])
     for b, index in enumerate(indices):
         for c, name in enumerate(names):
             g = torch.Generator().manual_seed(_name_seed(f"{stream}:{index}:{name}", seed))
-            out[b, c] = torch.randn(*shape, generator=g)
+            out[b, c] = torch.randn(*shape, generator=g)[rows]
     return out
 
 
@@ -43,7 +48,11 @@ class SyntheticWeather:
     With `rollout_steps` K > 1 (rollout training): y [B, K, C_out, H, W] at lead, 2 lead, ..., K lead and
     forcings [B, K-1, C, H, W], the input channels at each intermediate valid time. The first step's
     target is the one-step source's y; every later time has its own observation noise.
+    `rows` (set on a copy by `data/row_strip.py` for a context-parallel rank): only those pixel rows are
+    generated; `lat_weights` stays the whole image's.
     """
+
+    rows: slice | None = None  # the pixel rows `batch` serves (a context-parallel strip); None: all
 
     def __init__(
         self,
@@ -104,11 +113,14 @@ class SyntheticWeather:
             lead = torch.tensor([float(self.fixed_lead)])
         return torch.complex(amp[..., 0], amp[..., 1]), lead  # [K, M, J], [1]
 
-    def _latents(self, amp: torch.Tensor, hours: torch.Tensor) -> torch.Tensor:
-        """amp [B, K, M, J] complex, hours [B] -> latent fields [B, K, H, W] at those times."""
+    def _latents(self, amp: torch.Tensor, hours: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """amp [B, K, M, J] complex, hours [B] -> latent fields [B, K, H, W] at those times (`rows`: only
+        those rows, [B, K, H_rows, W]; the profiles, small, are computed whole and cut, so a strip equals
+        the whole field's rows bit for bit)."""
+        rows = rows if rows is not None else slice(None)
         m = torch.arange(1, ZONAL_WAVES + 1, dtype=torch.float32)  # [M]
-        profile = torch.einsum("bkmj,jh->bkmh", amp, self._meridional.to(amp.dtype))  # [B, K, M, H]
-        shift = self._omega[None, :, None, :] * hours[:, None, None, None]  # [B, K, 1, H]
+        profile = torch.einsum("bkmj,jh->bkmh", amp, self._meridional.to(amp.dtype))[..., rows]  # [B, K, M, h]
+        shift = self._omega[None, :, None, rows] * hours[:, None, None, None]  # [B, K, 1, h]
         damp = torch.exp(-self._diffusion * m[None, None, :, None] ** 2 * hours[:, None, None, None])
         phase = m[None, None, :, None, None] * (self._lon[None, None, None, None, :] - shift[..., None])
         waves = profile[..., None] * damp[..., None] * torch.exp(1j * phase)  # [B, K, M, H, W]
@@ -118,13 +130,15 @@ class SyntheticWeather:
         states = [self._sample_state(i) for i in indices]
         amp = torch.stack([s[0] for s in states])  # [B, K, M, J]
         lead = torch.cat([s[1] for s in states])  # [B]
-        zero = torch.zeros_like(lead)
-        now, later = self._latents(amp, zero), self._latents(amp, lead)  # [B, K, H, W] each
+        zero, rows = torch.zeros_like(lead), self.rows
+        now, later = self._latents(amp, zero, rows), self._latents(amp, lead, rows)  # [B, K, H, W] each
+        shape = (self.height, self.width)
 
         def mix(fields: torch.Tensor, names: list[str], stream: str) -> torch.Tensor:
             w, prof = self._channel_params(names)  # [C, K], [C, H]
-            out = torch.einsum("ck,bkhw->bchw", w, fields) + prof[None, :, :, None]
-            return out + self.noise * observation_noise(indices, names, out.shape[2:], self.seed, stream)
+            rows_of = prof[:, rows] if rows is not None else prof
+            out = torch.einsum("ck,bkhw->bchw", w, fields) + rows_of[None, :, :, None]
+            return out + self.noise * observation_noise(indices, names, shape, self.seed, stream, rows)
 
         x = mix(now, self.channels, "x")
         y = mix(later, self.out_channels, "y") if self.out_channels else x.new_zeros(len(indices), 0, *x.shape[2:])
@@ -132,8 +146,8 @@ class SyntheticWeather:
             return {"x": x, "y": y, "lead_hours": lead}
         ys, forcings = [y], []
         for k in range(2, self.rollout_steps + 1):  # valid times 2 lead .. K lead
-            forcings.append(mix(self._latents(amp, (k - 1) * lead), self.channels, f"x{k - 1}"))
-            fields = self._latents(amp, k * lead)
+            forcings.append(mix(self._latents(amp, (k - 1) * lead, rows), self.channels, f"x{k - 1}"))
+            fields = self._latents(amp, k * lead, rows)
             ys.append(mix(fields, self.out_channels, f"y{k}") if self.out_channels else y)
         # y [B, K, C_out, H, W]; forcings [B, K-1, C, H, W]
         return {"x": x, "y": torch.stack(ys, 1), "forcings": torch.stack(forcings, 1), "lead_hours": lead}

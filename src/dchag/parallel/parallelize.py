@@ -357,6 +357,10 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
             else MixedPrecisionPolicy()
         )
         fsdp_mesh = dp_mesh(mesh)
+        # An MAE model returns its decoder's output as nn.Linear gives it, a view of a [B*L, C*p*p] matmul;
+        # FSDP2 warns that an in-place op on a view output would drop its pre-backward hook. Nothing does
+        # one (the loss reads the output; training's loss reuses its storage only inside its own backward).
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
         for block in model.blocks:
             fully_shard(block, mesh=fsdp_mesh, mp_policy=mp)
         # a parameter without elements on this rank (the forecast head of a TP rank that owns none of the

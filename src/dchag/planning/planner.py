@@ -15,6 +15,7 @@ all-gather, backward reduce-scatter over the CP group) are in the trace as they 
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import asdict, dataclass
 
@@ -115,14 +116,14 @@ def candidate_config(base: dict, cand: Candidate, dtype: str | None, global_batc
         *variant_overrides(cand.variant, cand.fused, cand.tp),
         f"parallel.dp_shard={cand.dp_shard}",
         f"parallel.dp_replicate={cand.dp_replicate}",
-        *([f"parallel.cp={cand.cp}"] if cand.cp > 1 else []),  # a config from before cp existed stays loadable
+        f"parallel.cp={cand.cp}",
     ]
     if global_batch is not None:
         overrides.append(f"train.batch_size={global_batch}")
     if dtype is not None:
         bf16 = str(dtype == "bf16").lower()
         overrides += [f"train.bf16={bf16}", f"parallel.bf16_params={bf16}"]
-    return load_config_dict(base, overrides)
+    return load_config_dict(copy.deepcopy(base), overrides)  # overrides are applied in place: keep `base`
 
 
 def plan_one(base_dict: dict, cand: Candidate, machine: Machine, dtype: str | None, local_batch: int | None) -> dict:
