@@ -10,9 +10,13 @@ import dist_workers as W
 import reliability_workers as RW
 import torch
 import torch.distributed as dist
+from era5_files import era5_config
+from torch.distributed.tensor import DTensor
 
 from dchag.checks.parity import reference_and_parallel, run_parity
+from dchag.config import Config
 from dchag.parallel.collectives import gather_to_cp
+from dchag.parallel.mesh import submesh
 
 UNEVEN_STRIPS = "model.img_size=[20, 32]"  # 5 patch rows: strips of 3 and 2 rows at cp 2
 TASKS = {"forecast": "train.task=forecast", "mae": "train.task=mae"}
@@ -33,17 +37,29 @@ def matrix(layouts: dict[str, list[str]], kinds: tuple[str, ...] = ("L", "C")) -
 
 
 def run_cases(cases: dict[str, tuple]) -> dict[str, tuple]:
-    """{name: (worst relative difference, worst tensors)} of `run_parity` for every case."""
+    """{name: (worst relative difference, worst tensors)} of `run_parity` for every case (overrides of the
+    small synthetic config, or a `Config`)."""
     out = {}
     for name, (overrides, fault) in cases.items():
-        report = run_parity(W.config(*overrides), fault)
+        report = run_parity(overrides if isinstance(overrides, Config) else W.config(*overrides), fault)
         out[name] = (report.worst, report.worst_grads(3))
     return out
 
 
-def four_rank_cases() -> dict[str, tuple]:
+def nan_config(path: str, *overrides: str) -> Config:
+    """A forecaster (or MAE) on the ERA5-like file at `path`, whose sea field is NaN over a land box
+    (data.nan=mask: validity masks in the losses), on uneven strips (20 rows: 3 + 2 patch rows)."""
+    channels = ["data.channels=[t2m, sst, z_500]", "data.out_channels=[t2m, sst]", "model.hierarchy.groups=2"]
+    rows = ["model.img_size=[20, 32]", "data.grid=[20, 32]", "data.workers=0", "data.nan=mask"]
+    decoder = ["model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_heads=2"]
+    return era5_config(path, *channels, *rows, *decoder, *overrides)
+
+
+def four_rank_cases(nan_path: str) -> dict[str, tuple]:
     lin, cross = W.KINDS["L"], W.KINDS["C"]
     cp_tp, cp_dp = FOUR_RANK_LAYOUTS["cp2xtp2"], FOUR_RANK_LAYOUTS["cp2xdp2"]
+    cp_hsdp = ["parallel.cp=2", "parallel.dp_replicate=2"]
+    subset = ["train.channel_subset.p=1", "train.channel_subset.min=2", "train.channel_subset.max=6"]
     base = [*W.SPLITS["uneven"], UNEVEN_STRIPS]
     mae, checkpointing, dropout = "train.task=mae", "parallel.activation_checkpointing=true", "model.drop_rate=0.3"
     return {
@@ -54,6 +70,13 @@ def four_rank_cases() -> dict[str, tuple]:
         "settings/rollout": ([cross, *base, "model.residual_forecast=true", "train.rollout_steps=2", *cp_dp], "none"),
         "settings/checkpointing/mae": ([cross, *base, mae, checkpointing, *cp_dp], "none"),
         "settings/dropout": ([cross, *base, dropout, checkpointing, *cp_tp], "none"),
+        "settings/nan-mask/forecast": (nan_config(nan_path, lin, *cp_tp), "none"),
+        "settings/nan-mask/mae": (nan_config(nan_path, cross, mae, *cp_dp), "none"),
+        "settings/channel-subset/forecast": ([lin, *base, *subset, *cp_tp], "none"),
+        "settings/channel-subset/mae": ([cross, *base, mae, *subset, *cp_hsdp], "none"),
+        "settings/dp-replicate": ([lin, *base, *cp_hsdp], "none"),
+        "settings/mode-naive": ([cross, *base, "parallel.mode=naive", *cp_tp], "none"),
+        "settings/mode-replicated": ([lin, *base, mae, "parallel.mode=replicated", *cp_tp], "none"),
         "bf16/forecast": ([cross, *base, "train.bf16=true", *cp_tp], "none"),
         "bf16/mae": ([lin, *base, mae, "train.bf16=true", *cp_dp], "none"),
         "fault/cp-grad-sum": ([cross, *base, mae, *cp_tp], "cp-grad-sum"),
@@ -76,8 +99,9 @@ def exchange_both_directions() -> dict:
 
 
 def block_communication() -> dict:
-    """Collectives of one ViT block's forward and backward at cp 2 x tp 2, on the CP and the TP group:
-    {group: {pass/op: {count, bytes}}}, and the bytes of the whole sequence's keys and values."""
+    """Collectives of one ViT block's forward and backward at cp 2 x tp 2, on the CP and the TP group, on
+    FSDP2's (dp_shard x cp flattened) and on all: {group: {pass/op: {count, bytes}}}, and the bytes of the
+    whole sequence's keys and values."""
     from dchag.bench.comm import CommBytesMode, summarize
 
     cfg = W.config(W.KINDS["L"], *W.SPLITS["uneven"], UNEVEN_STRIPS, *FOUR_RANK_LAYOUTS["cp2xtp2"])
@@ -89,16 +113,95 @@ def block_communication() -> dict:
     padded = max(plan.strip.token_counts) * 2  # the largest strip's tokens, from both CP ranks
     return {
         "all": summarize(mode.records)["by_op"],
-        "cp": summarize(mode.records, str(plan.mesh["cp"].get_group().group_name))["by_op"],
+        **{
+            group: summarize(mode.records, str(submesh(plan.mesh, dim).get_group().group_name))["by_op"]
+            for group, dim in (("cp", "cp"), ("tp", "tp"), ("fsdp", "dp_shard_cp"))
+        },
         "kv_bytes": 2 * 2 * padded * (cfg.model.embed_dim // plan.tp) * 4,  # K and V [B, H/tp, L, e] fp32
     }
 
 
-def four_rank_suite() -> dict:
+def cp_replica_check() -> dict:
+    """cp 2 x tp 2 with unsharded weights: three training steps on the strips keep every parameter identical on
+    both CP ranks (the check passes); then a TP-sharded weight, which the TP comparison cannot see, is
+    perturbed on CP rank 1 of TP rank 0, and every rank stops with the same message."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from dchag.data import build_source
+    from dchag.parallel.parallelize import ReplicaDivergence
+    from dchag.train.loop import Layout, strip_of, train_step
+    from dchag.train.optim import build_optimizer
+
+    cfg = W.config(W.KINDS["L"], *W.SPLITS["uneven"], UNEVEN_STRIPS, *FOUR_RANK_LAYOUTS["cp2xtp2"])
+    _, plan = reference_and_parallel(cfg)
+    source = strip_of(build_source(cfg, channels=plan.input_channels), cfg, plan)
+    optimizer = build_optimizer(plan.model, cfg.train)
+    for step in range(3):
+        batch = source.batch(list(range(step * 4, step * 4 + 4)))
+        train_step(Layout(plan.model, plan), optimizer, batch, cfg, step, source.lat_weights(), None, source.channels)
+        plan.check_replicas(step)  # raises (on every rank) if the strips' gradients left replicas apart
+    if isinstance(plan.model, FSDPModule):  # FSDP2 shards the weights over CP here: no CP replicas
+        return {"sharded_over_cp": True}
+    tp_replicated = plan.replica_checksums()[0]
+    target = next(n for n in plan.replica_checksums(every=True)[0] if n not in tp_replicated)
+    if plan.strip.rank == 1 and plan.tp_rank == 0:
+        with torch.no_grad():
+            param = dict(plan.model.named_parameters())[target]
+            (param.to_local() if hasattr(param, "to_local") else param).view(-1)[0] += 1e-3
+    try:
+        plan.check_replicas(3)
+        message = None
+    except ReplicaDivergence as err:
+        message = str(err)
+    return {"message": message, "target": target, "tp_replicated": target in tp_replicated, "sharded_over_cp": False}
+
+
+def block_saved_tensors() -> dict:
+    """What one ViT block at cp 2 x tp 2 keeps for backward (saved-tensor hooks; activations only: tensors
+    of 3 or more dimensions, not parameters or their DTensor views): as built (the key/value gather and
+    attention recomputed in backward) and, as a counter-check, with the recomputation off. Bytes of all
+    saved activations and of those with the whole sequence's token count (L, or cp x the padded strip) as
+    their token dimension; and whether both give the same gradients."""
+    cfg = W.config(W.KINDS["L"], *W.SPLITS["uneven"], UNEVEN_STRIPS, *FOUR_RANK_LAYOUTS["cp2xtp2"])
+    _, plan = reference_and_parallel(cfg)
+    block, strip = plan.model.blocks[0], plan.strip
+    whole = {sum(strip.token_counts), len(strip.token_counts) * max(strip.token_counts)}
+    x = torch.randn(2, strip.token_counts[strip.rank], cfg.model.embed_dim, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, recompute in (("recomputed", True), ("kept", False)):
+        block.attn.kv_exchange.recompute = recompute
+        saved = {}
+
+        def pack(t):
+            if t.dim() >= 3 and not isinstance(t, (torch.nn.Parameter, DTensor)):
+                saved[id(t)] = t
+            return t
+
+        inp = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = block(inp)
+        y.square().sum().backward()
+        whole_bytes = sum(t.numel() * t.element_size() for t in saved.values() if t.shape[-2] in whole)
+        out[name] = {
+            "bytes": sum(t.numel() * t.element_size() for t in saved.values()),
+            "whole_sequence_bytes": whole_bytes,
+            "grad": inp.grad,
+        }
+    block.attn.kv_exchange.recompute = True
     return {
-        "parity": run_cases(four_rank_cases()),
+        **{name: {k: v for k, v in r.items() if k != "grad"} for name, r in out.items()},
+        "same_grads": torch.equal(out["recomputed"]["grad"], out["kept"]["grad"]),
+        "kv_bytes": 2 * 2 * sum(strip.token_counts) * (cfg.model.embed_dim // plan.tp) * 4,  # K, V [B, H/tp, L, e]
+    }
+
+
+def four_rank_suite(nan_path: str) -> dict:
+    return {
+        "parity": run_cases(four_rank_cases(nan_path)),
         "exchange": exchange_both_directions(),
         "block_comm": block_communication(),
+        "saved": block_saved_tensors(),
+        "cp_replicas": cp_replica_check(),
     }
 
 
@@ -115,7 +218,7 @@ def two_rank_suite(root: str) -> dict:
     from dchag.train.loop import train
 
     cp2 = resume_config("parallel.cp=2")
-    train(cp2, f"{root}/cp2", progress=False)
+    train(resume_config("parallel.cp=2", "parallel.check_replicas_every=2"), f"{root}/cp2", progress=False)
     train(cp2, f"{root}/cp2-from-1", progress=False, resume=f"{root}/one/checkpoints/step-00000004")
     train(resume_config("parallel.cp=2", "train.task=mae"), f"{root}/cp2-mae", progress=False)
     return {"parity": parity, "rank": dist.get_rank()}

@@ -317,6 +317,8 @@ CASES = [
      "--split applies to runs on files (era5, spectral_cube)"),
     ("eval-unknown-channels", lambda t, tr: ["eval", "--run", str(tr), "--channels", "t2m", "z_999"],
      "--channels ['z_999'] are not channels of this model"),
+    ("eval-repeated-channels", lambda t, tr: ["eval", "--run", str(tr), "--channels", "t2m", "u10", "t2m"],
+     "--channels names ['t2m'] more than once; give each channel once"),
     ("eval-json-unwritable", lambda t, tr: ["eval", "--run", str(tr), "--json", "/proc/version/e.json"],
      "'/proc/version' is a file, not a folder"),
     # dchag forecast and dchag eval --forecast (stored forecasts)
@@ -361,6 +363,8 @@ CASES = [
      "is not a paper-cpu or cp-cpu result"),
     ("plan-cp-not-a-divisor", lambda t, _: ["plan", "--gpus", "4", "--gpu-mem", "80", "--cp", "3"],
      "--cp 3 must be a positive divisor of --gpus 4"),
+    ("plan-tp-not-a-divisor", lambda t, _: ["plan", "--gpus", "4", "--gpu-mem", "80", "--tp", "0"],
+     "--tp 0 must be a positive divisor of --gpus 4"),
     ("bench-cp-heights-not-whole-strips", lambda t, _: ["bench", "--sweep", "cp-cpu", "--json", str(t / "b.json"),
      "--set", "heights=[20]"], "heights=20 is not a multiple of patch 4 x cp 2"),
     # dchag probe (its config, the QA band, the run against the task's bands)

@@ -177,3 +177,37 @@ def test_mae_decoder_blocks_are_tensor_parallel_and_predict_only_the_ranks_chann
 def test_counter_check_an_unsummed_decoder_input_gradient_breaks_parity(two):
     for rank in two:
         assert rank["fault"] > 1e-3
+
+
+# --- single process ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, patch",
+    [((2, 1, 4, 4), 1), ((2, 1, 8, 4), 4), ((2, 3, 8, 8), 2)],
+    ids=["one channel, 1-pixel patches (a view)", "one channel, a grid one patch wide (a view)", "a copy"],
+)
+def test_the_mae_loss_of_an_image_leaves_the_callers_prediction_untouched(shape, patch):
+    """With an image [B, C, H, W] for pred, the loss's backward writes its gradient into the patch-layout
+    tensor only when that is a copy: where patchify gives a view of the caller's tensor, it is left alone."""
+    from dchag.tasks.mae import mae_loss
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(*shape, generator=g).requires_grad_(True)
+    target = torch.randn(*shape, generator=g)
+    mask = torch.ones(shape[0], (shape[2] // patch) * (shape[3] // patch))
+    before = pred.detach().clone()
+    mae_loss(pred, target, mask, patch).backward()
+    assert torch.equal(pred.detach(), before)
+    reference = pred.detach().clone().requires_grad_(True)
+    ((reference - target) ** 2).mean().backward()
+    assert torch.allclose(pred.grad, reference.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_counter_check_consuming_a_view_does_overwrite_the_callers_prediction():
+    from dchag.tasks.patch_error import patch_sse, patchify
+
+    pred = torch.randn(2, 1, 4, 4, requires_grad=True)
+    before = pred.detach().clone()
+    patch_sse(patchify(pred, 1), torch.zeros(2, 1, 4, 4), 1, consume=True).sum().backward()
+    assert not torch.equal(pred.detach(), before)  # what mae_loss must not do with a view

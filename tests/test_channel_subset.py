@@ -288,3 +288,21 @@ def test_dchag_eval_on_a_band_subset_scores_every_band_and_the_left_out_ones(sub
     assert result["channels"] == names[:3]
     assert sorted(result["left_out_bands"]["band_rmse"]) == sorted(names[3:])
     assert len(result["band_rmse"]) == 6
+    assert "a left-out band: its normalisation mean" in result["baseline"]  # like for like with the model
+
+
+@pytest.mark.parametrize(
+    "keep, message",
+    [
+        (torch.ones(9, dtype=torch.bool), "the front end got channel_keep of shape [9]; it takes [10], one bool per"),
+        (KEEP.long(), "the front end got channel_keep of dtype torch.int64; it takes a bool mask [10]"),
+    ],
+    ids=["shorter", "integers"],
+)
+def test_the_model_refuses_a_band_mask_of_the_wrong_shape_or_dtype(keep, message):
+    """Checked from the mask's shape and dtype alone (no host sync in a training step); the values (at
+    least one kept) are the public API's check, and train.channel_subset draws at least one."""
+    _, model = _model("L", "forecast", True, dtype=torch.float32)
+    with pytest.raises(ValueError) as caught:
+        model(torch.randn(2, 10, 16, 32), torch.tensor([6.0, 24.0]), channel_keep=keep)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)

@@ -3,7 +3,8 @@ values over the CP group. Every layout equals the single-device model (loss, out
 on both tasks, with uneven strips and uneven channel groups; the checks catch a missing gradient sum,
 a wrong exchange backward and wrong dropout streams.
 
-One 4-rank gloo launch computes the layouts cp 2 x tp 2 and cp 2 x dp_shard 2 (module-scoped fixture);
+One 4-rank gloo launch computes the layouts cp 2 x tp 2, cp 2 x dp_shard 2 and cp 2 x dp_replicate 2
+(module-scoped fixture);
 cp 2 alone and the checkpoints are in tests/test_context_parallel_resume.py.
 """
 
@@ -17,13 +18,16 @@ from dchag.checks.parity import BF16_TOLERANCE, FP32_TOLERANCE
 from dchag.config import ConfigError
 from dchag.configure import load_config
 from dchag.model.vit import StripDropout, attend
-from dchag.parallel.context_parallel import RowStrip, row_strips, strip_masking
+from dchag.parallel.context_parallel import StripLayout, row_strips, strip_masking
 from dchag.parallel.launch import spawn
 
 
 @pytest.fixture(scope="module")
-def four():
-    return spawn(CW.four_rank_suite, 4)
+def four(tmp_path_factory):
+    from era5_files import dataset, with_sea_field, write
+
+    nan_path = write(with_sea_field(dataset(times=16)), tmp_path_factory.mktemp("cp-nan") / "sea.nc", "netcdf")
+    return spawn(CW.four_rank_suite, 4, str(nan_path))
 
 
 def _parity(four, prefix: str) -> dict:
@@ -39,10 +43,12 @@ def test_cp2_x_tp2_and_cp2_x_dp_shard2_match_the_single_device_model_on_both_tas
 
 def test_context_parallelism_in_the_settings_users_train_with(four):
     """Even strips, the materializing front end, the masked MAE loss, rollout training, activation
-    checkpointing (MAE and forecast), and forecast dropout drawn exactly as one device emulating the
-    layout draws it."""
+    checkpointing (MAE and forecast), forecast dropout drawn exactly as one device emulating the layout
+    draws it; NaN-masked file data (data.nan=mask: validity counts summed over the strips, both tasks),
+    random band subsets (train.channel_subset, both tasks), HSDP (dp_replicate) and the naive and
+    replicated front ends."""
     cases = _parity(four, "settings/")
-    assert len(cases) == 6
+    assert len(cases) == 13
     bad = {k: v for k, v in cases.items() if v[0] > FP32_TOLERANCE}
     assert not bad, bad
 
@@ -67,16 +73,50 @@ def test_the_key_value_exchange_gathers_forward_and_reduce_scatters_backward(fou
         assert rank_result["exchange"] == {"forward": True, "backward": True}
 
 
-def test_a_vit_block_at_cp2_x_tp2_needs_one_gather_and_one_reduce_scatter_on_top_of_tp(four):
-    """Keys and values travel together: on the CP group one all-gather of both forward and one
-    reduce-scatter of their gradients backward per block; the TP all-reduces are unchanged."""
+def test_a_vit_block_at_cp2_x_tp2_needs_two_gathers_and_one_reduce_scatter_on_top_of_tp(four):
+    """Keys and values travel together: on the CP group one all-gather of both forward, and backward one
+    more (recomputing them) and one reduce-scatter of their gradients per block; the TP all-reduces are
+    unchanged."""
     for rank_result in four:
         comm = rank_result["block_comm"]
         cp = {k: v["count"] for k, v in comm["cp"].items()}
-        assert cp == {"forward/allgather_": 1, "backward/_reduce_scatter_base_": 1}, comm["cp"]
+        # the backward all-gather is the recomputation's (see the saved-tensor test below)
+        assert cp == {"forward/allgather_": 1, "backward/allgather_": 1, "backward/_reduce_scatter_base_": 1}, cp
+        tp = {k: v["count"] for k, v in comm["tp"].items()}
+        assert tp == {"forward/all_reduce": 2, "backward/all_reduce": 2}, comm["tp"]
+        # nothing else but FSDP2's parameter gathers and gradient reductions (over dp_shard x cp)
         every = {k: v["count"] for k, v in comm["all"].items()}
-        assert every == {**cp, "forward/all_reduce": 2, "backward/all_reduce": 2}, comm["all"]
+        fsdp = {k: v["count"] for k, v in comm["fsdp"].items()}
+        assert every == {k: cp.get(k, 0) + tp.get(k, 0) + fsdp.get(k, 0) for k in {*cp, *tp, *fsdp}}, comm
+        assert fsdp.get("forward/allgather_into_tensor_coalesced_") and fsdp.get("backward/_reduce_scatter_base_")
         assert comm["cp"]["forward/allgather_"]["bytes"] == comm["kv_bytes"]
+        assert comm["cp"]["backward/allgather_"]["bytes"] == comm["kv_bytes"]
+
+
+def test_a_block_keeps_only_strip_sized_tensors_for_backward_and_gathers_the_keys_again(four):
+    """The whole sequence's keys and values [B, H/tp, L, e] are not kept for backward (the gather and the
+    attention are recomputed), with the same gradients; counter-check: without the recomputation they
+    are, at least K and V's bytes more."""
+    for rank_result in four:
+        saved = rank_result["saved"]
+        assert saved["recomputed"]["whole_sequence_bytes"] == 0, saved
+        assert saved["kept"]["whole_sequence_bytes"] >= saved["kv_bytes"], saved
+        assert saved["kept"]["bytes"] - saved["recomputed"]["bytes"] >= saved["kv_bytes"], saved
+        assert saved["same_grads"]
+
+
+def test_cp_replicas_stay_identical_and_a_divergence_on_one_cp_rank_is_caught_on_every_rank(four):
+    """Without FSDP every parameter is replicated over CP: training on the strips keeps them identical,
+    and a TP-sharded weight (which TP peers do not share, so only the CP comparison sees it) perturbed on
+    CP rank 1 stops every rank with one message naming the parameter and the CP ranks."""
+    results = [r["cp_replicas"] for r in four]
+    if results[0]["sharded_over_cp"]:
+        pytest.skip("this layout shards the weights over CP (FSDP2 over dp_shard x cp): no CP replicas")
+    assert len({r["message"] for r in results}) == 1  # every rank raises the same error
+    result = results[0]
+    assert not result["tp_replicated"]
+    message = result["message"]
+    assert message is not None and repr(result["target"]) in message and "CP rank(s) [1]" in message, message
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,19 +139,34 @@ def test_every_rank_knows_every_strip_s_share_of_one_device_s_mae_mask(cp):
     noise = torch.rand(3, grid_h * grid_w, generator=torch.Generator().manual_seed(cp))
     keep, _, mask = random_masking(noise, ratio)
     rows = row_strips(grid_h, cp)
-    parts = [strip_masking(noise, ratio, RowStrip(r, rows, grid_w, 4, None)) for r in range(cp)]
-    n_max = parts[0].local_index.shape[1]
-    strips = [RowStrip(r, rows, grid_w, 4, None).tokens for r in range(cp)]
-    gathered = torch.cat([p.local_index + s.start for p, s in zip(parts, strips)], dim=1)  # [B, cp * n_max]
+    parts = [strip_masking(noise, ratio, StripLayout(r, rows, grid_w, 4, None)) for r in range(cp)]
+    n_max = parts[0].visible.shape[1]
+    strips = [StripLayout(r, rows, grid_w, 4, None).tokens for r in range(cp)]
+    gathered = torch.cat([p.visible + s.start for p, s in zip(parts, strips)], dim=1)  # [B, cp * n_max]
     assert torch.equal(torch.gather(gathered, 1, parts[0].key_order), keep)
     for r, (part, strip) in enumerate(zip(parts, strips)):
         assert torch.equal(part.key_order, parts[0].key_order)  # the same on every rank
         assert torch.equal(part.mask, mask[:, strip])
-        visible = part.decoder_slots < n_max
+        visible = part.slots < n_max
         assert torch.equal(visible, part.mask == 0)
-        slots = part.decoder_slots.clamp(max=n_max - 1)
-        positions = torch.gather(part.local_index, 1, slots) + strip.start
+        slots = part.slots.clamp(max=n_max - 1)
+        positions = torch.gather(part.visible, 1, slots) + strip.start
         assert torch.equal(positions[visible], torch.arange(strip.start, strip.stop).expand_as(slots)[visible])
+
+
+def test_one_device_s_mask_layout_sends_each_patch_to_its_encoder_output_or_the_mask_token():
+    """The single-device `MaskLayout` the decoder assembles from (`MAEDecoder.assemble`), which a CP rank's
+    `strip_masking` also gives: a visible patch's slot is its row among the encoder's outputs, a masked
+    patch's slot is n, the mask token's."""
+    from dchag.model.heads import mask_layout
+
+    noise = torch.rand(3, 20, generator=torch.Generator().manual_seed(0))
+    layout = mask_layout(noise, 0.6)
+    n = layout.visible.shape[1]
+    visible = layout.slots < n
+    assert n == 8 and torch.equal(visible, layout.mask == 0)
+    rows = torch.gather(layout.visible, 1, layout.slots.clamp(max=n - 1))  # the patch each slot points at
+    assert torch.equal(rows[visible], torch.arange(20).expand(3, 20)[visible])
 
 
 def test_one_device_emulating_a_cp_layout_draws_each_strip_s_dropout_masks():

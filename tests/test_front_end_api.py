@@ -72,6 +72,58 @@ def test_a_mesh_without_a_tp_dimension_is_refused_naming_its_dimensions(two):
         )
 
 
+@pytest.mark.slow
+def test_a_bad_band_mask_is_refused_by_every_rank_before_any_collective(two):
+    """A mask over one rank's channels, longer than C, of integers or with nothing kept: both ranks raise
+    the same check's one-line error (none gathers alone and hangs), and a good mask still runs after."""
+    expected = {
+        "longer than C": "the channel-parallel front end got channel_keep of shape [8]; it takes [7], one bool",
+        "integers": "the channel-parallel front end got channel_keep of dtype torch.int64; it takes a bool mask [7]",
+        "all False": "the channel-parallel front end got channel_keep with all 7 channels False; keep at least one",
+        "set_channel_keep, integers": "set_channel_keep got channel_keep of dtype torch.int64",
+    }
+    for rank, results in enumerate(two):
+        bad = results["subsets"]["bad_keep"]
+        own = [5, 2][rank]  # 7 channels in groups [3, 2, 2]: rank 0 holds two groups
+        assert bad["this rank's channels only"].startswith(
+            f"the channel-parallel front end got channel_keep of shape [{own}]; it takes [7]"
+        ), bad
+        for name, message in expected.items():
+            assert bad[name] and bad[name].startswith(message) and "\n" not in bad[name], (name, bad[name])
+
+
+@pytest.mark.slow
+def test_a_band_subset_through_the_hf_adapter_matches_the_single_device_front_end(two):
+    for results in two:
+        r = results["subsets"]
+        assert r["keep_output"] < TIGHT and r["keep_grads"] < TIGHT, r
+        assert r["keep_changes_output"] > 1e-3, r  # counter-check: the subset is applied at all
+
+
+@pytest.mark.slow
+def test_masked_image_modeling_takes_all_channels_under_the_parallel_front_end(two):
+    for rank, results in enumerate(two):
+        r = results["subsets"]
+        assert r["mim_own_channels"] == (
+            f"pixel_values has {[5, 2][rank]} channels; a masked-image-modeling ViT reconstructs and scores all 7: "
+            "give every rank all 7 channels (the channel-parallel front end takes its own slice)"
+        )
+        assert r["mim_loss"] < TIGHT, r
+
+
+@pytest.mark.slow
+def test_placement_errors_of_parallelize_front_end_name_its_own_arguments(two):
+    for results in two:
+        p = results["subsets"]["placement"]
+        assert p["groups"] == (
+            "level 1 of the hierarchy has 1 groups, fewer than the mesh's tp size 2: every rank needs at least one "
+            "group; build the FrontEnd with groups >= 2 (a preset) or a hierarchy whose level 1 has >= 2 groups"
+        )
+        assert p["flat"].endswith("run the dchag.FrontEnd whole on every rank instead (no parallelize_front_end)")
+        assert p["heads"].startswith("the last aggregation level has 1 heads, not divisible by the mesh's tp size 2")
+        assert not [m for m in p.values() if "parallel.mode" in m or "model.hierarchy" in m or "parallel.tp" in m]
+
+
 # --- single process --------------------------------------------------------------------------------
 
 
@@ -199,3 +251,69 @@ def test_the_python_example_of_the_docs_runs_and_prints_the_documented_geometry(
     exec(compile(code, "docs/use.md", "exec"), scope)
     assert capsys.readouterr().out.strip() == "64 4 (8, 8) 64"
     assert scope["tokens"].shape == (2, 64, 64) and scope["out"].shape == (2, 65, 64)
+
+
+BAD_KEEPS = [
+    (torch.ones(8, dtype=torch.bool), "the front end got channel_keep of shape [8]; it takes [7], one bool per"),
+    (torch.ones(4, dtype=torch.bool), "the front end got channel_keep of shape [4]; it takes [7], one bool per"),
+    (torch.ones(7, dtype=torch.long), "the front end got channel_keep of dtype torch.int64; it takes a bool mask [7]"),
+    (torch.ones(7), "the front end got channel_keep of dtype torch.float32; it takes a bool mask [7]"),
+    (torch.zeros(7, dtype=torch.bool), "the front end got channel_keep with all 7 channels False; keep at least one"),
+    ([True] * 7, "the front end got channel_keep=[True, True, True, True, True, True, True]; it takes a bool tensor"),
+]
+
+
+@pytest.mark.parametrize(
+    "keep, message", BAD_KEEPS, ids=["longer", "shorter", "integers", "floats", "all False", "a list"]
+)
+def test_a_bad_band_mask_is_refused_in_one_line_naming_it(keep, message):
+    with pytest.raises(ValueError) as caught:
+        small()(torch.randn(1, 7, 8, 12), keep)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_placement_errors_name_the_settings_of_whoever_asked():
+    """The same placement problem in the config's words (dchag train) and in parallelize_front_end's."""
+    from dchag.parallel.channel_parallel import CONFIG_NAMES, place_channels
+    from dchag.use.parallel_front_end import API_NAMES
+
+    def error(names, **kwargs) -> str:
+        with pytest.raises(ConfigError) as caught:
+            place_channels(small(**kwargs), 2, "dchag", names)
+        return str(caught.value)
+
+    assert error(CONFIG_NAMES, groups=1).endswith("fewer than parallel.tp=2: every rank needs at least one "
+                                                  "group; set model.hierarchy.groups >= 2")  # fmt: skip
+    assert error(API_NAMES, groups=1).endswith("fewer than the mesh's tp size 2: every rank needs at least one "
+                                               "group; build the FrontEnd with groups >= 2 (a preset) or a hierarchy "
+                                               "whose level 1 has >= 2 groups")  # fmt: skip
+    assert error(CONFIG_NAMES, hierarchy="flat").endswith("use parallel.mode=replicated or naive")
+    assert error(API_NAMES, hierarchy="flat").startswith("parallelize_front_end needs a hierarchy of at least two")
+    assert error(CONFIG_NAMES, heads=1).endswith(
+        "set model.hierarchy.heads (default model.num_heads) to a multiple of 2"
+    )
+    assert error(API_NAMES, heads=1).endswith("build the FrontEnd with heads= a multiple of 2 that divides embed_dim")
+
+
+def test_hf_adapter_passes_a_band_subset_and_refuses_position_interpolation():
+    from dchag.adapters.hf_vit import set_channel_keep
+
+    torch.manual_seed(0)
+    front, vit = small(), hf_vit()
+    use_front_end(vit, front)
+    x, keep = torch.randn(2, 7, 8, 12), torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.bool)
+    emb = vit.embeddings
+    assert set_channel_keep(vit, keep) is vit
+    with torch.no_grad():
+        expected = torch.cat([emb.cls_token.expand(2, -1, -1), front(x, keep)], dim=1) + emb.position_embeddings
+        assert torch.equal(emb(x), expected)
+        set_channel_keep(vit, None)
+        assert not torch.allclose(emb(x), expected)  # counter-check: the subset did change the tokens
+    with pytest.raises(ValueError, match=r"^set_channel_keep got channel_keep with all 7 channels False"):
+        set_channel_keep(vit, torch.zeros(7, dtype=torch.bool))
+    with pytest.raises(TypeError, match="ViTModel has no dchag front end; call use_front_end"):
+        set_channel_keep(hf_vit(), keep)
+    with pytest.raises(ValueError, match=r"^interpolate_pos_encoding=True: a dchag front end takes the ViT's image_s"):
+        emb.patch_embeddings(x, interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match=r"^pixel_values of 16 x 24: a dchag front end takes the ViT's image_size 8 x"):
+        vit(pixel_values=torch.randn(1, 7, 16, 24), interpolate_pos_encoding=True)

@@ -23,9 +23,9 @@ def dropout_seen(monkeypatch):
     seen = [0.0]
     real = vit.attend
 
-    def spy(q, k, v, dropout, streams):
+    def spy(q, k, v, dropout, streams, strips=None):
         seen[0] = max(seen[0], dropout)
-        return real(q, k, v, dropout, streams)
+        return real(q, k, v, dropout, streams, strips)
 
     monkeypatch.setattr(vit, "attend", spy)
     return seen

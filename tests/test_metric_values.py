@@ -205,3 +205,20 @@ def test_psnr_and_spectral_angle_functions_give_hand_values():
     angles = spectral_angle_deg(pred, truth)
     assert torch.allclose(angles, torch.tensor([45.0, 90.0, 0.0, 90.0], dtype=torch.float64), rtol=0, atol=1e-6)
     assert not torch.allclose(angles, torch.deg2rad(angles), atol=1e-3)  # counter-check: degrees, not radians
+
+
+def test_the_mean_spectrum_baseline_sees_only_the_bands_the_model_is_given():
+    """`dchag eval --channels`: the baseline averages the visible pixels of the kept bands only and predicts
+    a left-out band as its normalisation mean, so the left-out bands' pixels change nothing in it."""
+    from dchag.eval.mae import mean_spectrum_baseline
+
+    truth = np.arange(3 * 2 * 2, dtype=np.float64).reshape(3, 2, 2)  # 3 bands of 2 x 2 pixels
+    visible = np.array([[True, False], [True, False]])  # the left column
+    kept, band_mean = np.array([True, False, True]), np.array([[10.0], [20.0], [30.0]])
+    got = mean_spectrum_baseline(truth, visible, kept, band_mean)
+    assert got.tolist() == [[1.0], [20.0], [9.0]]  # band 0: (0 + 2) / 2, band 2: (8 + 10) / 2
+    other = truth.copy()
+    other[1] = 1e6  # the left-out band's pixels
+    assert np.array_equal(mean_spectrum_baseline(other, visible, kept, band_mean), got)
+    # counter-check: the baseline over every band (what it was before) does read the left-out band
+    assert mean_spectrum_baseline(other, visible, None, band_mean)[1, 0] == 1e6

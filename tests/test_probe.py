@@ -15,6 +15,7 @@ from test_shipped_configs import shrink_overrides
 
 import dchag.use.probe as probe_module
 from dchag.cli import main
+from dchag.config import ConfigError
 from dchag.configure import load_config
 from dchag.data.errors import DataError
 from dchag.data.landsat_qa import check_layout, classes_of, load_landsat_qa, patch_labels, pixel_classes
@@ -22,6 +23,8 @@ from dchag.data.spectral_cube import SpectralCubeSource
 from dchag.model import build_model
 from dchag.train.export import export_folder
 from dchag.train.loop import train
+from dchag.use.probe_config import ClassifierConfig, ProbeConfig
+from dchag.use.trained import load
 
 ROOT = Path(__file__).parents[1]
 MAE = ROOT / "configs/landsat8-mae.yaml"
@@ -135,15 +138,15 @@ def test_the_probe_of_a_tiny_run_writes_the_documented_json_and_table(tiny_run, 
     seen = []  # (model, features) of every encoder_features call: the trained encoder's, then the random one's
     real = probe_module.encoder_features
 
-    def spy(model, crops, keep, batch_size):
-        features = real(model, crops, keep, batch_size)
+    def spy(model, crops, keep, batch_size, layers):
+        features = real(model, crops, keep, batch_size, layers)
         seen.append((model, features))
         return features
 
     monkeypatch.setattr(probe_module, "encoder_features", spy)
     out = tmp_path / "new" / "folder" / "probe.json"  # --json into a folder that does not exist yet
     small = ["classifier.max_train_patches=3000", "classifier.max_test_patches=3000", "classifier.max_iter=200"]
-    small.append("bootstrap=20")
+    small += ["bootstrap=20", "classifier.C=[0.1, 10]", "classifier.cv_folds=2"]
     argv = ["probe", "--run", str(tiny_run), "--config", str(PROBE), "--json", str(out), "--no-progress"]
     assert main([*argv, "--set", *small]) == 0
     table = capsys.readouterr().out
@@ -155,7 +158,11 @@ def test_the_probe_of_a_tiny_run_writes_the_documented_json_and_table(tiny_run, 
         assert 0.0 <= metrics["macro_f1"] <= 1.0 and 0.0 <= metrics["accuracy"] <= 1.0
         assert set(metrics["per_class_f1"]) == set(classes)
         assert sum(map(sum, metrics["confusion"])) == result["split"]["patches"]["test"]
-    assert result["metrics"]["dim"] == 16 and result["baselines"]["mean_spectrum"]["dim"] == 10  # shrunk width, bands
+    # the shipped layers [tokens, blocks, final] of the shrunk one-block, 16-wide model: 3 x 16 numbers a patch
+    assert result["encoder_layers"] == ["tokens", "block1", "final"]
+    assert result["metrics"]["dim"] == 48 and result["baselines"]["mean_spectrum"]["dim"] == 10
+    for metrics in (result["metrics"], result["baselines"]["mean_spectrum"], result["baselines"]["random_encoder"]):
+        assert metrics["C"] in (0.1, 10) and len(metrics["cv_macro_f1"]) == 2  # C chosen by cross-validation
     for part in ("train", "test"):
         assert sum(result["class_counts"][part].values()) == result["split"]["patches"][part] <= 3000
         assert min(result["class_counts"][part].values()) >= 20
@@ -163,6 +170,7 @@ def test_the_probe_of_a_tiny_run_writes_the_documented_json_and_table(tiny_run, 
     assert result["split"]["tiles"]["test"] > 0 and result["split"]["crop"] == [8, 16]
     for row in ("pretrained encoder", "random encoder", "mean spectrum", "majority class"):
         assert f"| {row} |" in table
+    assert "encoder layers tokens, block1, final" in table
     paired = result["paired"]["encoder_minus_random_encoder"]["macro_f1"]
     low, high = paired["interval95"]
     assert low <= high and result["paired"]["resamples"] == 20
@@ -184,3 +192,47 @@ def test_the_probe_of_a_tiny_run_writes_the_documented_json_and_table(tiny_run, 
 def test_the_landsat_run_model_card_states_the_data_licence(tiny_run, tmp_path):
     card = (export_folder(tiny_run, tmp_path / "export") / "README.md").read_text()
     assert "- Licence: public domain (USGS; credit: courtesy of the U.S. Geological Survey)" in card
+
+
+def test_probe_layers_read_the_encoder_tokens_that_embed_computes(tiny_run):
+    trained = load(tiny_run)
+    x = torch.rand(3, len(trained.channels), *trained.config.model.img_size) * 1000  # [B, C, H, W] physical
+    layers = probe_module.resolve_layers(["tokens", "blocks", "final"], trained.config.model.depth)
+    assert layers == [0, 1, -1]
+    tokens = probe_module.layer_tokens(trained, x, layers)  # [B, L, 3 D]
+    z, *_ = trained._model_input(x, "x", None)
+    with torch.no_grad():
+        before = trained.model.patch_tokens(z)  # [B, L, D]
+        after = trained.model.blocks[0](before)
+    d = trained.config.model.embed_dim
+    assert torch.equal(tokens[..., 2 * d :], trained.embed(x))  # `final` is embed's output, bit for bit
+    assert torch.allclose(tokens[..., :d], before) and torch.allclose(tokens[..., d : 2 * d], after)
+    assert not torch.allclose(tokens[..., :d], tokens[..., d : 2 * d])  # counter-check: the layers differ
+    with pytest.raises(ConfigError, match="'block2' is past the run's 1 ViT block"):
+        probe_module.resolve_layers(["block2"], 1)
+    with pytest.raises(ConfigError, match="names a layer twice"):
+        probe_module.resolve_layers(["blocks", "block1"], 1)
+
+
+def test_probe_C_is_chosen_by_cross_validation_on_training_tiles_never_on_test():
+    g = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [120, 30, 30])
+    x = g.normal(size=(180, 5)) + 2.0 * np.eye(5)[y]  # three classes in 5 dimensions, one of them common
+    tiles = np.arange(180) // 6  # 30 tiles of 6 patches
+    cfg = ProbeConfig(classifier=ClassifierConfig(C=[1e-4, 1.0], cv_folds=3, class_weight="none"))
+    C, cv = probe_module.choose_C(x, y, tiles, 3, cfg)
+    assert C == 1.0 and cv[1] > cv[0] + 0.3  # so strong a penalty predicts the common class: a poor macro-F1
+    # the test patches play no part: test labels that C=1e-4 would score better on change nothing
+    result = probe_module.fit_and_score(x, y, x[:30], np.zeros(30, int), ["a", "b", "c"], cfg, tiles)
+    assert result["C"] == 1.0 and result["cv_macro_f1"] == cv
+    single = probe_module.fit_and_score(x, y, x, y, ["a", "b", "c"], ProbeConfig(), tiles)
+    assert single["C"] == 1.0 and single["cv_macro_f1"] is None  # one candidate: no cross-validation
+
+
+def test_the_random_encoder_seed_draws_other_initial_weights_of_the_same_architecture(tiny_run):
+    trained = load(tiny_run)
+    own, other = probe_module.random_encoder(trained), probe_module.random_encoder(trained, seed=1)
+    assert own.config.train.seed == trained.config.train.seed and other.config.train.seed == 1
+    a, b = own.model.state_dict(), other.model.state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, build_model(other.config).state_dict()[k]) for k, v in b.items())

@@ -80,11 +80,21 @@ def test_era5_on_its_own_grid_reads_only_the_strip_s_latitudes(tmp_path, isel_ca
     assert strip.compute_stats() == stats  # statistics: the whole training data's
 
 
-def test_era5_when_regridding_reads_whole_fields_and_cuts_after_regridding(tmp_path, isel_calls):
-    """The simple correct choice: a strip of the model grid needs source rows around it (and conservative
-    regridding normalises over what it overlaps), so regridded fields are read whole, then cut."""
+def test_era5_under_bilinear_regridding_reads_only_the_source_rows_around_the_strip(tmp_path):
+    """Bilinear interpolation is point by point: the strip's rows of the model grid come from the source
+    rows that bracket their latitudes, and equal the whole regridded field's rows exactly."""
     src = _era5(tmp_path, [16, 32], nan="mask")
-    strip = _assert_strip_is_rows_of_whole(src, slice(5, 11), (16, 32))
+    strip = _assert_strip_is_rows_of_whole(src, slice(5, 11), (16, 32))  # latitudes -28.125 .. 28.125
+    src.lat_read.clear()
+    strip.batch(INDICES)
+    assert set(src.lat_read) == {(6, 13)}  # source latitudes 30 .. -30 (descending in the file)
+
+
+def test_era5_under_conservative_regridding_reads_whole_fields_and_cuts_after_regridding(tmp_path):
+    """The simple exact choice there: conservative cells normalise over every source cell they overlap and
+    need the cell edges around them, so whole fields are read and regridded, then cut."""
+    src = _era5(tmp_path, [9, 18], nan="mask", regrid="conservative")
+    strip = _assert_strip_is_rows_of_whole(src, slice(3, 6), (9, 18))
     src.lat_read.clear()
     strip.batch(INDICES)
     assert set(src.lat_read) == {(0, 19)}

@@ -334,6 +334,7 @@ def cmd_plan(args) -> int:
             local_batch=args.local_batch,
             variants=tuple(args.variants),
             cp_sizes=tuple(args.cp) if args.cp else None,
+            tp_sizes=tuple(args.tp) if args.tp else None,
             workers=args.workers,
             progress=not args.no_progress,
         )
@@ -568,6 +569,9 @@ def _plan_parser(sub) -> None:
     p.add_argument("--cp-gbs", type=float, default=100.0, help="GB/s per GPU within a context-parallel group")
     p.add_argument(
         "--cp", type=int, nargs="+", metavar="N", help="context-parallel sizes to consider (default: every divisor)"
+    )
+    p.add_argument(
+        "--tp", type=int, nargs="+", metavar="N", help="tensor-parallel sizes to consider (default: every divisor)"
     )
     p.add_argument("--workers", type=int, default=1, help="trace this many candidates at once (processes)")
     p.add_argument("--json", help="write the records here")

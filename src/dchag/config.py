@@ -192,7 +192,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     bf16_params: bool = False  # FSDP2 MixedPrecisionPolicy(param_dtype=bf16)
-    check_replicas_every: int = 100  # steps between checks that TP-replicated weights agree (0: never)
+    check_replicas_every: int = 100  # steps between checks that TP (and CP) replicated weights agree (0: never)
     timeout_s: float = 600.0  # a collective waiting longer than this for a peer ends the job with an error
 
 

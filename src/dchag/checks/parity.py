@@ -7,6 +7,7 @@ the single-device layout) are compared as max |a - b| / max |b| per tensor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from dchag.data import batch_indices, build_source
 from dchag.data.row_strip import RowStrip
 from dchag.model import build_model
 from dchag.parallel.context_parallel import set_dropout_strips
-from dchag.parallel.mesh import ParallelDims, build_mesh
+from dchag.parallel.mesh import ParallelDims, build_mesh, submesh
 from dchag.parallel.parallelize import parallelize
 from dchag.parallel.state import logical_grads
 from dchag.tasks import compute_loss, mask_noise_for_step
@@ -35,7 +36,7 @@ FAULTS = (
     "rollout-data-fed",  # rollout faults: run with train.rollout_steps > 1
     "rollout-channel-map",
     "channel-subset-seed",  # TP rank 1 draws its band subset (train.channel_subset) from another step
-    "cp-grad-sum",  # context parallelism: the CP ranks' gradient parts are not summed (without FSDP2)
+    "cp-grad-sum",  # context parallelism: FSDP2 shards over dp_shard alone, the CP ranks' gradient parts unsummed
     "cp-kv-own-slice",  # the key/value gather keeps its own slice in backward instead of reduce-scattering
     "cp-dropout-streams",  # every CP rank draws its dropout masks from strip 0's streams
 )
@@ -135,18 +136,21 @@ def _inject_kv_own_slice():
     return restore
 
 
-def _finish_gradients(plan, fault: str) -> None:
-    """`plan.finish_gradients()`; under the "cp-grad-sum" fault without the sum over CP ranks."""
+@contextlib.contextmanager
+def _built_with(fault: str):
+    """Faults in how the model is parallelized: under "cp-grad-sum" FSDP2 shards over dp_shard alone (CP
+    ranks left out of its mesh, as if they did not share the weights), so nothing sums the CP ranks'
+    parts of each gradient."""
     if fault != "cp-grad-sum":
-        plan.finish_gradients()
+        yield
         return
     module = importlib.import_module("dchag.parallel.parallelize")  # the module, not the package's function
-    original = module.sum_gradients_over_cp
-    module.sum_gradients_over_cp = lambda model, group: None
+    original = module.dp_mesh
+    module.dp_mesh = lambda mesh: submesh(mesh, "dp_replicate", "dp_shard")
     try:
-        plan.finish_gradients()
+        yield
     finally:
-        module.sum_gradients_over_cp = original
+        module.dp_mesh = original
 
 
 def _inject_rollout(fault: str):
@@ -199,7 +203,8 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     dims = ParallelDims.from_config(cfg.parallel)
     if cfg.model.drop_rate > 0 and dims.dp > 1:
         raise ConfigError("parity with dropout needs parallel.dp_shard = dp_replicate = 1 (DP ranks draw other masks)")
-    reference, plan = reference_and_parallel(cfg, seed)
+    with _built_with(fault):
+        reference, plan = reference_and_parallel(cfg, seed)
     device = plan.mesh.device_type
     if reference_materializing:
         reference.front_end.fused = False
@@ -270,7 +275,7 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
         (loss / plan.dp_size).backward()
     finally:
         restore()
-    _finish_gradients(plan, fault)
+    plan.finish_gradients()
     if fault == "grad-scale":
         _scale_grads(plan)
 

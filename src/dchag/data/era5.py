@@ -261,9 +261,9 @@ class ERA5Source:
     """`batch(indices)` -> x [B, C, H, W] at t, y [B, C_out, H, W] at t + lead (normalised), lead_hours [B].
 
     `rows` (set on a copy by `data/row_strip.py` for a context-parallel rank): `batch` holds only those
-    pixel rows of the model grid. On the data's own grid only those latitudes are read from the files;
-    when regridding, whole fields are read and regridded, then cut (a strip of the model grid needs
-    source rows around it, and conservative regridding normalises over the cells it overlaps).
+    pixel rows of the model grid, and only the latitudes they need are read from the files: those rows
+    on the data's own grid, the source rows around them under bilinear regridding. Conservative
+    regridding reads and regrids whole fields, then cuts (`_source_rows`).
 
     `split` is one of train / val / test; leads are the pairs of time steps whose distance lies in
     `lead_range` (training) or equals `fixed_lead` (evaluation). `pairs=False` makes a reader without
@@ -331,7 +331,7 @@ class ERA5Source:
         self.src_lon = lon[self._lon_order]
         shape = None if grid == "native" else tuple(grid)
         self.grid = target_grid(self.src_lat, self.src_lon, shape)
-        self.native = on_grid(self.src_lat, self.src_lon, self.grid)  # no regridding: rows read alone
+        self.native = on_grid(self.src_lat, self.src_lon, self.grid)  # no regridding: a strip's rows read alone
         if (len(self.grid.lat), len(self.grid.lon)) != tuple(img_size):
             raise DataError(
                 f"{where}: the data grid is {len(self.grid.lat)}x{len(self.grid.lon)} but model.img_size is "
@@ -428,13 +428,10 @@ class ERA5Source:
         """Physical values of several channels at time indices `times`, on the model grid: channel ->
         [k, H, W] float32 (`rows`: only those pixel rows, [k, H_rows, W]). The channels of one variable
         are read in one block for all their pressure levels, so a chunk holding several levels is read
-        once, not once per level. On the data's own grid `rows` limits the latitudes read."""
+        once, not once per level. `rows` limits the latitudes read (`_source_rows`)."""
         ds = self._dataset()
-        lat_order, cut = self._lat_order, None  # file latitude index of each model row; rows cut afterwards
-        if rows is not None and self.native:
-            lat_order = self._lat_order[np.arange(len(self.src_lat))[rows]]
-        elif rows is not None:
-            cut = rows
+        src_rows, grid, cut = self._source_rows(rows)
+        lat_order = self._lat_order[src_rows]  # the file's latitude index of each source row read
         first, stop = int(lat_order.min()), int(lat_order.max()) + 1  # contiguous: latitudes are monotonic
         window = {self.lat_name: slice(first, stop)}
         unique, inverse = np.unique(np.asarray(times), return_inverse=True)
@@ -461,14 +458,31 @@ class ERA5Source:
             block = block[:, :, lat_order - first][:, :, :, self._lon_order]
             n_lev, k = block.shape[:2]
             flat = block.reshape(n_lev * k, *block.shape[2:])
-            if lat_order is self._lat_order:
-                flat = regrid(flat, self.src_lat, self.src_lon, self.grid, self.regrid)
+            flat = regrid(flat, self.src_lat[src_rows], self.src_lon, grid, self.regrid)
             fields = flat.reshape(n_lev, k, *flat.shape[1:])  # [levels, k, H, W]
             if cut is not None:
                 fields = fields[:, :, cut]
             for i, channel in enumerate(names):
                 out[channel] = fields[i][inverse].astype(np.float32)
         return out
+
+    def _source_rows(self, rows: slice | None) -> tuple[slice, Grid, slice | None]:
+        """(source rows to read, in ascending latitude; the grid they are regridded to; the rows to cut
+        afterwards) for the model rows `rows`. On the data's own grid: exactly those rows. Bilinear
+        regridding: the source rows that bracket the strip's latitudes (interpolation is point by point,
+        so the strip equals those rows of the whole field). Conservative: every row, cut afterwards."""
+        n = len(self.src_lat)
+        if rows is None:
+            return slice(0, n), self.grid, None
+        if self.native:
+            start, stop, _ = rows.indices(n)
+            return slice(start, stop), Grid(self.grid.lat[rows], self.grid.lon, self.grid.periodic), None
+        if self.regrid != "bilinear":
+            return slice(0, n), self.grid, rows
+        lat = self.grid.lat[rows]
+        start = max(0, int(np.searchsorted(self.src_lat, lat.min())) - 1)
+        stop = min(n, int(np.searchsorted(self.src_lat, lat.max(), side="right")) + 1)
+        return slice(start, stop), Grid(lat, self.grid.lon, self.grid.periodic), None
 
     def _first_nan(self, channel: str, values: np.ndarray, times: np.ndarray) -> tuple[int, str] | None:
         """(time index, one-line message) of the first time step of `values` [k, H, W] holding NaN/Inf."""

@@ -14,7 +14,9 @@ In the data's physical units, over the masked patches and over the whole image:
 
 `channels` (`dchag eval --channels`): the model sees only these bands, the others left out as in
 `train.channel_subset`; the scores still cover every band, and `left_out_bands` scores the bands it did
-not see over the whole image (spectral inpainting). The baseline still sees every band.
+not see over the whole image (spectral inpainting). The baseline is given what the model is given: the
+visible pixels of those bands; a band left out it predicts as that band's normalisation mean (the
+training split's mean; synthetic cubes: the generator's standardisation offset). `baseline` says so.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def evaluate_mae(
     names = source.channels
     keep = None if channels is None else keep_of_names(names, list(channels), "--channels")
     left_out = [c for c in names if channels is not None and c not in channels]
+    kept = None if keep is None else keep.numpy()  # [C]: the bands the model (and the baseline) is given
     if stats is not None:
         mean = np.array([stats["channels"][c]["mean"] for c in names])[:, None, None]
         std = np.array([stats["channels"][c]["std"] for c in names])[:, None, None]
@@ -86,11 +89,7 @@ def evaluate_mae(
             pred = out.pred[b].double().numpy() * std + mean
             m = pixel_mask[b] & scored[b]
             visible = ~pixel_mask[b] & scored[b]
-            visible_mean = (
-                truth[:, visible].mean(axis=1, keepdims=True)
-                if visible.any()
-                else truth[:, scored[b]].mean(axis=1, keepdims=True)
-            )
+            visible_mean = mean_spectrum_baseline(truth, visible if visible.any() else scored[b], kept, mean[:, 0])
             parts["masked"].add(pred[:, m], truth[:, m])
             parts["whole"].add(pred[:, scored[b]], truth[:, scored[b]])
             parts["baseline_masked"].add(np.repeat(visible_mean, m.sum(), axis=1), truth[:, m])
@@ -110,6 +109,7 @@ def evaluate_mae(
         **masked,
         "baseline_psnr_db": base["psnr_db"],
         "baseline_sam_deg": base["sam_deg"],
+        "baseline": BASELINE if keep is None else BASELINE + BASELINE_LEFT_OUT,
         "whole_image": parts["whole"].result(names),
     }
     if channels is not None:
@@ -124,6 +124,20 @@ def evaluate_mae(
         wavelengths = [float(c[1:]) for c in names]
         result["plots"] = [str(p) for p in reconstruction_figures(*shown, wavelengths, Path(plots))]
     return result
+
+
+BASELINE = "mean spectrum of each crop's visible pixels"
+BASELINE_LEFT_OUT = " in the bands the model is given; a left-out band: its normalisation mean (training split)"
+
+
+def mean_spectrum_baseline(
+    truth: np.ndarray, visible: np.ndarray, kept: np.ndarray | None, band_mean: np.ndarray
+) -> np.ndarray:
+    """The baseline's spectrum [C, 1] of one crop: truth [C, H, W] averaged over the `visible` pixels
+    [H, W] in the bands `kept` [C] (None: all), and `band_mean` [C, 1] (the normalisation mean, in the
+    same units) for the others: it sees what the model sees, never a band the model was not given."""
+    spectrum = truth[:, visible].mean(axis=1, keepdims=True)  # [C, 1]
+    return spectrum if kept is None else np.where(kept[:, None], spectrum, band_mean)
 
 
 def on_other_data(cfg, model, data_config: str | Path):

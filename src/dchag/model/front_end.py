@@ -15,6 +15,29 @@ from dchag.model.hierarchy import ChannelHierarchy
 from dchag.model.tokenizer import ChannelTokenizer
 
 
+def check_channel_keep(channel_keep, channels: int, *, values: bool = False, where: str = "the front end") -> None:
+    """A one-line ValueError unless `channel_keep` is a bool tensor [C] over all `channels` of the model.
+    Shape and dtype only (no host sync) unless `values`: then it must also keep at least one channel, a
+    read of the mask that the public entry points afford. Under channel parallelism every rank checks the
+    same (global) mask against the same C before any collective, so all ranks raise alike, none hangs."""
+    if not isinstance(channel_keep, torch.Tensor):
+        raise ValueError(
+            f"{where} got channel_keep={channel_keep!r}; it takes a bool tensor [{channels}], one per channel"
+        )
+    if channel_keep.shape != (channels,):
+        raise ValueError(
+            f"{where} got channel_keep of shape {list(channel_keep.shape)}; it takes [{channels}], one bool per "
+            f"channel of the model (all {channels}, in input order, the same on every rank)"
+        )
+    if channel_keep.dtype != torch.bool:
+        raise ValueError(
+            f"{where} got channel_keep of dtype {channel_keep.dtype}; it takes a bool mask [{channels}] "
+            "(True = use the channel): pass mask.bool()"
+        )
+    if values and not bool(channel_keep.any()):
+        raise ValueError(f"{where} got channel_keep with all {channels} channels False; keep at least one")
+
+
 def drop_channels(x: torch.Tensor, channel_keep: torch.Tensor | None) -> torch.Tensor:
     """x [B, C, H, W] with the channels `channel_keep` [C] leaves out (False) set to zero, so that nothing
     in them (not even NaN) reaches the model; the aggregators also mask them out."""
@@ -86,6 +109,8 @@ class FrontEnd(nn.Module):
     def forward(self, x: torch.Tensor, channel_keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W] -> [B, L, D]. `channel_keep` [C] (bool, at least one True): a band subset, the
         channels marked False left out as if absent (their pixels influence nothing)."""
+        if channel_keep is not None:
+            check_channel_keep(channel_keep, len(self.channel_index))
         index = None if self.index_is_identity else self.channel_index
         level = self.hierarchy.levels[0]
         first = tokenize_and_aggregate(self.tokenizer, level, x, index, self.fused, channel_keep)

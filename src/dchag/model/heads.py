@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,22 @@ def random_masking(noise: torch.Tensor, ratio: float) -> tuple[torch.Tensor, tor
     return shuffle[:, :num_keep], restore, torch.gather(mask, 1, restore)
 
 
+@dataclass
+class MaskLayout:
+    """An MAE mask as the model uses it, for the L patch tokens it computes (all of them on one device)."""
+
+    visible: torch.Tensor  # [B, n]: the positions among the L tokens of those the encoder sees, in its order
+    slots: torch.Tensor  # [B, L]: each token's row among the encoder's n outputs; n (the mask token) if masked
+    mask: torch.Tensor  # [B, L]: 1 = masked
+
+
+def mask_layout(noise: torch.Tensor, ratio: float) -> MaskLayout:
+    """One device's mask from uniform noise [B, L] (`random_masking`): the encoder sees the kept patches
+    in shuffled order, so a visible patch's row is its place in that order."""
+    keep, restore, mask = random_masking(noise, ratio)
+    return MaskLayout(keep, restore.clamp(max=keep.shape[1]), mask)
+
+
 class MAEDecoder(nn.Module):
     """Visible tokens -> narrow decoder with mask tokens -> every channel's pixels of every patch."""
 
@@ -78,19 +95,24 @@ class MAEDecoder(nn.Module):
         yield "mask_token", torch.zeros(self.mask_token.shape)
         yield "pos_embed", sincos_2d(self.pos_embed.shape[-1], *self.grid)[None]
 
-    def forward(self, visible: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
-        """visible [B, L_keep, D], restore [B, L] -> reconstruction per patch [B, L, C*p*p] (the loss reads
-        this layout; `image` turns it into [B, C, H, W])."""
-        x = self.embed(visible)  # [B, L_keep, d]
-        b, keep, d = x.shape
-        fill = self.mask_token.expand(b, restore.shape[1] - keep, d)
-        x = torch.cat([x, fill], dim=1)  # [B, L, d] in shuffled order
-        x = torch.gather(x, 1, restore[..., None].expand(-1, -1, d)) + self.pos_embed
-        return self.decode(x)
+    def forward(self, latent: torch.Tensor, slots: torch.Tensor, positions: slice = slice(None)) -> torch.Tensor:
+        """The encoder's visible tokens latent [B, n, D] and `MaskLayout.slots` [B, L] of the patches at
+        `positions` (all of them; a context-parallel rank's strip) -> reconstruction per patch
+        [B, L, C*p*p] (the loss reads this layout; `image` turns it into [B, C, H, W])."""
+        return self.decode(self.assemble(latent, slots, positions))
+
+    def assemble(self, latent: torch.Tensor, slots: torch.Tensor, positions: slice = slice(None)) -> torch.Tensor:
+        """The decoder's tokens [B, L, d] of the patches at `positions`: each visible one's embedded latent,
+        the mask token for the others, plus their position embedding."""
+        x = self.embed(latent)  # [B, n, d]
+        b, _, d = x.shape
+        x = torch.cat([x, self.mask_token.expand(b, 1, d)], dim=1)  # [B, n + 1, d]: row n is the mask token
+        x = torch.gather(x, 1, slots[..., None].expand(-1, -1, d))  # [B, L, d]
+        return x + self.pos_embed[:, positions]
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Every patch's tokens in order [B, L, d] (visible and mask tokens, positions added) ->
-        reconstruction per patch [B, L, C*p*p]."""
+        """Patch tokens in order [B, L, d] (visible and mask tokens, positions added) -> reconstruction
+        per patch [B, L, C*p*p]."""
         for block in self.blocks:
             x = block(x)
         return self.pred(self.norm(x))

@@ -11,7 +11,7 @@ from torch import nn
 from dchag.model.channel_spec import named_rows, vocabulary_specs
 from dchag.model.embeddings import sincos_2d
 from dchag.model.front_end import FrontEnd
-from dchag.model.heads import ConditionedPixelOutput, ForecastHead, MAEDecoder, random_masking
+from dchag.model.heads import ConditionedPixelOutput, ForecastHead, MAEDecoder, mask_layout
 from dchag.model.init import init_weights_
 from dchag.model.spectral_tokenizer import build_tokenizer
 from dchag.model.vit import Block, StripDropout
@@ -76,6 +76,9 @@ class ChannelViT(nn.Module):
         # the patch tokens this model computes, in row-major order: all of them on one device; a strip of
         # whole patch rows on a context-parallel rank (set by dchag.parallel.context_parallel)
         self.token_slice = slice(None)
+        # an MAE's mask of those tokens from the noise [B, L] (`MaskLayout`); a context-parallel rank's
+        # part of it is set from outside too
+        self.masking = mask_layout
         # model.tokenizer: per-channel weights by name, or computed from the vocabulary's channel specs
         tok = None if tokenizer == "per_channel" else build_tokenizer(tokenizer, vocab_specs, dim, patch)
         self.front_end = FrontEnd(
@@ -143,10 +146,11 @@ class ChannelViT(nn.Module):
                 pred = pred + base.to(pred.dtype)
             return ModelOutput(pred)
         if mask_noise is None:
-            mask_noise = torch.rand(z.shape[0], z.shape[1], device=z.device)
-        keep, restore, mask = random_masking(mask_noise, self.mask_ratio if mask_ratio is None else mask_ratio)
-        visible = torch.gather(z, 1, keep[..., None].expand(-1, -1, z.shape[-1]))  # [B, L_keep, D]
-        return ModelOutput(mask=mask, patches=self.head(self.encode(visible), restore), to_image=self.head.image)
+            mask_noise = torch.rand(z.shape[0], self.num_patches, device=z.device)
+        layout = self.masking(mask_noise, self.mask_ratio if mask_ratio is None else mask_ratio)
+        visible = torch.gather(z, 1, layout.visible[..., None].expand(-1, -1, z.shape[-1]))  # [B, n, D]
+        patches = self.head(self.encode(visible), layout.slots, self.token_slice)  # [B, L, C*p*p]
+        return ModelOutput(mask=layout.mask, patches=patches, to_image=self.head.image)
 
 
 def build_model(cfg, *, init: bool = True) -> ChannelViT:

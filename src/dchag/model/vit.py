@@ -2,8 +2,8 @@
 
 q, k, v are separate linears and heads are inferred with `-1` in the reshapes, so tensor parallelism
 (column-parallel q/k/v and fc1, row-parallel proj and fc2) applies from outside without changes here;
-context parallelism sets `Attention.kv_exchange` (keys and values of the whole sequence) and the dropout
-strips, also from outside.
+context parallelism sets `Attention.kv_exchange` (attention over the whole sequence's keys and values)
+and the dropout strips, also from outside.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.dropout_streams = (0, 1)  # see `attend`; set by tensor parallelism, never by a config
         self.dropout_strips = None  # see `attend`; set by context parallelism, never by a config
-        # context parallelism sets a function that returns the whole sequence's keys and values
-        # [B, H, L, e] from this rank's strip [B, H, L_r, e] (dchag.parallel.context_parallel)
+        # context parallelism sets a function that attends this rank's queries to the whole sequence's
+        # keys and values, from this rank's strip of both (`attend`'s arguments; dchag.parallel.context_parallel)
         self.kv_exchange = None
         self.wq = nn.Linear(dim, dim)
         self.wk = nn.Linear(dim, dim)
@@ -109,10 +109,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, D]
         q, k, v = (rearrange(w(x), "b l (h e) -> b h l e", e=self.head_dim) for w in (self.wq, self.wk, self.wv))
-        if self.kv_exchange is not None:  # this rank's queries attend to every rank's keys
-            k, v = self.kv_exchange(k, v)
         drop = self.dropout if self.training else 0.0
-        out = attend(q, k, v, drop, self.dropout_streams, self.dropout_strips)  # [B, H, L, e]
+        if self.kv_exchange is None:
+            out = attend(q, k, v, drop, self.dropout_streams, self.dropout_strips)  # [B, H, L, e]
+        else:  # this rank's queries attend to every rank's keys
+            out = self.kv_exchange(q, k, v, drop, self.dropout_streams, self.dropout_strips)
         return self.proj(rearrange(out, "b h l e -> b l (h e)"))
 
 

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from dchag.config import ConfigError
-from dchag.model.front_end import FrontEnd, drop_channels, tokenize_and_aggregate
+from dchag.model.front_end import FrontEnd, check_channel_keep, drop_channels, tokenize_and_aggregate
 from dchag.model.groups import split_sizes
 from dchag.model.hierarchy import HierarchyLevel, groups_valid
 from dchag.parallel.collectives import copy_to_tp, gather_from_tp, gather_to_tp, reduce_from_tp
@@ -73,10 +73,39 @@ def _ranges(sizes: list[int]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def place_channels(front_end: FrontEnd, tp: int, mode: str) -> ChannelPlacement:
-    """Decide the placement; raises a one-line error when the hierarchy cannot be split this way."""
+@dataclass(frozen=True)
+class KnobNames:
+    """How placement errors name the settings, in the words of whoever asked for the placement: dchag's
+    config (`CONFIG_NAMES`) or the Python API (`dchag.parallelize_front_end`). `{tp}` is filled in."""
+
+    tp: str  # the TP size
+    dchag: str  # who asks for the D-CHAG placement
+    groups: str  # the fix for fewer level-1 groups than ranks
+    heads: str  # the fix for aggregator heads that do not split over the ranks
+    flat: str  # what to do instead with a one-level hierarchy
+
+
+CONFIG_NAMES = KnobNames(
+    tp="parallel.tp={tp}",
+    dchag="parallel.mode=dchag",
+    groups="set model.hierarchy.groups >= {tp}",
+    heads="set model.hierarchy.heads (default model.num_heads) to a multiple of {tp}",
+    flat="use parallel.mode=replicated or naive",
+)
+
+
+def place_channels(front_end: FrontEnd, tp: int, mode: str, names: KnobNames = CONFIG_NAMES) -> ChannelPlacement:
+    """Decide the placement; raises a one-line error, worded by `names`, when the hierarchy cannot be
+    split this way."""
     levels = list(front_end.hierarchy.levels)
     channels = len(front_end.channel_index)
+    size = names.tp.format(tp=tp)
+    last = levels[-1]
+    if tp > 1 and last.kind == "cross_attention" and last.aggregator.heads % tp:  # see HeadParallelLevel
+        raise ConfigError(
+            f"the last aggregation level has {last.aggregator.heads} heads, not divisible by {size}: "
+            + names.heads.format(tp=tp)
+        )
     if mode == "replicated" or tp == 1 and mode != "dchag":
         return ChannelPlacement(mode, [(0, channels)] * tp, 0)
     if mode == "naive":
@@ -90,13 +119,13 @@ def place_channels(front_end: FrontEnd, tp: int, mode: str) -> ChannelPlacement:
     first = levels[0]
     if len(levels) < 2 and tp > 1:
         raise ConfigError(
-            "parallel.mode=dchag needs a hierarchy of at least two levels (e.g. preset dchag-C); "
-            "the flat model has nothing to distribute: use parallel.mode=replicated or naive"
+            f"{names.dchag} needs a hierarchy of at least two levels (e.g. preset dchag-C); "
+            f"the flat model has nothing to distribute: {names.flat.format(tp=tp)}"
         )
     if first.groups < tp:
         raise ConfigError(
-            f"level 1 of the hierarchy has {first.groups} groups, fewer than parallel.tp={tp}: every rank needs "
-            f"at least one group; set model.hierarchy.groups >= {tp}"
+            f"level 1 of the hierarchy has {first.groups} groups, fewer than {size}: every rank needs "
+            f"at least one group; {names.groups.format(tp=tp)}"
         )
     group_ranges = [_ranges(split_sizes(first.groups, tp))]
     starts = [0, *accumulate(first.sizes)]
@@ -183,7 +212,7 @@ class ParallelFrontEnd(nn.Module):
         self.specs: dict[str, ShardSpec] = {}
         prefix = "front_end."
         c0, c1 = placement.channel_ranges[rank]
-        self.channel_range = (c0, c1)
+        self.channel_range, self.num_channels = (c0, c1), len(front_end.channel_index)
         vocab_rows = front_end.channel_index[c0:c1].clone()
         tok = front_end.tokenizer
         # parameters shared by all channels (a wavelength tokenizer's projection and encoder) are whole on
@@ -318,6 +347,8 @@ class ParallelFrontEnd(nn.Module):
     def forward(self, x: torch.Tensor, channel_keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C_r, H, W] (this rank's channels) -> [B, L, D] (the same on every rank). `channel_keep`
         [C]: a band subset over all channels (the same on every rank), as FrontEnd's."""
+        if channel_keep is not None:  # over all channels, not this rank's: checked alike on every rank
+            check_channel_keep(channel_keep, self.num_channels, where="the channel-parallel front end")
         levels = [*self.shared_levels, *([self.final] if self.final is not None else [])]
         if self.fused and not self.local_levels and not self.gathered_counts:
             # replicated baseline: the first level sees every channel here, so it can run fused too

@@ -10,12 +10,14 @@ forward/backward pair.
 | `gather_to_cp`       | all-gather, concatenate on dim  | reduce-scatter (sum, own slice)   |
 | `reduce_from_cp`     | all-reduce (sum)                | identity                          |
 
-Context parallelism (CP: each rank holds a strip of the image's tokens) uses the same two pairs over the
-CP group. `gather_to_cp` is the attention's key/value exchange: every rank's queries read every rank's
-keys and values, so the gradient of the gathered keys and values on each rank is that rank's part of
-their gradient, and backward sums the parts onto the rank that owns each strip. `reduce_from_cp` adds
-the strips' loss sums. (On CUDA, `torch.distributed.tensor.experimental.context_parallel` offers ring
-attention for SDPA's kernels; the all-gather here is what runs everywhere, gloo included.)
+Each autograd Function is named by its pair (`_AllGatherReduceScatter`, ...) and takes the group; the
+`*_tp` and `*_cp` functions name where it is used. Context parallelism (CP: each rank holds a strip of
+the image's tokens) uses two of the pairs over the CP group. `gather_to_cp` is the attention's
+key/value exchange: every rank's queries read every rank's keys and values, so the gradient of the
+gathered keys and values on each rank is that rank's part of their gradient, and backward sums the
+parts onto the rank that owns each strip. `reduce_from_cp` adds the strips' loss sums. (On CUDA,
+`torch.distributed.tensor.experimental.context_parallel` offers ring attention for SDPA's kernels; the
+all-gather here is what runs everywhere, gloo included.)
 
 `*_to_tp` enter a region whose ranks each compute part of the result (heads, columns): the gradient
 that comes back is a per-rank partial sum, so backward sums it. `*_from_tp` leave such a region.
@@ -46,8 +48,8 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-class _CopyToTP(torch.autograd.Function):
-    """Forward: identity. Backward: all-reduce the gradient over the TP group."""
+class _IdentityAllReduce(torch.autograd.Function):
+    """Forward: identity. Backward: all-reduce (sum) the gradient over `group`."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -59,8 +61,8 @@ class _CopyToTP(torch.autograd.Function):
         return _all_reduce(grad, ctx.group), None
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    """Forward: all-reduce (sum) over the TP group. Backward: identity."""
+class _AllReduceIdentity(torch.autograd.Function):
+    """Forward: all-reduce (sum) over `group`. Backward: identity."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -71,8 +73,9 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _GatherFromTP(torch.autograd.Function):
-    """Forward: all-gather and concatenate along `dim` in rank order. Backward: keep this rank's slice."""
+class _AllGatherOwnSlice(torch.autograd.Function):
+    """Forward: all-gather over `group` and concatenate along `dim` in rank order. Backward: keep this
+    rank's slice of the gradient (no communication)."""
 
     @staticmethod
     def forward(ctx, x, group, dim):
@@ -87,9 +90,9 @@ class _GatherFromTP(torch.autograd.Function):
         return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size).contiguous(), None, None
 
 
-class _GatherToTP(torch.autograd.Function):
-    """Forward: all-gather and concatenate along `dim` in rank order. Backward: reduce-scatter (sum the
-    partial gradients over the TP group, keep this rank's slice)."""
+class _AllGatherReduceScatter(torch.autograd.Function):
+    """Forward: all-gather over `group` and concatenate along `dim` in rank order. Backward:
+    reduce-scatter (sum the ranks' partial gradients, keep this rank's slice)."""
 
     @staticmethod
     def forward(ctx, x, group, dim):
@@ -110,33 +113,33 @@ class _GatherToTP(torch.autograd.Function):
 
 def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward, all-reduce backward: enter a region whose ranks each hold part of a computation."""
-    return _CopyToTP.apply(x, group)
+    return _IdentityAllReduce.apply(x, group)
 
 
 def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     """All-reduce forward, identity backward: leave such a region by summing the partial results."""
-    return _ReduceFromTP.apply(x, group)
+    return _AllReduceIdentity.apply(x, group)
 
 
 def gather_from_tp(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """All-gather forward along `dim`, own-slice backward (the D-CHAG gather before modules that run
     whole on every rank)."""
-    return _GatherFromTP.apply(x, group, dim)
+    return _AllGatherOwnSlice.apply(x, group, dim)
 
 
 def gather_to_tp(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """All-gather forward along `dim`, reduce-scatter backward (the D-CHAG gather straight into the
     head-parallel last level)."""
-    return _GatherToTP.apply(x, group, dim)
+    return _AllGatherReduceScatter.apply(x, group, dim)
 
 
 def gather_to_cp(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """All-gather forward along `dim`, reduce-scatter backward: every CP rank's keys and values (stacked
     into one tensor, one collective) for attention over the whole sequence."""
-    return _GatherToTP.apply(x, group, dim)
+    return _AllGatherReduceScatter.apply(x, group, dim)
 
 
 def reduce_from_cp(x: torch.Tensor, group) -> torch.Tensor:
     """All-reduce forward, identity backward: a loss's sums over the strips of the CP group (each rank's
     own part of the gradient flows back to its own strip)."""
-    return _ReduceFromTP.apply(x, group)
+    return _AllReduceIdentity.apply(x, group)

@@ -9,34 +9,33 @@ when cp does not divide G_h: the first G_h % cp strips get one row more). CP ran
 - adds its rows of the position embedding (`ChannelViT.token_slice`);
 - runs the ViT blocks on its tokens [B, L_j, D] with attention over the whole sequence: each attention
   layer gathers every rank's keys and values (`KVExchange`: one all-gather forward, one reduce-scatter of
-  their gradients backward, `collectives.gather_to_cp`); only keys and values of the whole sequence exist
-  on a rank, and only inside attention;
+  their gradients backward, `collectives.gather_to_cp`). The gather and the attention are recomputed in
+  backward (one more all-gather), so what a block keeps for backward is strip-sized: the whole
+  sequence's keys and values exist only while one attention layer runs;
 - predicts its strip (the forecast head and the MAE decoder work per token); the loss adds the strips'
-  sums over the group (`RowStrip.sum_over_ranks`).
+  sums over the group (`StripLayout.sum_over_ranks`).
 
 MAE: the mask is the single-device model's. Every rank holds the mask noise of its data-parallel rows for
-the whole image, so it knows every strip's visible tokens: it keeps its own (padded to the group's largest
-count, so that the gather moves equal shapes), and orders the gathered keys as one device orders its
-visible tokens. Its decoder builds its strip's tokens (visible ones and mask tokens) and attends over
-every strip's decoder tokens in the same way.
+the whole image, so it knows every strip's visible tokens: `StripMasker`, the model's `masking` hook,
+keeps its own (padded to the group's largest count, so that the gather moves equal shapes) and orders the
+gathered keys as one device orders its visible tokens. The decoder (`MAEDecoder.assemble`) builds its
+strip's tokens (visible ones and mask tokens) and attends over every strip's decoder tokens the same way.
 
-Parameters are replicated over CP; each rank computes part of every gradient: `ParallelPlan` sums them
-(FSDP2 over dp_shard x cp, or one all-reduce over CP without data parallelism).
+Parameters are sharded by FSDP2 over dp_shard x cp (`parallelize`); each rank computes its strip's part
+of every gradient and FSDP2's reduce-scatter sums them.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
+from dchag.model import vit
 from dchag.model.groups import split_sizes
-from dchag.model.heads import random_masking
-from dchag.model.model import ModelOutput
+from dchag.model.heads import MaskLayout, random_masking
 from dchag.model.vit import Attention, StripDropout
 from dchag.parallel.collectives import gather_to_cp, reduce_from_cp
 
@@ -50,8 +49,8 @@ def row_strips(grid_rows: int, cp: int) -> list[tuple[int, int]]:
 
 
 @dataclass
-class RowStrip:
-    """This CP rank's strip of the image, for the data it reads and the losses it adds up."""
+class StripLayout:
+    """Where this CP rank's strip lies in the image, for the data it reads and the losses it adds up."""
 
     rank: int
     rows: list[tuple[int, int]]  # patch rows [start, stop) of every CP rank's strip
@@ -86,20 +85,25 @@ class RowStrip:
 
 
 class KVExchange:
-    """Attention's keys and values of the whole sequence from this rank's [B, H, n, e] (set as
-    `Attention.kv_exchange`): one all-gather of keys and values stacked forward, one reduce-scatter of
-    their gradients backward (`gather_to_cp`), over the CP group.
+    """Attention of this rank's queries over the whole sequence (set as `Attention.kv_exchange`): the
+    keys and values [B, H, n, e] of every rank, stacked, in one all-gather forward and one reduce-scatter
+    of their gradients backward (`gather_to_cp`), over the CP group.
 
     Every rank contributes the same number of tokens to the gather (the padded largest count); `order`
     then picks the real tokens of the gathered [cp * n_max] in the order one device holds them: None when
     every rank holds n_max real ones, a static [L] for uneven strips, or per sample [B, L] (MAE's visible
-    tokens, set for each forward by `StripMAEForward`). The keys are then exactly one device's, with no
+    tokens, set for each forward by `StripMasker`). The keys are then exactly one device's, with no
     padding left, so attention needs no mask and any SDPA kernel applies.
+
+    `recompute`: the gather and the attention run inside a (non-reentrant) activation checkpoint, so
+    backward keeps only this rank's queries, keys and values and the attention's output (strip-sized),
+    and gathers again (same inputs, same random state: the same keys and dropout masks on every rank).
+    Off where the whole block is recomputed anyway (`parallel.activation_checkpointing`).
     """
 
-    def __init__(self, group, counts: list[int] | None = None):
+    def __init__(self, group, counts: list[int] | None = None, recompute: bool = True):
         """`counts`: tokens each rank holds, for fixed strips; None when the caller pads (MAE)."""
-        self.group = group
+        self.group, self.recompute = group, recompute
         self.n_max = max(counts) if counts else None
         self.order: torch.Tensor | None = None
         self._on_device: dict[torch.device, torch.Tensor] = {}
@@ -109,34 +113,47 @@ class KVExchange:
     def set_order(self, order: torch.Tensor | None) -> None:
         self.order, self._on_device = order, {}
 
-    def _order(self, device: torch.device) -> torch.Tensor:
+    def _order(self, device: torch.device) -> torch.Tensor | None:
+        if self.order is None:
+            return None
         if device not in self._on_device:
             self._on_device[device] = self.order.to(device)
         return self._on_device[device]
 
-    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, k: torch.Tensor, v: torch.Tensor, order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's keys and values [B, H, L, e], in one device's order, from this rank's [B, H, n, e]."""
         kv = torch.stack([k, v])  # [2, B, H, n, e]: one collective for both
         if self.n_max is not None and kv.shape[3] < self.n_max:  # a shorter strip: pad to equal shapes
             kv = F.pad(kv, (0, 0, 0, self.n_max - kv.shape[3]))
         every = gather_to_cp(kv, self.group, dim=3)  # [2, B, H, cp * n_max, e]
-        if self.order is not None:
-            order = self._order(every.device)
-            if order.dim() == 1:
-                every = every.index_select(3, order)  # [2, B, H, L, e]
-            else:  # per sample [B, L]
-                two, b, h, _, e = every.shape
-                every = torch.gather(every, 3, order[None, :, None, :, None].expand(two, b, h, order.shape[1], e))
+        if order is not None and order.dim() == 1:
+            every = every.index_select(3, order)  # [2, B, H, L, e]
+        elif order is not None:  # per sample [B, L]
+            two, b, h, _, e = every.shape
+            every = torch.gather(every, 3, order[None, :, None, :, None].expand(two, b, h, order.shape[1], e))
         return every[0], every[1]
+
+    def _attend(self, q, k, v, order, dropout, streams, strips) -> torch.Tensor:
+        k, v = self.gather(k, v, order)
+        return vit.attend(q, k, v, dropout, streams, strips)  # [B, H, n, e]
+
+    def __call__(self, q, k, v, dropout: float, streams, strips) -> torch.Tensor:
+        """`vit.attend(q, k, v, ...)` with this rank's queries q [B, H, n, e] and every rank's keys and
+        values (this rank's: k, v [B, H, n, e])."""
+        order = self._order(k.device)
+        args = (q, k, v, order, dropout, streams, strips)
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._attend, *args, use_reentrant=False)
+        return self._attend(*args)
 
 
 @dataclass
-class StripMasking:
-    """This rank's part of one MAE mask (the single-device `random_masking` of the whole image)."""
+class StripMasking(MaskLayout):
+    """This rank's part of one MAE mask (the single-device `random_masking` of the whole image): the
+    `MaskLayout` of its strip, whose `visible` are padded to the group's largest count `n_max` (0 as
+    padding), and where the gathered keys of the visible tokens are."""
 
-    local_index: torch.Tensor  # [B, n_max] positions within the strip of its visible tokens (0 as padding)
     key_order: torch.Tensor  # [B, L_keep] where each visible token, in one device's order, is in the gather
-    decoder_slots: torch.Tensor  # [B, L_j] per strip token: its slot among the visible ones, n_max if masked
-    mask: torch.Tensor  # [B, L_j] (1 = masked)
 
 
 def visible_slots(counts: torch.Tensor) -> int:
@@ -145,7 +162,7 @@ def visible_slots(counts: torch.Tensor) -> int:
     return int(counts.max())
 
 
-def strip_masking(noise: torch.Tensor, ratio: float, strip: RowStrip) -> StripMasking:
+def strip_masking(noise: torch.Tensor, ratio: float, strip: StripLayout) -> StripMasking:
     """The whole image's MAE mask from `noise` [B, L] (exactly one device's), as this rank holds it."""
     keep, _, mask = random_masking(noise, ratio)  # keep [B, L_keep]: positions, one device's order
     starts = torch.tensor([start * strip.grid_w for start, _ in strip.rows[1:]], device=keep.device)
@@ -160,57 +177,44 @@ def strip_masking(noise: torch.Tensor, ratio: float, strip: RowStrip) -> StripMa
     local.scatter_(1, torch.where(mine, slot, n_max), torch.where(mine, keep - first, 0))
     slots = keep.new_full(noise.shape, n_max)  # [B, L]: masked positions read the mask token (slot n_max)
     slots.scatter_(1, keep, slot)
-    return StripMasking(local[:, :n_max], owner * n_max + slot, slots[:, strip.tokens], mask[:, strip.tokens])
+    return StripMasking(local[:, :n_max], slots[:, strip.tokens], mask[:, strip.tokens], owner * n_max + slot)
 
 
-class StripMAEForward:
-    """`ChannelViT.forward` of an MAE on a CP rank: the same model, on this rank's strip (see the module
-    text). Set as the model's `forward` by `apply_context_parallel`; a plain callable, not a module, so
-    the model's parameters keep their names."""
+class StripMasker:
+    """An MAE's `masking` hook on a CP rank (the single-device one is `heads.mask_layout`): this rank's
+    part of the whole image's mask, and the encoder's key order for it."""
 
-    def __init__(self, model, strip: RowStrip, encoder: KVExchange):
-        self.model, self.strip, self.encoder = model, strip, encoder
+    def __init__(self, strip: StripLayout, encoder: KVExchange):
+        self.strip, self.encoder = strip, encoder
 
-    def __call__(self, x, lead_hours=None, mask_noise=None, mask_ratio=None, **front) -> ModelOutput:
-        """x [B, C(_r), H_j, W]: the strip's pixel rows; mask_noise [B, L]: the whole image's (required:
-        every rank of the group must draw the same mask)."""
-        model, strip = self.model, self.strip
-        if mask_noise is None:
-            raise ValueError("a context-parallel MAE needs the whole image's mask noise [B, L] (mask_noise_for_step)")
-        z = model.patch_tokens(x, lead_hours, **front)  # [B, L_j, D]
-        layout = strip_masking(mask_noise, model.mask_ratio if mask_ratio is None else mask_ratio, strip)
-        visible = torch.gather(z, 1, layout.local_index[..., None].expand(-1, -1, z.shape[-1]))  # [B, n_max, D]
+    def __call__(self, noise: torch.Tensor, ratio: float) -> MaskLayout:
+        """noise [B, L]: the whole image's (every rank of the group holds the same)."""
+        layout = strip_masking(noise, ratio, self.strip)
         self.encoder.set_order(layout.key_order)
-        latent = model.encode(visible)  # [B, n_max, D]
-        head = model.head
-        embedded = head.embed(latent)  # [B, n_max, d]
-        b, _, d = embedded.shape
-        tokens = torch.cat([embedded, head.mask_token.expand(b, 1, d)], dim=1)  # [B, n_max + 1, d]
-        tokens = torch.gather(tokens, 1, layout.decoder_slots[..., None].expand(-1, -1, d))  # [B, L_j, d]
-        patches = head.decode(tokens + head.pos_embed[:, strip.tokens])  # [B, L_j, C*p*p]
-        return ModelOutput(mask=layout.mask, patches=patches, to_image=head.image)
+        return layout
 
 
-def apply_context_parallel(model, cfg, cp_mesh) -> RowStrip:
+def apply_context_parallel(model, cfg, cp_mesh) -> StripLayout:
     """Make the single-device `model` this CP rank's part, in place (attributes only: no parameter
     changes), and return its strip."""
     rank, group = cp_mesh.get_local_rank(), cp_mesh.get_group()
     grid_h, grid_w = model.grid
-    strip = RowStrip(rank, row_strips(grid_h, cp_mesh.size()), grid_w, cfg.model.patch_size, group)
+    strip = StripLayout(rank, row_strips(grid_h, cp_mesh.size()), grid_w, cfg.model.patch_size, group)
     model.token_slice = strip.tokens
-    static = functools.partial(KVExchange, group, strip.token_counts)
+    blocks_recomputed = cfg.parallel.activation_checkpointing  # the encoder's blocks (parallelize)
     if cfg.train.task == "forecast":
-        exchange = static()
+        exchange = KVExchange(group, strip.token_counts, recompute=not blocks_recomputed)
         for block in model.blocks:
             block.attn.kv_exchange = exchange
         set_dropout_strips(model, rank, (strip.token_counts[rank],))
         return strip
-    encoder, decoder = KVExchange(group), static()
+    encoder = KVExchange(group, recompute=not blocks_recomputed)
+    decoder = KVExchange(group, strip.token_counts)
     for block in model.blocks:
         block.attn.kv_exchange = encoder
     for block in model.head.blocks:
         block.attn.kv_exchange = decoder
-    model.forward = StripMAEForward(model, strip, encoder)
+    model.masking = StripMasker(strip, encoder)
     return strip
 
 
@@ -224,16 +228,3 @@ def set_dropout_strips(model, first: int, sizes: tuple[int, ...]) -> None:
             module.strips = (first, tuple(sizes))
         elif isinstance(module, Attention):
             module.dropout_strips = (first, tuple(sizes))
-
-
-def sum_gradients_over_cp(model, group) -> None:
-    """Add up the CP ranks' parts of every gradient (each rank's strip contributed its own), in one flat
-    all-reduce; used without data parallelism (with it, FSDP2 over dp_shard x cp does this sum)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grads = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    grads = [g for g in grads if g.numel()]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])

@@ -25,16 +25,24 @@ MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost first: tp rank
 FSDP_SHARD_CP = "dp_shard_cp"  # dp_shard x cp flattened: FSDP2's shard dimension when cp > 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ParallelDims:
+    """The size of each mesh dimension, in MESH_DIMS order (keyword-only: four ints are easy to swap)."""
+
     dp_replicate: int = 1
     dp_shard: int = 1
-    tp: int = 1
     cp: int = 1
+    tp: int = 1
 
     @classmethod
     def from_config(cls, parallel_cfg) -> "ParallelDims":
-        return cls(parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp, parallel_cfg.cp)
+        return cls(**{name: getattr(parallel_cfg, name) for name in MESH_DIMS})
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether FSDP2 shards the weights: over dp_shard x cp (CP ranks share weights as data-parallel
+        ranks do, torchtitan's layout) and dp_replicate (HSDP); off only on one rank of each."""
+        return self.dp_replicate * self.dp_shard * self.cp > 1
 
     @property
     def world_size(self) -> int:

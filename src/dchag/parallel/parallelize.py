@@ -29,7 +29,7 @@ from dchag.model.heads import ConditionedPixelOutput
 from dchag.model.parts import freeze_parts
 from dchag.parallel.channel_parallel import ChannelPlacement, ParallelFrontEnd, ShardSpec, place_channels
 from dchag.parallel.collectives import copy_to_tp, reduce_from_tp
-from dchag.parallel.context_parallel import RowStrip, apply_context_parallel, sum_gradients_over_cp
+from dchag.parallel.context_parallel import StripLayout, apply_context_parallel
 from dchag.parallel.gradients import finish_gradients
 from dchag.parallel.mesh import FSDP_SHARD_CP, ParallelDims, dp_mesh, dp_rank_and_size, fsdp_shard_dim, submesh
 
@@ -115,7 +115,7 @@ class ParallelPlan:
     tp_rank: int
     dp_rank: int
     dp_size: int
-    strip: RowStrip | None = None  # context parallelism: this rank's strip of patch rows (cp > 1)
+    strip: StripLayout | None = None  # context parallelism: this rank's strip of patch rows (cp > 1)
 
     @property
     def tp(self) -> int:
@@ -137,13 +137,10 @@ class ParallelPlan:
            decay and drift from the single-device model).
         2. Gradients that each TP rank computed only in part (ShardSpec.partial_grad) are summed over TP,
            all in one flat all-reduce.
-        3. Under context parallelism each CP rank computed its strip's part of every gradient: without
-           data parallelism they are summed here (one flat all-reduce over CP); with it, FSDP2 sums them
-           (it shards over dp_shard x cp).
+        (Under context parallelism each CP rank computed its strip's part of every gradient: FSDP2, which
+        shards over dp_shard x cp, sums them in its reduce-scatter.)
         """
         finish_gradients(self.model.named_parameters(), self.specs, self.tp_group, self.tp)
-        if self.cp > 1 and self.dims.dp == 1:
-            sum_gradients_over_cp(self.model, self.mesh["cp"].get_group())
 
     def _tp_replicated(self, name: str, param: torch.Tensor) -> bool:
         """Whether every TP rank holds the same values of this (local) parameter."""
@@ -154,12 +151,13 @@ class ParallelPlan:
         spec = self.specs.get(name)
         return spec is None or spec.dim is None or not spec.tp_disjoint
 
-    def replica_checksums(self) -> tuple[list[str], torch.Tensor]:
-        """Names and checksums [N, 2] (L1 and L2 norm, float64) of the TP-replicated parameters, from two
-        foreach kernels. Replicas receive bit-identical updates, so their checksums agree exactly."""
+    def replica_checksums(self, every: bool = False) -> tuple[list[str], torch.Tensor]:
+        """Names and checksums [N, 2] (L1 and L2 norm, float64) of the TP-replicated parameters (`every`:
+        of every local parameter or shard, as CP replicas hold them), from two foreach kernels. Replicas
+        receive bit-identical updates, so their checksums agree exactly."""
         names, tensors = [], []
         for name, param in self.model.named_parameters():
-            if self._tp_replicated(name, param):
+            if every or self._tp_replicated(name, param):
                 names.append(name)
                 tensors.append((param.to_local() if isinstance(param, DTensor) else param).detach())
         if not tensors:
@@ -169,34 +167,42 @@ class ParallelPlan:
         return names, torch.stack([l1, l2], dim=1).double()
 
     def check_replicas(self, step: int) -> None:
-        """Compare replica checksums across the TP group (one small all-gather) and agree over all ranks
-        (one all-reduce of a flag); on any difference every rank raises the same `ReplicaDivergence`,
-        naming the first parameter and the ranks, so no rank is left waiting in a collective."""
-        if self.tp == 1:
+        """Compare replica checksums across the TP group and, under context parallelism with unsharded
+        weights (FSDP2 would shard them over dp_shard x cp), across the CP group, where every parameter is
+        replicated (one small all-gather each), and agree over all ranks (one all-reduce of a flag); on any
+        difference every rank raises the same `ReplicaDivergence`, naming the first parameter and the
+        ranks, so no rank is left waiting in a collective."""
+        groups = [("TP", self.mesh["tp"], self.replica_checksums())] if self.tp > 1 else []
+        if self.cp > 1 and not isinstance(self.model, FSDPModule):
+            groups.append(("CP", self.mesh["cp"], self.replica_checksums(every=True)))
+        if not groups:
             return
-        names, sums = self.replica_checksums()
-        everyone = [torch.empty_like(sums) for _ in range(self.tp)]
-        dist.all_gather(everyone, sums, group=self.tp_group)
-        stacked = torch.stack(everyone)  # [T, N, 2]
-        differs = (stacked != stacked[:1]).any(dim=2).any(dim=0)  # [N]
-        flag = differs.any().to(torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank, every TP group, the same decision
+        stacked = []  # per group: every member's checksums [R, N, 2]
+        for _, group, (_, sums) in groups:
+            everyone = [torch.empty_like(sums) for _ in range(group.size())]
+            dist.all_gather(everyone, sums, group=group.get_group())
+            stacked.append(torch.stack(everyone))
+        differs = [(s != s[:1]).any(dim=2).any(dim=0) for s in stacked]  # per group [N]
+        flag = torch.stack([d.any() for d in differs]).any().to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank, every group, the same decision
         if not bool(flag):
             return
         message = ""
-        if bool(differs.any()):
-            i = int(differs.nonzero()[0, 0])
-            ranks = [r for r in range(self.tp) if not torch.equal(stacked[r, i], stacked[0, i])]
+        for (label, group, (names, _)), every, diff in zip(groups, stacked, differs):
+            if message or group.get_local_rank() != 0 or not bool(diff.any()):  # one report per group
+                continue
+            i = int(diff.nonzero()[0, 0])
+            ranks = [r for r in range(group.size()) if not torch.equal(every[r, i], every[0, i])]
             message = (
-                f"step {step}: parameter {names[i]!r} (and {int(differs.sum()) - 1} more) differs between TP "
-                f"rank 0 and TP rank(s) {ranks} (L1 norm {stacked[0, i, 0]:.9g} vs {stacked[ranks[0], i, 0]:.9g})"
+                f"step {step}: parameter {names[i]!r} (and {int(diff.sum()) - 1} more) differs between {label} "
+                f"rank 0 and {label} rank(s) {ranks} (L1 norm {every[0, i, 0]:.9g} vs {every[ranks[0], i, 0]:.9g})"
             )
         messages = [None] * dist.get_world_size()
         dist.all_gather_object(messages, message)
         found = [m for m in messages if m]
-        groups = f" (in {len(found)} TP groups)" if len(found) > 1 else ""
+        where = f" (in {len(found)} groups)" if len(found) > 1 else ""
         raise ReplicaDivergence(
-            f"{found[0]}{groups}; replicated weights must stay identical: check for rank-dependent randomness "
+            f"{found[0]}{where}; replicated weights must stay identical: check for rank-dependent randomness "
             "or data, then resume from the last checkpoint"
         )
 
@@ -242,7 +248,7 @@ class ParallelPlan:
             norms = torch._foreach_norm(grads)
             sums[int(dp_split), int(tp_split)] = torch.stack(norms).to(device, torch.float64).square().sum()
         shard = submesh(self.mesh, fsdp_shard_dim(self.mesh))  # FSDP2's shard dimension (x cp)
-        if self.dims.dp > 1 and shard.size() > 1:
+        if self.dims.fsdp and shard.size() > 1:
             dp_pair = sums[1].clone()
             dist.all_reduce(dp_pair, group=shard.get_group())
             sums[1] = dp_pair
@@ -350,7 +356,7 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
     # 4. parts left untrained (train.freeze) are marked before FSDP2 shards them, which keeps the flag
     freeze_parts(model, cfg.train.freeze)
     # 5. FSDP2 over the data-parallel dimensions (dp_shard x cp: CP ranks share weights): each block, then the root
-    if dims.dp > 1:
+    if dims.fsdp:
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if p.bf16_params

@@ -94,13 +94,15 @@ def layouts(gpus: int) -> list[tuple[int, int, int, int]]:
     ]
 
 
-def candidates(gpus: int, variants=tuple(VARIANTS), fused=(False, True), cp_sizes=None) -> list[Candidate]:
-    """Every variant on every layout (with cp in `cp_sizes`, default any); `naive` only with tp > 1 (at
-    tp = 1 it is the replicated model)."""
+def candidates(
+    gpus: int, variants=tuple(VARIANTS), fused=(False, True), cp_sizes=None, tp_sizes=None
+) -> list[Candidate]:
+    """Every variant on every layout (with cp in `cp_sizes` and tp in `tp_sizes`, default any); `naive`
+    only with tp > 1 (at tp = 1 it is the replicated model)."""
     return [
         Candidate(v, f, tp, shard, rep, cp)
         for tp, cp, shard, rep in layouts(gpus)
-        if cp_sizes is None or cp in cp_sizes
+        if (cp_sizes is None or cp in cp_sizes) and (tp_sizes is None or tp in tp_sizes)
         for v, f in variant_pairs(variants, fused)
         if not (v == "naive" and tp == 1)
     ]
@@ -182,12 +184,13 @@ def plan(
     local_batch: int | None = None,
     variants=tuple(VARIANTS),
     cp_sizes: tuple[int, ...] | None = None,
+    tp_sizes: tuple[int, ...] | None = None,
     workers: int = 1,
     progress: bool = True,
 ) -> list[dict]:
-    """Records for every candidate (context-parallel sizes in `cp_sizes`, default every divisor of the
-    GPUs), ranked: fitting ones by predicted samples/s (fastest first), then the rest by memory, then
-    invalid ones."""
+    """Records for every candidate (context- and tensor-parallel sizes in `cp_sizes` and `tp_sizes`,
+    default every divisor of the GPUs), ranked: fitting ones by predicted samples/s (fastest first), then
+    the rest by memory, then invalid ones."""
     machine.check()
     if dtype not in (None, "bf16", "fp32"):
         raise ConfigError(f"--dtype {dtype!r} is unknown; use bf16 or fp32 (or leave it out: the config's)")
@@ -196,10 +199,11 @@ def plan(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants {unknown[0]!r} is unknown; use some of {list(VARIANTS)}")
-    bad_cp = [c for c in cp_sizes or () if c < 1 or machine.gpus % c]
-    if bad_cp:
-        raise ConfigError(f"--cp {bad_cp[0]} must be a positive divisor of --gpus {machine.gpus}")
-    todo = candidates(machine.gpus, variants, cp_sizes=cp_sizes)
+    for flag, sizes in (("--cp", cp_sizes), ("--tp", tp_sizes)):
+        bad = [n for n in sizes or () if n < 1 or machine.gpus % n]
+        if bad:
+            raise ConfigError(f"{flag} {bad[0]} must be a positive divisor of --gpus {machine.gpus}")
+    todo = candidates(machine.gpus, variants, cp_sizes=cp_sizes, tp_sizes=tp_sizes)
     base_dict = to_dict(base)
 
     def report(done: int, record: dict) -> None:

@@ -188,7 +188,7 @@ def _visible_slots_of(cfg, plan, noise):
         return
     from dchag.parallel import context_parallel
 
-    slots = context_parallel.strip_masking(noise, cfg.train.mask_ratio, strip).local_index.shape[1]
+    slots = context_parallel.strip_masking(noise, cfg.train.mask_ratio, strip).visible.shape[1]
     original = context_parallel.visible_slots
     context_parallel.visible_slots = lambda counts: slots
     try:

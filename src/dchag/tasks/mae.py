@@ -44,8 +44,10 @@ def mae_loss(
     adds the strips' sums (and the patch counts divided by) over the CP group.
     """
     channels = total_channels or target.shape[1]
-    if pred.dim() == 4:  # an image: its patch-layout copy is ours to consume
-        pred, consume = patchify(pred, patch), True
+    if pred.dim() == 4:  # an image: its patch-layout copy is ours to consume; where patchify returns a view
+        # instead (e.g. C = 1 and p = 1) that is the caller's tensor, which backward must not overwrite
+        image, pred = pred, patchify(pred, patch)
+        consume = pred.untyped_storage().data_ptr() != image.untyped_storage().data_ptr()
     sse = patch_sse(pred, target, patch, valid, consume)  # [B, L]: this rank's channels
     weight = mask if loss_on == "masked" else None  # [B, L] or every patch alike
     if valid is not None:  # divide by the valid pixels counted (of masked patches, for "masked")

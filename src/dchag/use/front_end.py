@@ -15,6 +15,7 @@ import torch
 from dchag.config import HIERARCHY_PRESETS, TOKENIZERS, ConfigError, HierarchyConfig, LevelConfig
 from dchag.model.channel_spec import ChannelSpec, parse_channel_spec, spec_from_name
 from dchag.model.front_end import FrontEnd as ModelFrontEnd
+from dchag.model.front_end import check_channel_keep
 from dchag.model.groups import resolve_level_groups
 from dchag.model.init import init_weights_
 from dchag.model.spectral_tokenizer import build_tokenizer
@@ -168,7 +169,9 @@ class FrontEnd(ModelFrontEnd):
             )
 
     def forward(self, x: torch.Tensor, channel_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W] -> [B, L, D]. `channel_keep` [C] (bool): a band subset; the channels marked False
-        are left out as if absent (their pixels influence nothing)."""
+        """x [B, C, H, W] -> [B, L, D]. `channel_keep` [C] (bool, at least one True): a band subset; the
+        channels marked False are left out as if absent (their pixels influence nothing)."""
         self.check_input(x)
+        if channel_keep is not None:
+            check_channel_keep(channel_keep, self.num_channels, values=True)
         return super().forward(x, channel_keep)

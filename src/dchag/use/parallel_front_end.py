@@ -15,12 +15,20 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from dchag.config import ConfigError
-from dchag.parallel.channel_parallel import ParallelFrontEnd, place_channels
+from dchag.model.front_end import check_channel_keep
+from dchag.parallel.channel_parallel import KnobNames, ParallelFrontEnd, place_channels
 from dchag.parallel.gradients import finish_gradients
 from dchag.parallel.state import logical_tensors
 from dchag.use.front_end import FrontEnd
 
 PREFIX = "front_end."  # ParallelFrontEnd names the single-device parameters as inside dchag's model
+API_NAMES = KnobNames(  # placement errors in this API's words (no config keys, no parallel.mode here)
+    tp="the mesh's tp size {tp}",
+    dchag="parallelize_front_end",
+    groups="build the FrontEnd with groups >= {tp} (a preset) or a hierarchy whose level 1 has >= {tp} groups",
+    heads="build the FrontEnd with heads= a multiple of {tp} that divides embed_dim",
+    flat="run the dchag.FrontEnd whole on every rank instead (no parallelize_front_end)",
+)
 
 
 def tp_submesh(mesh: DeviceMesh) -> DeviceMesh:
@@ -54,7 +62,7 @@ class ChannelParallelFrontEnd(nn.Module):
         self.tp, self.tp_rank = tp_mesh.size(), tp_mesh.get_local_rank()
         self._group = tp_mesh.get_group()
         self.logical_shapes = {PREFIX + k: v.shape for k, v in front_end.state_dict().items()}
-        placement = place_channels(front_end, self.tp, "dchag")
+        placement = place_channels(front_end, self.tp, "dchag", API_NAMES)
         # building a rank's part constructs modules of rank-dependent sizes, whose default initialisation
         # draws from the global RNG (the values are then overwritten): without the fork, the ranks' RNG
         # streams would part here, and any data or dropout mask drawn afterwards would differ between them
@@ -79,6 +87,8 @@ class ChannelParallelFrontEnd(nn.Module):
     def forward(self, x: torch.Tensor, channel_keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C_r, H, W] (this rank's channels) or [B, C, H, W] (all) -> [B, L, D], the same on every rank.
         `channel_keep` [C] (bool, over all channels, the same on every rank): a band subset, as FrontEnd's."""
+        if channel_keep is not None:  # before anything: every rank checks the same mask alike, none hangs
+            check_channel_keep(channel_keep, self.num_channels, values=True, where="the channel-parallel front end")
         mine = self.channel_slice.stop - self.channel_slice.start
         if x.ndim == 4 and x.shape[1] == self.num_channels and mine != self.num_channels:
             x = x[:, self.channel_slice]

@@ -1,11 +1,12 @@
 """`dchag probe`: how much of a labelled task a frozen encoder's features make linearly separable.
 
 Per-patch features, a linear classifier (scikit-learn's LogisticRegression on standardised features,
-fitted on the training tiles' patches) and its accuracy and macro-F1 on the test tiles' patches, for
-three feature sets on the same patches:
+its C chosen by cross-validation over the training tiles, fitted on the training tiles' patches) and its
+accuracy and macro-F1 on the test tiles' patches, for three feature sets on the same patches, each
+through exactly the same protocol:
 
-- `encoder`: the run's encoder token of each patch (`TrainedModel.embed(x, pool="none")`, [B, L, D]:
-  the patch's own token, so a label and its feature cover the same pixels);
+- `encoder`: the run's encoder tokens of each patch at `encoder.layers` (the patch's own token, so a
+  label and its feature cover the same pixels; `final` is `TrainedModel.embed(x, pool="none")`);
 - `random_encoder`: the same architecture at its initial weights (`build_model` with the run's
   train.seed: the weights the run started from), through the same `embed`;
 - `mean_spectrum`: the raw per-patch mean of each input band (physical units, C numbers per patch).
@@ -24,10 +25,11 @@ import numpy as np
 import torch
 from einops import rearrange, reduce
 
+from dchag.config import ConfigError
 from dchag.data.errors import DataError
 from dchag.data.landsat_qa import Crops, load_landsat_qa
 from dchag.model import build_model
-from dchag.use.probe_config import ProbeConfig
+from dchag.use.probe_config import ProbeConfig, layer_block
 from dchag.use.trained import TrainedModel, load
 
 FEATURES = ("encoder", "random_encoder", "mean_spectrum")
@@ -53,16 +55,53 @@ def select_patches(crops: Crops, n_classes: int, limit: int, seed: int) -> np.nd
     return out.reshape(keep.shape)
 
 
-def encoder_features(model: TrainedModel, crops: Crops, keep: np.ndarray, batch_size: int) -> np.ndarray:
-    """[n, D]: the encoder token of every kept patch, crop by crop in row-major patch order."""
+def resolve_layers(layers: list[str], depth: int) -> list[int]:
+    """encoder.layers as `layer_block` numbers for a model of `depth` ViT blocks (`blocks` expanded to
+    1..depth); a block past `depth`, or a layer named twice, is one ConfigError line."""
+    out = []
+    for name in layers:
+        k = layer_block(name)
+        if k > depth:
+            raise ConfigError(
+                f"encoder.layers: {name!r} is past the run's {depth} ViT block(s) (model.depth={depth}); "
+                f"use tokens, blocks, block1 to block{depth}, or final"
+            )
+        out += list(range(1, depth + 1)) if k == -2 else [k]
+    if len(set(out)) != len(out):
+        raise ConfigError(f"encoder.layers={layers} names a layer twice for a model of {depth} block(s)")
+    return out
+
+
+def layer_tokens(model: TrainedModel, x: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """[B, L, D * len(layers)]: the tokens at each of `layers` (`resolve_layers` numbers) for x [B, C, H, W]
+    (physical units), read by hooks during one `embed` (so `final`, -1, is exactly `embed`'s output),
+    concatenated in the listed order."""
+    blocks = model.model.blocks
+    seen = {}
+    hooks = [blocks[0].register_forward_pre_hook(lambda _, args: seen.__setitem__(0, args[0]))]
+    for k, block in enumerate(blocks, start=1):
+        hooks.append(block.register_forward_hook(lambda _, __, out, k=k: seen.__setitem__(k, out)))
+    try:
+        seen[-1] = model.embed(x, pool="none")  # [B, L, D]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([seen[k] for k in layers], dim=-1)
+
+
+def encoder_features(
+    model: TrainedModel, crops: Crops, keep: np.ndarray, batch_size: int, layers: list[int] = (-1,)
+) -> np.ndarray:
+    """[n, D * len(layers)]: the encoder tokens of every kept patch at `layers` (`resolve_layers` numbers;
+    default the final tokens), crop by crop in row-major patch order."""
     gh = keep.shape[1]
     used = np.flatnonzero(keep.any(axis=(1, 2)))  # crops with at least one kept patch
     out = []
     for start in range(0, len(used), batch_size):
         index = used[start : start + batch_size]
-        tokens = model.embed(torch.from_numpy(crops.x[index]), pool="none")  # [B, L, D]
+        tokens = layer_tokens(model, torch.from_numpy(crops.x[index]), list(layers))  # [B, L, D']
         tokens = rearrange(tokens.float().cpu().numpy(), "b (gh gw) d -> b gh gw d", gh=gh)
-        out.append(tokens[keep[index]])  # [n_b, D]
+        out.append(tokens[keep[index]])  # [n_b, D']
     return np.concatenate(out)
 
 
@@ -72,19 +111,61 @@ def mean_spectrum_features(crops: Crops, keep: np.ndarray, patch: int) -> np.nda
     return means[keep]
 
 
-def fit_and_score(train_x, train_y, test_x, test_y, classes: list[str], cfg: ProbeConfig) -> dict:
-    """A logistic regression on standardised features: test accuracy, macro-F1, per-class F1, confusion."""
-    from sklearn.exceptions import ConvergenceWarning
+def _classifier(C: float, cfg: ProbeConfig):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     c = cfg.classifier
     weight = None if c.class_weight == "none" else c.class_weight
-    model = make_pipeline(
-        StandardScaler(), LogisticRegression(C=c.C, max_iter=c.max_iter, class_weight=weight, random_state=cfg.seed)
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=C, max_iter=c.max_iter, class_weight=weight, random_state=cfg.seed)
     )
+
+
+def choose_C(train_x, train_y, tiles: np.ndarray, n_classes: int, cfg: ProbeConfig) -> tuple[float, list | None]:
+    """(C, cross-validated macro-F1 of each candidate): the candidate of best mean macro-F1 over
+    classifier.cv_folds folds of whole training tiles (class-stratified; neighbouring patches of a tile
+    never sit on both sides), the smallest C on a tie. One candidate: it, without cross-validation."""
+    candidates = cfg.classifier.C
+    if len(candidates) == 1:
+        return candidates[0], None
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = StratifiedGroupKFold(n_splits=cfg.classifier.cv_folds, shuffle=True, random_state=cfg.seed)
+    splits = list(folds.split(train_x, train_y, tiles))
+    labels = list(range(n_classes))
+    means = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a fold's convergence warnings: the refit reports its own
+        for C in candidates:
+            f1 = [
+                f1_score(
+                    train_y[held],
+                    _classifier(C, cfg).fit(train_x[fit], train_y[fit]).predict(train_x[held]),
+                    labels=labels,
+                    average="macro",
+                    zero_division=0,
+                )
+                for fit, held in splits
+            ]
+            means.append(float(np.mean(f1)))
+    best = min((C for C, m in zip(candidates, means) if m == max(means)))
+    return best, means
+
+
+def fit_and_score(train_x, train_y, test_x, test_y, classes: list[str], cfg: ProbeConfig, train_tiles=None) -> dict:
+    """A logistic regression on standardised features, its C chosen on the training tiles (`choose_C`,
+    `train_tiles` [n_train]: the tile of each training patch): test accuracy, macro-F1, per-class F1,
+    confusion."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import accuracy_score
+
+    if train_tiles is None:
+        train_tiles = np.arange(len(train_y))
+    C, cv = choose_C(train_x, train_y, train_tiles, len(classes), cfg)
+    model = _classifier(C, cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(train_x, train_y)
@@ -93,6 +174,8 @@ def fit_and_score(train_x, train_y, test_x, test_y, classes: list[str], cfg: Pro
         "train_accuracy": float(accuracy_score(train_y, model.predict(train_x))),
         "converged": not any(issubclass(w.category, ConvergenceWarning) for w in caught),
         "dim": int(train_x.shape[1]),
+        "C": C,
+        "cv_macro_f1": cv,  # per candidate of classifier.C (None: one candidate, no cross-validation)
         "predictions": pred,  # [n_test] (dropped from the JSON): the paired bootstrap resamples them
     }
 
@@ -136,10 +219,13 @@ def scores(truth: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
     }
 
 
-def random_encoder(trained: TrainedModel) -> TrainedModel:
+def random_encoder(trained: TrainedModel, seed: int | None = None) -> TrainedModel:
     """`trained` with its model at the initial weights of its run (`build_model` seeds them from the run's
-    train.seed): the same architecture, channels and statistics, nothing learned."""
-    return dataclasses.replace(trained, model=build_model(trained.config).to(trained.device).eval())
+    train.seed, or from `seed`): the same architecture, channels and statistics, nothing learned."""
+    cfg = trained.config
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    return dataclasses.replace(trained, config=cfg, model=build_model(cfg).to(trained.device).eval())
 
 
 def _check_counts(counts: dict, classes: list[str], cfg: ProbeConfig) -> None:
@@ -160,6 +246,7 @@ def probe(run, cfg: ProbeConfig, *, checkpoint=None, progress: bool = True) -> d
     say = (lambda text: print(f"probe: {text}", file=sys.stderr)) if progress else (lambda text: None)
     trained = load(run, checkpoint)
     rc = trained.config
+    layers = resolve_layers(cfg.encoder.layers, rc.model.depth)
     stats = trained.stats or {}
     means = [stats["channels"][c]["mean"] for c in trained.channels] if "channels" in stats else None
     classes, patch = list(cfg.labels.classes), rc.model.patch_size
@@ -186,17 +273,19 @@ def probe(run, cfg: ProbeConfig, *, checkpoint=None, progress: bool = True) -> d
     }
     y = {part: getattr(task, part).labels[keep[part]] for part in keep}
     say(f"{len(y['train'])} training and {len(y['test'])} test patches of {', '.join(classes)}")
-    random_model = random_encoder(trained)
+    random_model = random_encoder(trained, cfg.random_encoder_seed)
     extract = {
-        "encoder": lambda crops, k: encoder_features(trained, crops, k, cfg.batch_size),
-        "random_encoder": lambda crops, k: encoder_features(random_model, crops, k, cfg.batch_size),
+        "encoder": lambda crops, k: encoder_features(trained, crops, k, cfg.batch_size, layers),
+        "random_encoder": lambda crops, k: encoder_features(random_model, crops, k, cfg.batch_size, layers),
         "mean_spectrum": lambda crops, k: mean_spectrum_features(crops, k, patch),
     }
+    train_tiles = np.nonzero(keep["train"])[0]  # the training crop (one per tile) of each training patch
     results = {}
     for name, features in extract.items():
         x = {part: features(getattr(task, part), keep[part]) for part in keep}
-        results[name] = fit_and_score(x["train"], y["train"], x["test"], y["test"], classes, cfg)
-        say(f"{LABELS[name]}: accuracy {results[name]['accuracy']:.4f}, macro-F1 {results[name]['macro_f1']:.4f}")
+        results[name] = fit_and_score(x["train"], y["train"], x["test"], y["test"], classes, cfg, train_tiles)
+        m = results[name]
+        say(f"{LABELS[name]}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} (C {m['C']:g})")
     majority = int(np.bincount(y["train"], minlength=len(classes)).argmax())
     preds = {name: results[name].pop("predictions") for name in results}
     tiles = np.nonzero(keep["test"])[0]  # the test crop (one per tile) of each scored patch
@@ -208,6 +297,7 @@ def probe(run, cfg: ProbeConfig, *, checkpoint=None, progress: bool = True) -> d
         "run": str(trained.source),
         "step": trained.step,
         "classes": classes,
+        "encoder_layers": ["tokens" if k == 0 else "final" if k == -1 else f"block{k}" for k in layers],
         "metrics": results["encoder"],
         "baselines": {
             "mean_spectrum": results["mean_spectrum"],
@@ -225,7 +315,7 @@ def probe(run, cfg: ProbeConfig, *, checkpoint=None, progress: bool = True) -> d
             "fractions": rc.data.split,
             "scene": list(task.scene_size),
         },
-        "seeds": {"split": rc.data.seed, "probe": cfg.seed, "random_encoder_init": rc.train.seed},
+        "seeds": {"split": rc.data.seed, "probe": cfg.seed, "random_encoder_init": random_model.config.train.seed},
         "config": dataclasses.asdict(cfg),
         "versions": {"torch": torch.__version__, "scikit_learn": sklearn.__version__},
         "seconds": round(time.perf_counter() - start, 1),
@@ -241,7 +331,8 @@ def format_probe_table(result: dict) -> str:
         f"patches ({split['tiles'].get('train', 0) + split['tiles'].get('val', 0)} tiles), {split['patches']['test']} "
         f"test patches ({split['tiles']['test']} tiles) of {split['patch_size']} x {split['patch_size']} pixels"
     )
-    cols = ["features", "dim", "accuracy", "macro-F1", *(f"F1 {c}" for c in classes)]
+    head += f"; encoder layers {', '.join(result.get('encoder_layers', ['final']))}"
+    cols = ["features", "dim", "C", "accuracy", "macro-F1", *(f"F1 {c}" for c in classes)]
     rows = [
         ("encoder", result["metrics"]),
         ("random_encoder", result["baselines"]["random_encoder"]),
@@ -250,7 +341,8 @@ def format_probe_table(result: dict) -> str:
     ]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, m in rows:
-        cells = [LABELS[name], str(m.get("dim", "-")), f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}"]
+        C = f"{m['C']:g}" if "C" in m else "-"
+        cells = [LABELS[name], str(m.get("dim", "-")), C, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}"]
         cells += [f"{m['per_class_f1'][c]:.4f}" for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
     paired = result["paired"]
