@@ -99,9 +99,10 @@ def exchange_both_directions() -> dict:
 
 
 def block_communication() -> dict:
-    """Collectives of one ViT block's forward and backward at cp 2 x tp 2, on the CP and the TP group, on
-    FSDP2's (dp_shard x cp flattened) and on all: {group: {pass/op: {count, bytes}}}, and the bytes of the
-    whole sequence's keys and values."""
+    """Collectives of one ViT block's forward and backward at cp 2 x tp 2, on the CP group, on FSDP2's
+    (dp_shard x cp flattened, and dp_replicate: HSDP) and on all (DTensor's TP all-reduces name their
+    group otherwise): {group: {pass/op: {count, bytes}}}, and the bytes of the whole sequence's keys and
+    values."""
     from dchag.bench.comm import CommBytesMode, summarize
 
     cfg = W.config(W.KINDS["L"], *W.SPLITS["uneven"], UNEVEN_STRIPS, *FOUR_RANK_LAYOUTS["cp2xtp2"])
@@ -115,14 +116,14 @@ def block_communication() -> dict:
         "all": summarize(mode.records)["by_op"],
         **{
             group: summarize(mode.records, str(submesh(plan.mesh, dim).get_group().group_name))["by_op"]
-            for group, dim in (("cp", "cp"), ("tp", "tp"), ("fsdp", "dp_shard_cp"))
+            for group, dim in (("cp", "cp"), ("fsdp", "dp_shard_cp"), ("replicate", "dp_replicate"))
         },
         "kv_bytes": 2 * 2 * padded * (cfg.model.embed_dim // plan.tp) * 4,  # K and V [B, H/tp, L, e] fp32
     }
 
 
 def cp_replica_check() -> dict:
-    """cp 2 x tp 2 with unsharded weights: three training steps on the strips keep every parameter identical on
+    """cp 2 x tp 2, weights unsharded: three training steps on the strips keep every parameter identical on
     both CP ranks (the check passes); then a TP-sharded weight, which the TP comparison cannot see, is
     perturbed on CP rank 1 of TP rank 0, and every rank stops with the same message."""
     from torch.distributed.fsdp import FSDPModule

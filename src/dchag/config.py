@@ -677,6 +677,11 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Non
         "context-parallel MAE is not supported (forecasting is); set model.drop_rate=0 or parallel.cp=1",
     )
     _check(
+        p.cp == 1 or not p.compile,
+        f"parallel.compile=true with parallel.cp={p.cp}: compiling blocks with the context-parallel key/value "
+        "exchange is not tested; set parallel.compile=false or parallel.cp=1",
+    )
+    _check(
         p.check_replicas_every >= 0,
         f"parallel.check_replicas_every={p.check_replicas_every} must be >= 0 (0 switches the check off)",
     )

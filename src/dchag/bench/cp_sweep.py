@@ -3,10 +3,11 @@
 For each context-parallel size it launches that many ranks (gloo on CPU, NCCL when the GPUs are there)
 and, on every rank, for every image size, trains the forecasting model (synthetic weather, D-CHAG-L with
 the fused front end, tp 1) for a few steps: one warm-up step, one measured step (exact peak tensor memory
-of forward, loss, backward, gradient finishing, clipping and AdamW's step; FLOPs; buffer bytes of the CP
-group's collectives: the forward all-gathers of keys and values, the backward reduce-scatters of their
-gradients, and the all-reduces of the loss and of the gradients, which CP ranks share), then timed steps
-(median). Each CP rank holds a strip of H / (patch x cp) patch rows; attention still covers the
+of forward, loss, backward, gradient finishing, clipping and AdamW's step; FLOPs; buffer bytes of the
+collectives on the CP group, by pass and kind: the keys and values all-gathered for attention (forward,
+and again in backward where the exchange recomputes), the reduce-scatters of their gradients, FSDP2's
+all-gathers and reduce-scatters where it shards over the CP ranks, the loss's all-reduce), then timed
+steps (median). Each CP rank holds a strip of H / (patch x cp) patch rows; attention still covers the
 whole image. The table reports the worst rank and its ratios to cp = 1 at the same image size.
 """
 
@@ -202,9 +203,10 @@ def worst_ranks(records: list[dict]) -> dict[tuple[int, int], dict]:
     return worst
 
 
-def _op_bytes(r: dict, passname: str, op: str) -> float:
-    """Buffer bytes of the CP group's collectives of one kind ("forward"/"backward", an op-name part)."""
-    return sum(v["bytes"] for k, v in r.get("comm_by_op", {}).items() if k.startswith(passname) and op in k)
+def _op_bytes(r: dict, passname: str, kind: str) -> float:
+    """Buffer bytes of the CP group's collectives of one pass ("forward", "backward", "" for both) and
+    kind ("allgather", "reduce_scatter", "allreduce": any op name containing it)."""
+    return sum(v["bytes"] for k, v in r.get("comm_by_op", {}).items() if k.startswith(passname) and kind in k)
 
 
 def cp_table(records: list[dict]) -> str:
@@ -212,8 +214,8 @@ def cp_table(records: list[dict]) -> str:
     worst = worst_ranks(records)
     lines = [
         "| image | tokens | cp | whole-step peak / rank | x cp 1 | step s | x cp 1 | TFLOP / rank | "
-        "K/V all-gather MB (fwd) | K/V reduce-scatter MB (bwd) | all-reduce MB (loss, gradients) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "CP all-gather MB fwd | CP all-gather MB bwd | CP reduce-scatter MB bwd | CP all-reduce MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for height, cp in sorted(worst):
         r, base = worst[(height, cp)], worst.get((height, 1))
@@ -222,7 +224,7 @@ def cp_table(records: list[dict]) -> str:
         lines.append(
             f"| {height} x {r['width']} | {r['tokens']:,} | {cp} | {r['peak_mem_bytes'] / 2**20:,.1f} MiB | {mem} | "
             f"{r['step_time_s']:.3f} | {step} | {r['flops_per_rank'] / 1e12:.3f} | "
-            f"{_op_bytes(r, 'forward', 'allgather') / 1e6:,.1f} | "
-            f"{_op_bytes(r, 'backward', 'reduce_scatter') / 1e6:,.1f} | {_op_bytes(r, '', 'allreduce') / 1e6:,.1f} |"
+            f"{_op_bytes(r, 'forward', 'allgather') / 1e6:,.1f} | {_op_bytes(r, 'backward', 'allgather') / 1e6:,.1f} | "
+            f"{_op_bytes(r, 'backward', 'reduce_scatter') / 1e6:,.1f} | {_op_bytes(r, '', 'allreduce') / 1e6:,.3f} |"
         )
     return "\n".join(lines)

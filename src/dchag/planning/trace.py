@@ -114,7 +114,8 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
         noise = _mask_noise(cfg, plan, local_batch)  # real values: a CP rank's shapes depend on the mask
         # real index buffers become fake on use
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-        with _visible_slots_of(cfg, plan, noise) if fake else contextlib.nullcontext(), fake_mode:
+        real_values = _visible_slots_of(cfg, plan, noise) if fake else contextlib.nullcontext()
+        with real_values, _unseeded_strip_dropout() if fake else contextlib.nullcontext(), fake_mode:
             allocate(plan.model, torch.device("cpu"))
             layout = Layout(plan.model, plan)
             optimizer = build_optimizer(plan.model, cfg.train, foreach=True if on_gpu else None)
@@ -195,6 +196,23 @@ def _visible_slots_of(cfg, plan, noise):
         yield slots
     finally:
         context_parallel.visible_slots = original
+
+
+@contextlib.contextmanager
+def _unseeded_strip_dropout():
+    """A context-parallel rank's token dropout (`vit.StripDropout`, one strip) seeds its mask from a
+    number drawn on the host, which fake tensors do not have; traced as plain dropout, which holds the
+    same mask and output (the seed chooses which elements drop, not how much memory they take)."""
+    import torch.nn.functional as F
+
+    from dchag.model import vit
+
+    original = vit.StripDropout.forward
+    vit.StripDropout.forward = lambda self, x: F.dropout(x, self.p, self.training)
+    try:
+        yield
+    finally:
+        vit.StripDropout.forward = original
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

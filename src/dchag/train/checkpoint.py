@@ -32,6 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.fsdp import FSDPModule
 
 from dchag.config import ConfigError
 from dchag.parallel.logical_shards import LogicalShards, logical_shards
@@ -115,6 +116,9 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 def checkpoint_tensors(model: torch.nn.Module, plan, optimizer: torch.optim.Optimizer | None) -> dict:
     """{key: LogicalShards or tensor}: `model.<name>` weights, `optim.<state>.<name>` moments under their
     single-device names, and `optim.step` (AdamW's step count, the same for every parameter)."""
+    for module in model.modules():  # FSDP2 leaves the root's weights gathered after a no-grad forward
+        if isinstance(module, FSDPModule):  # (validation): its registered parameters are then not the
+            module.reshard()  # sharded ones the optimizer holds, and their moments would be left out
     tensors: dict = {f"model.{k}": v for k, v in logical_shards(model, plan, lambda p: p).items()}
     if optimizer is None:
         return tensors

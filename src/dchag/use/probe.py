@@ -62,9 +62,10 @@ def resolve_layers(layers: list[str], depth: int) -> list[int]:
     for name in layers:
         k = layer_block(name)
         if k > depth:
+            some = f"block1 to block{depth}" if depth > 1 else "block1"
             raise ConfigError(
                 f"encoder.layers: {name!r} is past the run's {depth} ViT block(s) (model.depth={depth}); "
-                f"use tokens, blocks, block1 to block{depth}, or final"
+                f"use tokens, blocks, {some}, or final"
             )
         out += list(range(1, depth + 1)) if k == -2 else [k]
     if len(set(out)) != len(out):
@@ -292,6 +293,8 @@ def probe(run, cfg: ProbeConfig, *, checkpoint=None, progress: bool = True) -> d
     paired = paired_intervals(y["test"], preds, tiles, cfg.bootstrap, cfg.seed, len(classes))
     import sklearn
 
+    from dchag.bench.report import source_commit
+
     return {
         "task": cfg.task,
         "run": str(trained.source),
@@ -318,6 +321,8 @@ def probe(run, cfg: ProbeConfig, *, checkpoint=None, progress: bool = True) -> d
         "seeds": {"split": rc.data.seed, "probe": cfg.seed, "random_encoder_init": random_model.config.train.seed},
         "config": dataclasses.asdict(cfg),
         "versions": {"torch": torch.__version__, "scikit_learn": sklearn.__version__},
+        "code": source_commit(),  # the checkout's HEAD and whether tracked files differed from it
+        "threads": torch.get_num_threads(),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
