@@ -102,3 +102,19 @@ def test_plan_offers_context_parallel_layouts_and_predicts_their_exchange(tmp_pa
         fast["cp_comm_bytes"] * (1 / 1e6 - 1 / 100e9), rel=1e-6
     )
     assert "cp=2" in cand.label()
+
+
+def test_a_context_parallel_forecast_with_dropout_is_traced(monkeypatch):
+    """A CP rank's token dropout seeds its masks from a number drawn on the host, which fake tensors
+    lack: the trace draws plain masks of the same size instead. With dropout the rank holds more (the
+    masks) than without; without that stand-in the trace cannot run (the check can fail)."""
+    import contextlib
+
+    import dchag.planning.trace as trace
+
+    with_dropout = config(WEATHER, "parallel.cp=2", "model.drop_rate=0.1")
+    peak = trace_rank(with_dropout, 2, 0).peak_mem_bytes
+    assert peak > trace_rank(config(WEATHER, "parallel.cp=2"), 2, 0).peak_mem_bytes
+    monkeypatch.setattr(trace, "_unseeded_strip_dropout", contextlib.nullcontext)
+    with pytest.raises(Exception, match="DataDependent|local_scalar_dense"):
+        trace_rank(with_dropout, 2, 0)

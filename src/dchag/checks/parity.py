@@ -18,7 +18,7 @@ import torch.distributed as dist
 from dchag.compare import grad_errors, rel_err
 from dchag.config import ConfigError
 from dchag.data import batch_indices, build_source
-from dchag.data.row_strip import RowStrip
+from dchag.data.row_strip import cut_rows
 from dchag.model import build_model
 from dchag.parallel.context_parallel import set_dropout_strips
 from dchag.parallel.mesh import ParallelDims, build_mesh, submesh
@@ -256,8 +256,7 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
     local.update(subset)
     local_lat = lat_weights
     if plan.strip is not None:  # context parallelism: this rank's rows of every image
-        strip = RowStrip(None, plan.strip.pixel_rows, tuple(cfg.model.img_size))
-        local = {k: strip.cut(v) for k, v in local.items()}
+        local = {k: cut_rows(v, plan.strip.pixel_rows, cfg.model.img_size) for k, v in local.items()}
         local_lat = lat_weights[plan.strip.pixel_rows] if lat_weights is not None else None
     torch.manual_seed(seed + 12345)
     try:

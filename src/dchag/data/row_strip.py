@@ -25,6 +25,14 @@ def reading_rows(source, rows: slice):
     return strip
 
 
+def cut_rows(value, rows: slice, image_size: tuple[int, int]):
+    """A tensor whose last two dimensions are the image's `image_size` [..., H, W] -> [..., H_strip, W]
+    (pixel rows `rows`); anything else as it is."""
+    if torch.is_tensor(value) and value.dim() >= 3 and tuple(value.shape[-2:]) == tuple(image_size):
+        return value[..., rows, :].contiguous()
+    return value
+
+
 class RowStrip:
     """`source` with every image cut to pixel rows `rows`; everything else is the source's own."""
 
@@ -35,16 +43,10 @@ class RowStrip:
         object.__setattr__(self, "rows", rows)
         object.__setattr__(self, "image_size", tuple(image_size))
 
-    def cut(self, value):
-        """A tensor whose last two dimensions are the image's [..., H, W] -> [..., H_strip, W]."""
-        if torch.is_tensor(value) and value.dim() >= 3 and tuple(value.shape[-2:]) == self.image_size:
-            return value[..., self.rows, :].contiguous()
-        return value
-
     def batch(self, indices) -> dict:
         if self.reads_rows:
             return self.source.batch(indices)
-        return {k: self.cut(v) for k, v in self.source.batch(indices).items()}
+        return {k: cut_rows(v, self.rows, self.image_size) for k, v in self.source.batch(indices).items()}
 
     def lat_weights(self) -> torch.Tensor:
         """The strip's rows of the whole image's weights (normalised over the whole image)."""

@@ -24,7 +24,7 @@ def masked_mean(sse: torch.Tensor, weight: torch.Tensor, dp_mean: Callable | Non
 def forecast_loss(pred, y, weights, valid=None, channel_shard=None, dp_mean=None, strip=None) -> torch.Tensor:
     """The latitude-weighted MSE of one forecast pred [B, C_out(_r), H(_j), W] against y (NaN-masked where
     `valid`); under channel parallelism the rank's weighted sums are added over ranks first, under context
-    parallelism (`strip`: a `RowStrip`; pred, y and weights hold its rows) over the strips too."""
+    parallelism (`strip`: a `StripLayout`; pred, y and weights hold its rows) over the strips too."""
     if channel_shard is None and valid is None and strip is None:
         return lat_weighted_mse(pred, y, weights)
     # this rank's output channels [B, C_out_r, H, W] (maybe none): its weighted sums, added over ranks
@@ -62,7 +62,7 @@ def compute_loss(
     `channel_shard` (from a `ParallelPlan`) is set when x holds only this rank's channels: the MAE model
     then reconstructs only those, and the loss sums the per-patch errors over ranks. `dp_mean` (the plan's,
     under data parallelism) makes NaN-masked losses exact over the global batch (`masked_mean`).
-    `strip` (the plan's `RowStrip`, under context parallelism): the batch and `lat_weights` hold this
+    `strip` (the plan's `StripLayout`, under context parallelism): the batch and `lat_weights` hold this
     rank's rows of the image (MAE: `mask_noise` is still the whole image's), and the loss adds the strips'
     sums over the CP group.
     `keep_output=False` (training, which only needs the loss): the MAE loss builds its error in the
