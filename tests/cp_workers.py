@@ -122,41 +122,6 @@ def block_communication() -> dict:
     }
 
 
-def cp_replica_check() -> dict:
-    """cp 2 x tp 2, weights unsharded: three training steps on the strips keep every parameter identical on
-    both CP ranks (the check passes); then a TP-sharded weight, which the TP comparison cannot see, is
-    perturbed on CP rank 1 of TP rank 0, and every rank stops with the same message."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from dchag.data import build_source
-    from dchag.parallel.parallelize import ReplicaDivergence
-    from dchag.train.loop import Layout, strip_of, train_step
-    from dchag.train.optim import build_optimizer
-
-    cfg = W.config(W.KINDS["L"], *W.SPLITS["uneven"], UNEVEN_STRIPS, *FOUR_RANK_LAYOUTS["cp2xtp2"])
-    _, plan = reference_and_parallel(cfg)
-    source = strip_of(build_source(cfg, channels=plan.input_channels), cfg, plan)
-    optimizer = build_optimizer(plan.model, cfg.train)
-    for step in range(3):
-        batch = source.batch(list(range(step * 4, step * 4 + 4)))
-        train_step(Layout(plan.model, plan), optimizer, batch, cfg, step, source.lat_weights(), None, source.channels)
-        plan.check_replicas(step)  # raises (on every rank) if the strips' gradients left replicas apart
-    if isinstance(plan.model, FSDPModule):  # FSDP2 shards the weights over CP here: no CP replicas
-        return {"sharded_over_cp": True}
-    tp_replicated = plan.replica_checksums()[0]
-    target = next(n for n in plan.replica_checksums(every=True)[0] if n not in tp_replicated)
-    if plan.strip.rank == 1 and plan.tp_rank == 0:
-        with torch.no_grad():
-            param = dict(plan.model.named_parameters())[target]
-            (param.to_local() if hasattr(param, "to_local") else param).view(-1)[0] += 1e-3
-    try:
-        plan.check_replicas(3)
-        message = None
-    except ReplicaDivergence as err:
-        message = str(err)
-    return {"message": message, "target": target, "tp_replicated": target in tp_replicated, "sharded_over_cp": False}
-
-
 def block_saved_tensors() -> dict:
     """What one ViT block at cp 2 x tp 2 keeps for backward (saved-tensor hooks; activations only: tensors
     of 3 or more dimensions, not parameters or their DTensor views): as built (the key/value gather and
@@ -202,7 +167,6 @@ def four_rank_suite(nan_path: str) -> dict:
         "exchange": exchange_both_directions(),
         "block_comm": block_communication(),
         "saved": block_saved_tensors(),
-        "cp_replicas": cp_replica_check(),
     }
 
 

@@ -151,13 +151,12 @@ class ParallelPlan:
         spec = self.specs.get(name)
         return spec is None or spec.dim is None or not spec.tp_disjoint
 
-    def replica_checksums(self, every: bool = False) -> tuple[list[str], torch.Tensor]:
-        """Names and checksums [N, 2] (L1 and L2 norm, float64) of the TP-replicated parameters (`every`:
-        of every local parameter or shard, as CP replicas hold them), from two foreach kernels. Replicas
-        receive bit-identical updates, so their checksums agree exactly."""
+    def replica_checksums(self) -> tuple[list[str], torch.Tensor]:
+        """Names and checksums [N, 2] (L1 and L2 norm, float64) of the TP-replicated parameters, from two
+        foreach kernels. Replicas receive bit-identical updates, so their checksums agree exactly."""
         names, tensors = [], []
         for name, param in self.model.named_parameters():
-            if every or self._tp_replicated(name, param):
+            if self._tp_replicated(name, param):
                 names.append(name)
                 tensors.append((param.to_local() if isinstance(param, DTensor) else param).detach())
         if not tensors:
@@ -167,14 +166,11 @@ class ParallelPlan:
         return names, torch.stack([l1, l2], dim=1).double()
 
     def check_replicas(self, step: int) -> None:
-        """Compare replica checksums across the TP group and, under context parallelism with unsharded
-        weights (FSDP2 would shard them over dp_shard x cp), across the CP group, where every parameter is
-        replicated (one small all-gather each), and agree over all ranks (one all-reduce of a flag); on any
-        difference every rank raises the same `ReplicaDivergence`, naming the first parameter and the
-        ranks, so no rank is left waiting in a collective."""
+        """Compare replica checksums across the TP group (one small all-gather) and agree over all ranks
+        (one all-reduce of a flag); on any difference every rank raises the same `ReplicaDivergence`, naming
+        the first parameter and the ranks, so no rank is left waiting in a collective. (CP ranks hold no
+        replicas: FSDP2 shards the weights over dp_shard x cp whenever cp > 1.)"""
         groups = [("TP", self.mesh["tp"], self.replica_checksums())] if self.tp > 1 else []
-        if self.cp > 1 and not isinstance(self.model, FSDPModule):
-            groups.append(("CP", self.mesh["cp"], self.replica_checksums(every=True)))
         if not groups:
             return
         stacked = []  # per group: every member's checksums [R, N, 2]
