@@ -227,13 +227,19 @@ def bf16_parameters_step(*overrides) -> dict:
     cfg = config(*overrides, "parallel.bf16_params=true")
     reference, plan = reference_and_parallel(cfg)
     x = torch.randn(4, len(cfg.channels), 16, 32, generator=torch.Generator().manual_seed(1))
-    lead = torch.tensor([6.0, 12.0, 18.0, 24.0])
-    y = torch.zeros(4, len(cfg.out_channels), 16, 32)
-    expected, _ = compute_loss(reference, {"x": x, "y": y, "lead_hours": lead}, cfg)
     rows = slice(plan.dp_rank * 2, plan.dp_rank * 2 + 2)
     c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
-    local = {"x": x[rows, c0:c1], "y": y[rows][:, plan.channel_shard.out_index], "lead_hours": lead[rows]}
-    loss, _ = compute_loss(plan.model, local, cfg, channel_shard=plan.channel_shard)
+    if cfg.train.task == "mae":  # e.g. a wavelength model: float32 encodings meet bf16 weights
+        noise = mask_noise_for_step(cfg, 0, 4, reference.num_patches)
+        expected, _ = compute_loss(reference, {"x": x}, cfg, mask_noise=noise)
+        local, extra = {"x": x[rows, c0:c1]}, {"mask_noise": noise[rows]}
+    else:
+        lead = torch.tensor([6.0, 12.0, 18.0, 24.0])
+        y = torch.zeros(4, len(cfg.out_channels), 16, 32)
+        expected, _ = compute_loss(reference, {"x": x, "y": y, "lead_hours": lead}, cfg)
+        local = {"x": x[rows, c0:c1], "y": y[rows][:, plan.channel_shard.out_index], "lead_hours": lead[rows]}
+        extra = {}
+    loss, _ = compute_loss(plan.model, local, cfg, channel_shard=plan.channel_shard, **extra)
     (loss / plan.dp_size).backward()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
@@ -372,4 +378,44 @@ def optimizer_steps_match(*overrides, steps: int = 3) -> dict:
         "worst_name": max(rel, key=rel.get),
         "norms": norms,
         "clip": cfg.train.grad_clip,
+    }
+
+
+def consumed_and_kept_gradients(*overrides) -> dict:
+    """One MAE step of the parallel model as training runs it (keep_output=False: the loss's gradient is
+    written into the prediction's storage) and as evaluation and the parity check run it
+    (keep_output=True): {"loss_equal", "grads_equal"} (bit-identical), and the same comparison against a
+    kept step on other mask noise, which must differ (the counter-check)."""
+    from dchag.tasks import compute_loss
+    from dchag.train.loop import autocast
+
+    cfg = config(*overrides)
+    _, plan = reference_and_parallel(cfg)
+    g = torch.Generator().manual_seed(7)
+    b = cfg.train.batch_size
+    x = torch.randn(b, len(cfg.channels), *cfg.model.img_size, generator=g)
+    c0, c1 = plan.placement.channel_ranges[plan.tp_rank]
+
+    def step(keep: bool, noise_step: int):
+        plan.model.zero_grad(set_to_none=True)
+        noise = mask_noise_for_step(cfg, noise_step, b, plan.model.num_patches)
+        with autocast(cfg, torch.device("cpu")):
+            loss, _ = compute_loss(
+                plan.model, {"x": x[:, c0:c1]}, cfg, mask_noise=noise, channel_shard=plan.channel_shard,
+                keep_output=keep,
+            )
+        loss.backward()
+        grads = {n: p.grad for n, p in plan.model.named_parameters() if p.grad is not None}
+        return loss.detach(), {n: (v.to_local() if hasattr(v, "to_local") else v).clone() for n, v in grads.items()}
+
+    kept, consumed, other = step(True, 0), step(False, 0), step(True, 1)
+
+    def same(a, b) -> bool:
+        return a[1].keys() == b[1].keys() and all(torch.equal(a[1][n], b[1][n]) for n in a[1])
+
+    return {
+        "loss_equal": bool(torch.equal(kept[0], consumed[0])),
+        "grads_equal": same(kept, consumed),
+        "grads": len(kept[1]),
+        "other_noise_equal": same(kept, other),
     }

@@ -211,3 +211,43 @@ def test_counter_check_consuming_a_view_does_overwrite_the_callers_prediction():
     before = pred.detach().clone()
     patch_sse(patchify(pred, 1), torch.zeros(2, 1, 4, 4), 1, consume=True).sum().backward()
     assert not torch.equal(pred.detach(), before)  # what mae_loss must not do with a view
+
+
+@pytest.mark.parametrize("consume, allocations", [(True, 0), (False, 1)], ids=["consumed", "kept"])
+def test_the_bf16_mae_loss_gradient_is_one_bf16_tensor_or_the_predictions_own_storage(consume, allocations):
+    """Under bf16 the loss's backward makes its gradient in bf16 (no float32 buffer and bf16 copy of it),
+    built channel block by channel block in float32 and rounded once: the same values as the float32
+    gradient rounded to bf16."""
+    from dchag.tasks.patch_error import patch_sse, patchify
+
+    g = torch.Generator().manual_seed(0)
+    b, c, p = 2, 32, 4
+    patches = torch.randn(b, (H // p) * (W_IMG // p), c * p * p, generator=g).bfloat16().requires_grad_(True)
+    target = torch.randn(b, c, H, W_IMG, generator=g)
+    upstream = torch.rand(b, patches.shape[1], generator=g)
+    expected = (2 * (patches.detach().float() - patchify(target, p)) * upstream[..., None]).bfloat16()
+    with LargestTensor(large=patches.numel()) as loss_and_backward:
+        sse = patch_sse(patches, target, p, consume=consume)
+        # autograd.grad: a leaf's .grad would be a copy of a gradient that is the leaf's own storage
+        (grad,) = torch.autograd.grad((sse * upstream).sum(), patches)
+    assert sse.dtype == torch.float32
+    assert len(loss_and_backward.allocations) == allocations, loss_and_backward.allocations
+    assert grad.dtype == torch.bfloat16 and torch.equal(grad, expected)
+
+
+def test_a_float64_models_mae_loss_and_gradient_are_exact_in_float64():
+    """The loss is computed in the prediction's dtype when that is wider than float32 (a float64 model),
+    not rounded to float32."""
+    from dchag.tasks.mae import mae_loss
+
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 5, 8, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    target = torch.randn(2, 5, 8, 8, generator=g, dtype=torch.float64)
+    loss = mae_loss(pred, target, torch.ones(2, 16), 2)
+    reference = pred.detach().clone().requires_grad_(True)
+    exact = ((reference - target) ** 2).mean()
+    exact.backward()
+    loss.backward()
+    assert loss.dtype == torch.float64
+    assert abs(float(loss.detach() - exact.detach())) <= 1e-13 * float(exact.detach())
+    assert torch.allclose(pred.grad, reference.grad, rtol=1e-13, atol=0)

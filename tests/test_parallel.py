@@ -153,6 +153,18 @@ def _four_rank_suite():
         "bf16": W.bf16_parameters_step(
             "model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "parallel.tp=2", "parallel.dp_shard=2"
         ),
+        # the tokenizer's and the conditioned output's float32 encodings buffer against bf16 weights
+        "bf16_tokenizer": W.bf16_parameters_step(
+            "model.hierarchy.preset=dchag-C",
+            *W.SPLITS["even"],
+            "train.task=mae",
+            "data.kind=synthetic-hyperspectral",
+            "model.tokenizer=hypernetwork",
+            "model.channel_specs=[400, {name: vv}, 450, 500, 550, 600, 650, 700, 750, 800, 850, 900, 950, "
+            "1000, {name: vh}, 1100]",
+            "parallel.tp=2",
+            "parallel.dp_shard=2",
+        ),
     }
 
 
@@ -287,6 +299,7 @@ def test_weights_saved_at_tp2_load_at_tp1_and_tp4(four):
 def test_bf16_fsdp_parameters_train_close_to_fp32(four):
     """MixedPrecisionPolicy(bf16 params, fp32 reduction): same loss to bf16 precision, finite gradients."""
     for rank_result in four:
-        bf16 = rank_result["bf16"]
-        assert bf16["finite"]
-        assert bf16["loss_rel"] < 2e-2, bf16
+        for name in ("bf16", "bf16_tokenizer"):
+            bf16 = rank_result[name]
+            assert bf16["finite"], name
+            assert bf16["loss_rel"] < 2e-2, (name, bf16)

@@ -137,6 +137,13 @@ def _suite(root: str):
         # model.tokenizer wavelength / hypernetwork: a missing sum of shared weights' gradients; the meta build
         "tokenizer_unsummed": TW.unsummed_shared_gradients(),
         "tokenizer_built": TW.built_rank_by_rank(),
+        # the training step's consumed MAE prediction against the kept one, fp32 and bf16 autocast
+        "consume": {
+            name: W.consumed_and_kept_gradients(
+                "model.hierarchy.preset=dchag-L", *W.SPLITS["even"], "train.task=mae", "parallel.tp=4", *extra
+            )
+            for name, extra in {"fp32": [], "bf16": ["train.bf16=true"]}.items()
+        },
     }
 
 
@@ -281,6 +288,16 @@ def test_frozen_blocks_stay_bit_identical_under_fsdp2_x_tp_while_the_rest_trains
     frozen = [k for k in start if part_of(k) == "blocks"]
     assert frozen and all(torch.equal(after[k], start[k]) for k in frozen)
     assert not torch.equal(after["head.out.weight"], start["head.out.weight"])
+
+
+def test_the_mae_training_step_that_consumes_its_prediction_has_the_kept_steps_gradients(four):
+    """keep_output=False (train_step: the loss's gradient overwrites the prediction) against keep_output=True
+    (what run_parity compares with one device) at tp 4: bit-identical loss and gradients; other mask
+    noise changes them (the comparison can fail)."""
+    for rank in four:
+        for name, r in rank["consume"].items():
+            assert r["loss_equal"] and r["grads_equal"] and r["grads"] > 10, (name, r)
+            assert not r["other_noise_equal"], name
 
 
 def test_wavelength_tokenizers_at_tp4_have_the_single_device_loss_outputs_and_gradients(four):

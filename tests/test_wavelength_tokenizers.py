@@ -92,6 +92,15 @@ def test_per_channel_model_keeps_its_parameters_and_initial_values():
     }
     mae = build_model(small_config("train.task=mae"))
     assert isinstance(mae.head.pred, torch.nn.Linear)
+    # the seeded initial values, pinned at the code the reviewer found bit-identical to before the
+    # sensor-agnostic tokenizers: (float64 sum, sum of absolute values) over the whole state dict
+    for built, (total, absolute) in ((model, (775.2619012380917, 3145.955904179354)), (mae, PINNED_MAE)):
+        state = built.state_dict().values()
+        assert sum(float(v.double().sum()) for v in state) == pytest.approx(total, rel=1e-9)
+        assert sum(float(v.double().abs().sum()) for v in state) == pytest.approx(absolute, rel=1e-9)
+
+
+PINNED_MAE = (1054.6013845606874, 3519.1137711593715)
 
 
 def both_paths(tokenizer_cls, kind, sizes, tokens, heads, patch=2, dim=8):
@@ -177,20 +186,55 @@ def test_channels_without_a_wavelength_take_their_own_learned_rows(tokenizer):
 
 
 def test_a_mixed_model_runs_with_channel_specs_naming_sar_channels():
-    cfg = small_config(
-        "model.tokenizer=hypernetwork",
-        "data.kind=synthetic-hyperspectral",
-        "data.channels=6",
-        "model.hierarchy.groups=2",
-        "model.channel_specs=[400, {name: vv}, {wavelength: 500, bandwidth: 20}, 600, {name: vh}, 700]",
-        "train.task=mae",
-    )
+    cfg = mixed_mae("hypernetwork")
     model = build_model(cfg)
     assert model.front_end.tokenizer.table.names == ["vv", "vh"]
     assert model.front_end.tokenizer.channel_embed.shape == (2, 32)
     out = model(torch.randn(2, 6, 16, 32))
     out.pred.square().mean().backward()
     assert model.front_end.tokenizer.name_weight.grad.abs().sum() > 0
+
+
+def mixed_mae(tokenizer: str):
+    """A 6-channel MAE over four bands and two channels without a wavelength (vv, vh)."""
+    return small_config(
+        f"model.tokenizer={tokenizer}",
+        "data.kind=synthetic-hyperspectral",
+        "data.channels=6",
+        "model.hierarchy.groups=2",
+        "model.channel_specs=[400, {name: vv}, {wavelength: 500, bandwidth: 20}, 600, {name: vh}, 700]",
+        "train.task=mae",
+    )
+
+
+@pytest.mark.parametrize("tokenizer", list(TOKENIZERS))
+def test_bf16_parameters_with_float32_buffers_run_the_wavelength_encoders(tokenizer):
+    """FSDP2's bf16 parameters (parallel.bf16_params) cast parameters only: the float32 encodings buffer
+    meets bf16 weights in the tokenizer and the conditioned MAE output. Done here on one device."""
+    model = build_model(mixed_mae(tokenizer))
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    assert model.front_end.tokenizer.table.features.dtype == torch.float32
+    out = model(torch.randn(2, 6, 16, 32).bfloat16())
+    assert out.pred.dtype == torch.bfloat16
+    out.pred.float().square().mean().backward()
+    assert model.head.pred.generate.in_weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tokenizer", list(TOKENIZERS))
+def test_a_mixed_run_moves_to_spectral_only_channels(tokenizer):
+    """No named channel among the new channels: the by-name tables are dropped, not loaded as [0, ...]
+    tensors the new model lacks; the shared weights come along unchanged."""
+    from dchag.train.other_channels import model_for_channels
+
+    cfg = mixed_mae(tokenizer)
+    model = randomize_(build_model(cfg), 5)
+    new_cfg, moved = model_for_channels(cfg, model, ["b450.0", "b550.0", "b650.0"])
+    state = moved.state_dict()
+    assert not [k for k in state if "name_" in k or k.endswith("channel_embed")]
+    assert torch.equal(state["head.pred.generate.in_weight"], model.state_dict()["head.pred.generate.in_weight"])
+    assert new_cfg.channels == ["b450.0", "b550.0", "b650.0"]
+    assert moved(torch.randn(2, 3, 16, 32)).pred.shape == (2, 3, 16, 32)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +249,13 @@ def test_a_mixed_model_runs_with_channel_specs_naming_sar_channels():
 )
 def test_bad_channel_specs_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=None) as err:
-        small_config("data.kind=synthetic-hyperspectral", "data.channels=3", "model.hierarchy.groups=1", override)
+        small_config(
+            "data.kind=synthetic-hyperspectral",
+            "data.channels=3",
+            "model.hierarchy.groups=1",
+            "model.tokenizer=wavelength",
+            override,
+        )
     assert message in str(err.value)
 
 
@@ -293,7 +343,29 @@ def test_init_from_a_wavelength_model_loads_every_shared_weight_into_other_chann
     by_name = ["front_end.tokenizer.channel_embed", "front_end.tokenizer.name_weight", "head.pred.name_weight"]
     assert not report.shape_mismatch and not report.partial and not report.unused
     assert sorted(report.new) == sorted([*by_name, "head.pred.name_bias"])  # the SAR channel's rows only
-    assert report.new_channels == [*L8, "vv"]
+    assert report.new_channels == ["vv"] and not report.positional  # the bands get no fresh weights
     assert len(report.loaded) == len(model.state_dict()) - 4
     fresh = build_model(cfg).state_dict()
     assert torch.equal(model.state_dict()[by_name[0]], fresh[by_name[0]])
+
+
+def test_init_from_reports_a_wavelength_models_linear_levels_as_loaded_by_position(tmp_path):
+    """A linear level's weight [G, k, n_max] has a slot per channel of each group: read into other bands
+    it binds to the wrong channels, so it is reported as positional (not loaded), with a warning; the
+    same bands load it as usual."""
+    import fine_tuning_workers as FW
+
+    from dchag.train.init_from import init_from, report_init
+
+    over = ["model.tokenizer=wavelength", "train.task=mae", "data.kind=synthetic-hyperspectral"]
+    over += ["model.hierarchy.preset=dchag-L", "model.hierarchy.groups=4", *FW.W.SMALL_MODEL]
+    source = FW.perturbed_export([*over, f"data.channels=[{', '.join(S2[:8])}]"], tmp_path / "s2.safetensors")
+    cfg = small_config(*over, f"data.channels=[{', '.join(L8[:8])}]", f"train.init_from={source}")
+    report = init_from(cfg, build_model(cfg), None, source)
+    linear = sorted(n for n in build_model(cfg).state_dict() if n.endswith(".aggregator.weight") and ".levels.0." in n)
+    assert linear and report.positional == linear and not set(linear) & set(report.loaded)
+    assert report.new_channels == [] and not report.shape_mismatch
+    report_init(report, None)
+    same = small_config(*over, f"data.channels=[{', '.join(S2[:8])}]", f"train.init_from={source}")
+    again = init_from(same, build_model(same), None, source)
+    assert not again.positional and set(linear) <= set(again.loaded)

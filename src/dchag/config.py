@@ -451,6 +451,11 @@ def _validate_model(m: ModelConfig) -> None:
         )
     _check(m.hierarchy.preset is not None or bool(m.hierarchy.levels), "model.hierarchy: give a preset or levels")
     _check(m.tokenizer in TOKENIZERS, f"model.tokenizer={m.tokenizer!r} is unknown; use one of {TOKENIZERS}")
+    _check(
+        m.channel_specs is None or m.tokenizer != "per_channel",
+        "model.channel_specs is set but model.tokenizer=per_channel never reads it (its weights are per channel "
+        "name); set model.tokenizer: wavelength (or hypernetwork), or drop model.channel_specs",
+    )
 
 
 

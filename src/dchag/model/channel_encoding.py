@@ -55,7 +55,6 @@ class ChannelTable(nn.Module):
         name_row = [-1 if s.spectral else row[s.name] for s in self.specs]
         self.register_buffer("name_row", torch.tensor(name_row, dtype=torch.long), persistent=False)
         self.any_spectral = any(s.spectral for s in self.specs)
-        self.any_named = not all(s.spectral for s in self.specs)
 
     def select(self, index: torch.Tensor | None):
         """(features [C, F], spectral [C], name_row [C]) of rows `index` (None: all)."""
@@ -120,5 +119,7 @@ class ChannelEncoder(nn.Module):
         yield "out_bias", base if base is not None else torch.zeros(self.out_bias.shape)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features [C, F] -> [C, out]."""
+        """features [C, F] -> [C, out], in the weights' dtype: the encodings are a float32 buffer, which
+        FSDP2's bf16 parameters (parallel.bf16_params) do not cast."""
+        features = features.to(self.in_weight.dtype)
         return F.linear(F.gelu(F.linear(features, self.in_weight, self.in_bias)), self.out_weight, self.out_bias)

@@ -8,6 +8,7 @@ this rank loads, how to finish gradients and clip them, how to get the logical (
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -362,7 +363,9 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
         # An MAE model returns its decoder's output as nn.Linear gives it, a view of a [B*L, C*p*p] matmul;
         # FSDP2 warns that an in-place op on a view output would drop its pre-backward hook. Nothing does
         # one (the loss reads the output; training's loss reuses its storage only inside its own backward).
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
+        # Only the root model's warning is silenced: FSDP's warning for other modules stays.
+        root = re.escape(type(model).__name__)  # fully_shard renames the class FSDP<name>
+        warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \((FSDP)?{root}\) returned a view tensor")
         for block in model.blocks:
             fully_shard(block, mesh=fsdp_mesh, mp_policy=mp)
         # a parameter without elements on this rank (the forecast head of a TP rank that owns none of the

@@ -10,7 +10,11 @@ their channels:
   A wavelength / hypernetwork tokenizer's weights are shared by all channels and load whole, whatever
   the channels; only its rows for channels without a wavelength (`channel_embed`, `name_weight`, and the
   wavelength-conditioned MAE output's `head.pred.name_*`) match by name, and the hierarchy's group
-  weights load by position (the same number of groups: they do not belong to channels there);
+  weights load by position (the same number of groups: they do not belong to channels there), except a
+  linear first level's weight [G, k, n_max], whose slots are its groups' channels: where the groups' channels
+  differ it still loads by position, so its slots bind to other bands, and the report lists it under
+  `positional` (a warning). Only channels without a wavelength count as new channels there: the others
+  get no fresh weights;
 - the task heads' output rows (the forecast head's per output channel, the MAE decoder's per channel);
 - the hierarchy's aggregators (`front_end.hierarchy.levels.*`: one row per group): a group takes the
   pretrained group's rows only when it reduces the same tokens (the same channels, in the same order,
@@ -254,7 +258,10 @@ class Report:
     new: list[str] = field(default_factory=list)  # fresh: the pretrained model has no such weight or rows
     unused: list[str] = field(default_factory=list)  # pretrained weights this model has not
     shape_mismatch: dict[str, dict] = field(default_factory=dict)  # same name, other shape: fresh
-    new_channels: list[str] = field(default_factory=list)  # vocabulary names the pretrained model lacks
+    new_channels: list[str] = field(default_factory=list)  # names with fresh rows: the pretrained model lacks
+    # them (a wavelength model: only its channels without a wavelength; the others have no rows)
+    positional: list[str] = field(default_factory=list)  # wavelength models' linear-level weights loaded by
+    # position although their groups' channels differ: their slots hold other bands' weights
     dropped_channels: list[str] = field(default_factory=list)  # pretrained names this model does not use
     frozen_partial: list[str] = field(default_factory=list)  # train.freeze tensors with some fresh rows
 
@@ -263,6 +270,7 @@ class Report:
 
     def line(self) -> str:
         channels = f"; new channels {self.new_channels}" if self.new_channels else ""
+        channels += f"; {len(self.positional)} by position (see the warning)" if self.positional else ""
         return (
             f"init_from {self.source}: {len(self.loaded)} tensors loaded, {len(self.partial)} partly (fresh rows "
             f"for new channels or groups), {len(self.new)} new, {len(self.unused)} unused, "
@@ -274,7 +282,11 @@ def plan_loading(shapes_now: dict[str, torch.Size], pretrained: Pretrained, now:
     """(report, {name: (row map or None, per-row widths or None)} of the weights to read)."""
     then = pretrained.layout
     report = Report(str(pretrained.path), pretrained.kind, pretrained.step)
-    report.new_channels = [c for c in now.vocabulary if c not in then.vocabulary]
+    if now.tokenizer == "per_channel":
+        report.new_channels = [c for c in now.vocabulary if c not in then.vocabulary]
+    else:  # only the rows of channels without a wavelength are per channel
+        known = then.vocabulary if then.tokenizer == "per_channel" else then.named
+        report.new_channels = [c for c in now.named if c not in known]
     report.dropped_channels = [c for c in then.vocabulary if c not in now.vocabulary]
     report.unused = sorted(set(pretrained.shapes) - set(shapes_now))
     to_read: dict[str, tuple[list | None, list | None]] = {}
@@ -298,6 +310,13 @@ def plan_loading(shapes_now: dict[str, torch.Size], pretrained: Pretrained, now:
         found = shape[0] if rows is None else sum(r is not None for r in rows)
         if found == 0:
             report.new.append(name)
+            continue
+        level = _level_param(name)
+        # level 1 only: its slots are channels (a later level's are the groups' tokens below, by position)
+        moved = level is not None and level[0] == 0 and then.groups[:1] != now.groups[:1]
+        if rows is None and moved and group_widths(name, now) is not None:
+            report.positional.append(name)  # a wavelength model's linear level over other channels
+            to_read[name] = (rows, widths)
             continue
         identity = widths is None and (rows is None or (old[0] == shape[0] and rows == list(range(shape[0]))))
         if found == shape[0] and identity:
@@ -387,6 +406,14 @@ def report_init(report: Report, out: Path | None) -> None:
     if report.new:
         shown = ", ".join(report.new[:8]) + (f" (+{len(report.new) - 8} more)" if len(report.new) > 8 else "")
         print(f"dchag: init_from: new tensors: {shown}", file=sys.stderr, flush=True)
+    if report.positional:
+        print(
+            f"dchag: warning: init_from: {report.positional} (linear hierarchy levels) load by position: their "
+            "slots are the pretrained groups' channels, not this run's; cross-attention levels "
+            "(model.hierarchy.preset: dchag-C) do not depend on the channels",
+            file=sys.stderr,
+            flush=True,
+        )
     if report.frozen_partial:
         print(
             f"dchag: warning: train.freeze keeps the fresh rows (new channels or groups) of {report.frozen_partial} "

@@ -68,6 +68,9 @@ def model_for_channels(
             state[name] = state[name].index_select(0, rows.to(state[name].device))
     new = build_model(new_cfg, init=False).to(next(model.parameters()).device)
     own = new.state_dict()
+    for name in BY_NAME:  # no named channel left: the new model has no by-name tables (see by_name_table)
+        if name in state and name not in own and not after:
+            del state[name]
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:
         raise ConfigError(
