@@ -58,6 +58,7 @@ BENCH_SIZES: dict[tuple[str, int | None], list[str]] = {
     ("paper-cpu", 8): ["channels=16", "img_size=[16, 32]", "embed_dim=64", "heads=8", "depth=1", "timed_steps=1"],
     ("paper-cpu", 4): ["quick=true"],  # quick's 4 heads split 4 ways: one rank of tp = 4
     ("paper-plan", None): ["quick=true"],  # the paper table's first row at depth 1, no 7B part
+    ("cp-cpu", None): ["quick=true"],  # one 16 x 32 image at cp 2, width 32, depth 1 (CPSize.resolved)
     # every variant (the table's ratios to flat), one seed of 1 step on the documented config
     ("accuracy-cpu", None): ["steps=1", "seeds=[0]", "max_seeds=0", "val_samples=2"],
 }  # fmt: skip
@@ -155,6 +156,12 @@ def validation_subset(path: Path, folder: Path) -> Path:
     """The points of a paper-cpu result the test validates: D-CHAG-L at the smallest channel count at
     tp = 2, fused and not (2 of 84 points; each is one traced step)."""
     data = json.loads(path.read_text())
+    if data["meta"]["sweep"] == "cp-cpu":  # the smallest image at the smallest cp > 1 (one traced step)
+        key = min((r["height"], r["cp"]) for r in data["records"] if r["cp"] > 1)
+        subset = folder / f"subset-{path.name}"
+        keep = [r for r in data["records"] if (r["height"], r["cp"]) == key]
+        subset.write_text(json.dumps({**data, "records": keep}))
+        return subset
     smallest = min(r["channels"] for r in data["records"])
     keep = [r for r in data["records"] if (r["variant"], r["tp"], r["channels"]) == ("dchag-L", 2, smallest)]
     assert keep, f"{path} has no dchag-L point at tp 2: change validation_subset"
@@ -182,6 +189,12 @@ def shrink_dchag(args: list[str], folder: Path) -> list[str]:
         return [*args[:i], str(validation_subset(Path(args[i]), folder)), *args[i + 1 :]]
     if sub == "plan":  # every variant x layout of 2 GPUs (not N: 32 GPUs trace 141 candidates) on the shrunk config
         args = [*args[: args.index("--gpus") + 1], "2", *args[args.index("--gpus") + 2 :]] if "--gpus" in args else args
+        for flag in ("--tp", "--cp"):  # keep the sizes 2 GPUs have (1 always is)
+            if flag in args:
+                i = j = args.index(flag) + 1
+                while j < len(args) and not args[j].startswith("--"):
+                    j += 1
+                args = [*args[:i], *([v for v in args[i:j] if v in ("1", "2")] or ["1"]), *args[j:]]
         return _with_set(args, shrink_overrides(ROOT / _option(args, "--config")))
     if sub == "probe":  # of a shrunk run, on fewer patches and bootstrap resamples
         return _with_set(args, PROBE_SIZES)

@@ -17,8 +17,23 @@ def fake_process_group(world_size: int, rank: int):
 
     if dist.is_initialized():
         raise ConfigError("this runs one rank alone in a single process; do not launch it with torchrun")
+    _forget_meshes()  # whatever ran before in this process
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        _forget_meshes()
+
+
+def _forget_meshes() -> None:
+    """Drop DTensor's cached sharding and redistribution plans. They are keyed by device meshes, which
+    compare equal by ranks and names, not by process groups: the next layout traced in this process (a
+    "tp" mesh of the same ranks) would reuse plans that name this layout's groups, and its collectives
+    would run on (and be counted for) groups that no longer exist."""
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    _redistribute.clear_redistribute_planner_cache()
+    _redistribute._gen_transform_infos.cache_clear()

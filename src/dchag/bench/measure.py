@@ -11,7 +11,7 @@ import time
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -121,10 +121,27 @@ def tensor_bytes(*groups) -> int:
     return sum(t.numel() * t.element_size() for group in groups for t in group)
 
 
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_attention_backward_flops(grad_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
+
+
+# torch's FlopCounterMode has no formula for the CPU flash-attention kernels, which every CPU SDPA without
+# dropout runs (and the planner's GPU-target traces stand in for flash attention): attention would count 0
+FLOP_FORMULAS = {
+    aten.convolution_backward: _grouped_conv_backward_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_attention_backward_flops,
+}
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs of `fn()` (forward and any backward it runs), from FlopCounterMode with a group-aware
-    convolution backward."""
-    counter = FlopCounterMode(display=False, custom_mapping={aten.convolution_backward: _grouped_conv_backward_flops})
+    convolution backward and the CPU flash-attention kernels counted as torch counts GPU attention."""
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with counter:
         fn()
     return int(counter.get_total_flops())

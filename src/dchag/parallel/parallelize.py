@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -282,6 +282,23 @@ def _splittable_decoder_blocks(head: nn.Module, tp: int) -> list[nn.Module]:
     return blocks if heads % tp == 0 and hidden % tp == 0 else []
 
 
+def even_shard_placement(ranks: int):
+    """FSDP2's shard placement per parameter: dimension 0 (its default) unless that dimension does not
+    split evenly over `ranks` while a later one does. FSDP2 pads an uneven dimension 0 to the group size,
+    so a parameter whose first dimension is small - the position embedding [1, L, D], a level's stacked
+    weights [G, D, D] with G < ranks - would otherwise stay whole on every rank with its gradient and AdamW
+    state, which under context parallelism (FSDP2 over dp_shard x cp) is most of what cp should save.
+    Tensor-parallel DTensors keep the default (FSDP2 strides them over TP's own sharding)."""
+
+    def place(param: nn.Parameter):
+        if isinstance(param, DTensor) or param.ndim == 0 or param.shape[0] % ranks == 0:
+            return None  # FSDP2's default, Shard(0)
+        even = [d for d in range(1, param.ndim) if param.shape[d] % ranks == 0]
+        return Shard(even[0]) if even else None
+
+    return place
+
+
 def _checkpointed(module: nn.Module) -> None:
     """Recompute `module` in backward; the forward is replaced in place so parameter names stay."""
     forward = module.forward
@@ -366,12 +383,13 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
         # Only the root model's warning is silenced: FSDP's warning for other modules stays.
         root = re.escape(type(model).__name__)  # fully_shard renames the class FSDP<name>
         warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \((FSDP)?{root}\) returned a view tensor")
+        place = even_shard_placement(fsdp_mesh.size(fsdp_mesh.ndim - 1))
         for block in model.blocks:
-            fully_shard(block, mesh=fsdp_mesh, mp_policy=mp)
+            fully_shard(block, mesh=fsdp_mesh, mp_policy=mp, shard_placement_fn=place)
         # a parameter without elements on this rank (the forecast head of a TP rank that owns none of the
         # output channels) has nothing to shard or reduce, and FSDP's gradient reduction fails on it
         empty = {q for q in model.parameters() if q.numel() == 0}
-        fully_shard(model, mesh=fsdp_mesh, mp_policy=mp, ignored_params=empty or None)
+        fully_shard(model, mesh=fsdp_mesh, mp_policy=mp, ignored_params=empty or None, shard_placement_fn=place)
         for module in model.modules():  # plain sums (gloo has no AVG/PREMUL_SUM): the loss carries 1/dp
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
