@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "dchag.config": set(),
     "dchag.compare": set(),
     "dchag.viz": set(),
-    "dchag.adapters": set(),  # works on the objects it is given: a front end and a foreign backbone
+    "dchag.adapters": {"dchag.model"},  # works on the objects it is given: a front end and a foreign backbone
     "dchag.model": {"dchag.config"},
     "dchag.data": {"dchag.config"},
     "dchag.tasks": {"dchag.config"},
@@ -42,7 +42,7 @@ ALLOWED: dict[str, set[str]] = {
     "dchag.bench": _BASE | {"dchag.parallel", "dchag.train", "dchag.eval"},
     "dchag.planning": {"dchag.config", "dchag.configure", "dchag.model", "dchag.parallel", "dchag.train"}
     | {"dchag.bench"},
-    "dchag.use": _BASE | {"dchag", "dchag.parallel", "dchag.train", "dchag.eval", "dchag.viz"},
+    "dchag.use": _BASE | {"dchag", "dchag.parallel", "dchag.train", "dchag.eval", "dchag.viz", "dchag.bench"},
     "dchag.cli": _BASE
     | {"dchag", "dchag.parallel", "dchag.train", "dchag.eval", "dchag.checks", "dchag.bench", "dchag.planning"}
     | {"dchag.viz", "dchag.use"},

@@ -91,7 +91,7 @@ def measure_one(size: CPSize, cp: int, height: int) -> dict:
     from dchag.data import batch_indices, build_source
     from dchag.parallel import ParallelDims, build_mesh
     from dchag.parallel.construct import build_parallel_model
-    from dchag.planning.trace import cp_group_name
+    from dchag.parallel.mesh import cp_group_name
     from dchag.tasks import mask_noise_for_step
     from dchag.train.loop import Layout, strip_of, train_step
     from dchag.train.optim import build_optimizer

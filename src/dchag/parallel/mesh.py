@@ -155,3 +155,11 @@ def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
 def dp_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
     rep, shard = mesh["dp_replicate"], mesh["dp_shard"]
     return rep.get_local_rank() * shard.size() + shard.get_local_rank(), rep.size() * shard.size()
+
+
+def cp_group_name(mesh) -> str | None:
+    """The name of this rank's context-parallel process group (None without context parallelism: a mesh
+    dimension of size 1 may share its group's name with another one's)."""
+    if "cp" not in (mesh.mesh_dim_names or ()) or mesh["cp"].size() == 1:
+        return None
+    return str(mesh["cp"].get_group().group_name)

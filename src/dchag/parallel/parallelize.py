@@ -282,16 +282,17 @@ def _splittable_decoder_blocks(head: nn.Module, tp: int) -> list[nn.Module]:
     return blocks if heads % tp == 0 and hidden % tp == 0 else []
 
 
-def even_shard_placement(ranks: int):
+def even_shard_placement(ranks: int, keep: set[int] = frozenset()):
     """FSDP2's shard placement per parameter: dimension 0 (its default) unless that dimension does not
     split evenly over `ranks` while a later one does. FSDP2 pads an uneven dimension 0 to the group size,
     so a parameter whose first dimension is small - the position embedding [1, L, D], a level's stacked
     weights [G, D, D] with G < ranks - would otherwise stay whole on every rank with its gradient and AdamW
     state, which under context parallelism (FSDP2 over dp_shard x cp) is most of what cp should save.
-    Tensor-parallel DTensors keep the default (FSDP2 strides them over TP's own sharding)."""
+    Tensor-parallel DTensors and the parameters in `keep` (ids) keep the default (FSDP2 strides DTensors
+    over TP's own sharding)."""
 
     def place(param: nn.Parameter):
-        if isinstance(param, DTensor) or param.ndim == 0 or param.shape[0] % ranks == 0:
+        if id(param) in keep or isinstance(param, DTensor) or param.ndim == 0 or param.shape[0] % ranks == 0:
             return None  # FSDP2's default, Shard(0)
         even = [d for d in range(1, param.ndim) if param.shape[d] % ranks == 0]
         return Shard(even[0]) if even else None
@@ -383,7 +384,10 @@ def parallelize(model: nn.Module, cfg, mesh: DeviceMesh) -> ParallelPlan:
         # Only the root model's warning is silenced: FSDP's warning for other modules stays.
         root = re.escape(type(model).__name__)  # fully_shard renames the class FSDP<name>
         warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \((FSDP)?{root}\) returned a view tensor")
-        place = even_shard_placement(fsdp_mesh.size(fsdp_mesh.ndim - 1))
+        # parameters split over TP by group or row (ShardSpec.dim) keep dimension 0: checkpoint padding and
+        # init_from read their FSDP shards as rows of that dimension
+        by_rows = {id(q) for n, q in model.named_parameters() if specs.get(n) is not None and specs[n].dim is not None}
+        place = even_shard_placement(fsdp_mesh.size(fsdp_mesh.ndim - 1), keep=by_rows)
         for block in model.blocks:
             fully_shard(block, mesh=fsdp_mesh, mp_policy=mp, shard_placement_fn=place)
         # a parameter without elements on this rank (the forecast head of a TP rank that owns none of the

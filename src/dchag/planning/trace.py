@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dchag.bench.fake_group import fake_process_group
+from dchag.parallel.mesh import cp_group_name
 
 
 @dataclass
@@ -161,14 +162,6 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
                 int(dp_bytes),
                 int(cp_bytes),
             )
-
-
-def cp_group_name(mesh) -> str | None:
-    """The name of this rank's context-parallel process group (None without context parallelism: a mesh
-    dimension of size 1 may share its group's name with another one's)."""
-    if "cp" not in (mesh.mesh_dim_names or ()) or mesh["cp"].size() == 1:
-        return None
-    return str(mesh["cp"].get_group().group_name)
 
 
 def _mask_noise(cfg, plan, local_batch: int) -> torch.Tensor | None:
