@@ -74,6 +74,7 @@ def four_rank_cases(nan_path: str) -> dict[str, tuple]:
         "settings/nan-mask/mae": (nan_config(nan_path, cross, mae, *cp_dp), "none"),
         "settings/channel-subset/forecast": ([lin, *base, *subset, *cp_tp], "none"),
         "settings/channel-subset/mae": ([cross, *base, mae, *subset, *cp_hsdp], "none"),
+        "settings/visible-norm/mae": ([cross, *base, mae, "model.visible_norm=true", *subset, *cp_tp], "none"),
         "settings/dp-replicate": ([lin, *base, *cp_hsdp], "none"),
         "settings/mode-naive": ([cross, *base, "parallel.mode=naive", *cp_tp], "none"),
         "settings/mode-replicated": ([lin, *base, mae, "parallel.mode=replicated", *cp_tp], "none"),

@@ -231,6 +231,8 @@ CASES = [
      "model.channel_specs has 2 entries but the data has 12 channels; give one per channel"),
     ("channel-specs-per-channel", _train("model.channel_specs=[400, 500]"),
      "model.channel_specs is set but model.tokenizer=per_channel never reads it"),
+    ("visible-norm-forecast", _train("model.visible_norm=true"),
+     "model.visible_norm=true with train.task='forecast'"),
     ("freeze-unknown-part", _train("train.freeze=[encoder]"), "train.freeze names unknown model part(s) ['encoder']"),
     ("lr-scale-zero", _train("train.lr_scale={blocks: 0}"), "train.lr_scale.blocks=0 must be a number > 0"),
     ("init-from-missing", lambda t, tr: _train(f"train.init_from={t}/nowhere")(t, tr), "nowhere' does not exist"),

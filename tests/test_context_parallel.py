@@ -45,10 +45,11 @@ def test_context_parallelism_in_the_settings_users_train_with(four):
     """Even strips, the materializing front end, the masked MAE loss, rollout training, activation
     checkpointing (MAE and forecast), forecast dropout drawn exactly as one device emulating the layout
     draws it; NaN-masked file data (data.nan=mask: validity counts summed over the strips, both tasks),
-    random band subsets (train.channel_subset, both tasks), HSDP (dp_replicate) and the naive and
-    replicated front ends."""
+    random band subsets (train.channel_subset, both tasks), an MAE standardised by its visible pixels
+    (model.visible_norm: the pixel sums added over the strips and the subset's left-out bands kept in
+    the data's units, at cp 2 x tp 2), HSDP (dp_replicate) and the naive and replicated front ends."""
     cases = _parity(four, "settings/")
-    assert len(cases) == 13
+    assert len(cases) == 14
     bad = {k: v for k, v in cases.items() if v[0] > FP32_TOLERANCE}
     assert not bad, bad
 

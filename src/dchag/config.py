@@ -104,6 +104,7 @@ class ModelConfig:
     tokenizer: str = "per_channel"  # TOKENIZERS: weights per channel name, or from wavelengths (docs/design.md)
     channel_specs: list | None = None  # one per channel: wavelength nm, {wavelength, bandwidth} or {name}
     residual_forecast: bool = False  # forecast the change: prediction = head output + the input field
+    visible_norm: bool = False  # MAE: standardise each sample's bands by its visible pixels, scale back (RevIN)
     decoder_dim: int = 128  # MAE decoder width
     decoder_depth: int = 2
     decoder_heads: int = 4
@@ -458,7 +459,6 @@ def _validate_model(m: ModelConfig) -> None:
     )
 
 
-
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _check(d.kind in DATA_KINDS, f"data.kind={d.kind!r} is unknown; use one of {DATA_KINDS}")
     if isinstance(d.channels, str):
@@ -481,6 +481,11 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
     _check(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be >= 1")
     _check_nan_mode(d)
     _check(
+        not (m.visible_norm and d.nan == "mask"),
+        "model.visible_norm=true with data.nan=mask: the visible-pixel statistics would count masked NaN "
+        "pixels; set data.nan=error or model.visible_norm=false",
+    )
+    _check(
         d.regrid in REGRID_METHODS,
         f"data.regrid={d.regrid!r} is unknown; use 'bilinear' or 'conservative' (area-weighted, for coarsening)",
     )
@@ -492,7 +497,6 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
         d.lead_step_hours >= 1 and d.max_lead_hours >= d.lead_step_hours,
         f"data.max_lead_hours={d.max_lead_hours} must be >= data.lead_step_hours={d.lead_step_hours} >= 1",
     )
-
 
 
 def _validate_spectral_cube(d: DataConfig) -> None:
@@ -666,7 +670,6 @@ def _validate_fine_tuning(t: TrainConfig) -> None:
     )
 
 
-
 def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> None:
     for name in ("tp", "dp_shard", "dp_replicate", "cp"):
         _check(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
@@ -680,6 +683,11 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Non
         p.cp == 1 or m.drop_rate == 0.0 or t.task == "forecast",
         f"model.drop_rate={m.drop_rate} with parallel.cp={p.cp} and train.task=mae: dropout of a "
         "context-parallel MAE is not supported (forecasting is); set model.drop_rate=0 or parallel.cp=1",
+    )
+    _check(
+        not m.visible_norm or t.task == "mae",
+        f"model.visible_norm=true with train.task={t.task!r}: it standardises an MAE's input by its visible "
+        "pixels; set model.visible_norm=false (a forecast model reads every pixel)",
     )
     _check(
         p.cp == 1 or not p.compile,

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from einops import repeat
 from torch import nn
 
 from dchag.model.channel_spec import named_rows, vocabulary_specs
@@ -64,8 +65,13 @@ class ChannelViT(nn.Module):
         residual_from: list[int] | None = None,
         tokenizer: str = "per_channel",
         vocab_specs: list | None = None,
+        visible_norm: bool = False,
     ):
         super().__init__()
+        # MAE: each sample's bands standardised by its visible pixels, the reconstruction scaled back
+        self.visible_norm = visible_norm
+        # the visible-pixel sums of a context-parallel rank's strip are added over the strips (set from outside)
+        self.sum_over_strips: Callable[[torch.Tensor], torch.Tensor] | None = None
         # forecast the change: pred = head + the input field of each output channel (its input index)
         self.register_buffer("residual_from", torch.tensor(residual_from or [], dtype=torch.long), persistent=False)
         self.residual = residual_from is not None
@@ -123,6 +129,18 @@ class ChannelViT(nn.Module):
             z = z + self.lead_embed(lead_hours.to(z.dtype)[:, None] / 100.0)[:, None, :]
         return z
 
+    def standardised(
+        self, x: torch.Tensor, mask: torch.Tensor, channel_keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, "Moments | None"]:
+        """An MAE's input x [B, C, H, W] as its encoder reads it, and the moments to scale the output back
+        with: with `model.visible_norm`, each sample's bands standardised by the pixels of the patches
+        that `mask` [B, L] (1 = masked; all zero for embeddings) leaves visible; otherwise x as given."""
+        if not self.visible_norm:
+            return x, None
+        keep = None if channel_keep is None else self.front_end.input_keep(channel_keep)
+        moments = visible_moments(x, mask, self.head.patch, keep, self.sum_over_strips)
+        return ((x - moments.shift) / moments.scale).to(x.dtype), moments  # [B, C, H, W]: the sample's units
+
     def forward(
         self,
         x: torch.Tensor,
@@ -135,8 +153,8 @@ class ChannelViT(nn.Module):
         and masks `mask_ratio` of the patches (default: the trained train.mask_ratio).
         `channel_keep` [C] (bool): a band subset; the channels marked False are left out as if absent, and
         the model still predicts every channel (an MAE reconstructs the missing bands too)."""
-        z = self.patch_tokens(x, lead_hours, channel_keep)  # [B, L, D]
         if self.task == "forecast":
+            z = self.patch_tokens(x, lead_hours, channel_keep)  # [B, L, D]
             pred = self.head(self.encode(z))  # [B, C_out, H, W]
             if self.residual:
                 base = x.index_select(1, self.residual_from)
@@ -146,11 +164,68 @@ class ChannelViT(nn.Module):
                 pred = pred + base.to(pred.dtype)
             return ModelOutput(pred)
         if mask_noise is None:
-            mask_noise = torch.rand(z.shape[0], self.num_patches, device=z.device)
+            mask_noise = torch.rand(x.shape[0], self.num_patches, device=x.device)
         layout = self.masking(mask_noise, self.mask_ratio if mask_ratio is None else mask_ratio)
+        x, moments = self.standardised(x, layout.mask, channel_keep)
+        z = self.patch_tokens(x, lead_hours, channel_keep)  # [B, L, D]
         visible = torch.gather(z, 1, layout.visible[..., None].expand(-1, -1, z.shape[-1]))  # [B, n, D]
         patches = self.head(self.encode(visible), layout.slots, self.token_slice)  # [B, L, C*p*p]
+        if moments is not None:  # back to the data's units: per sample and band, every pixel of a patch alike
+            pixels = self.head.patch**2
+            scale = repeat(moments.scale, "b c 1 1 -> b 1 (c p)", p=pixels).to(patches.dtype)
+            shift = repeat(moments.shift, "b c 1 1 -> b 1 (c p)", p=pixels).to(patches.dtype)
+            patches = patches * scale + shift
         return ModelOutput(mask=layout.mask, patches=patches, to_image=self.head.image)
+
+
+@dataclass
+class Moments:
+    """Per sample and band, shift [B, C, 1, 1] and scale [B, C, 1, 1] of `model.visible_norm`."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+
+
+# variance floor of model.visible_norm, in the data's normalised units: a band that is flat over a
+# sample's visible pixels is scaled by at most 1/0.01, not by the inverse of its noise
+VISIBLE_VAR_FLOOR = 1e-4
+
+
+def visible_moments(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    patch: int,
+    keep: torch.Tensor | None = None,
+    sum_over_strips: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Moments:
+    """Mean and standard deviation of x [B, C, H, W] over the visible pixels (mask [B, L], 1 = masked) of
+    each sample and band: the reversible instance normalisation (RevIN) of `model.visible_norm`. The model
+    reads (x - shift) / scale and reconstructs in those units; scaled back, a zero output is the
+    mean-spectrum baseline, and a sensor's or scene's offset and gain per band are not the model's to learn.
+    Bands left out (`keep` [C] False) keep the data's normalisation (shift 0, scale 1): the model must not
+    read their visible pixels. Computed from the data alone (no gradient), in float64 sums, which a
+    context-parallel rank adds over the strips with `sum_over_strips`."""
+    grid_w = x.shape[-1] // patch
+    with torch.no_grad():
+        seen = repeat(1 - mask.double(), "b (h w) -> b 1 (h p1) (w p2)", w=grid_w, p1=patch, p2=patch)
+        values = x.double()
+        sums = torch.stack(
+            [
+                seen.sum((2, 3)).expand(-1, x.shape[1]),  # [B, C]: visible pixels
+                (values * seen).sum((2, 3)),  # [B, C]
+                (values.square() * seen).sum((2, 3)),  # [B, C]
+            ]
+        )  # [3, B, C]
+        if sum_over_strips is not None:
+            sums = sum_over_strips(sums)
+        count = sums[0].clamp(min=1)
+        mean = sums[1] / count
+        var = (sums[2] / count - mean.square()).clamp(min=0) + VISIBLE_VAR_FLOOR
+        shift, scale = mean, var.sqrt()  # [B, C]
+        if keep is not None:
+            shift = torch.where(keep[None], shift, 0.0)
+            scale = torch.where(keep[None], scale, 1.0)
+        return Moments(shift[..., None, None].to(torch.float32), scale[..., None, None].to(torch.float32))
 
 
 def build_model(cfg, *, init: bool = True) -> ChannelViT:
@@ -184,5 +259,6 @@ def build_model(cfg, *, init: bool = True) -> ChannelViT:
         else None,
         tokenizer=m.tokenizer,
         vocab_specs=vocabulary_specs(vocab, cfg.channels, m.channel_specs),
+        visible_norm=m.visible_norm,
     )
     return init_weights_(model, cfg.train.seed) if init else model

@@ -215,6 +215,7 @@ def apply_context_parallel(model, cfg, cp_mesh) -> StripLayout:
     for block in model.head.blocks:
         block.attn.kv_exchange = decoder
     model.masking = StripMasker(strip, encoder)
+    model.sum_over_strips = strip.sum_over_ranks  # model.visible_norm: visible-pixel sums of the whole image
     return strip
 
 

@@ -194,8 +194,11 @@ class TrainedModel:
         if self.task == "forecast":
             hours = self.default_lead_hours() if lead_hours is None else float(lead_hours)
             lead = torch.full((z.shape[0],), hours, device=self.device)
+        z = z.to(self.device)
+        if self.task == "mae":  # model.visible_norm: each sample standardised by all its pixels (none masked)
+            z, _ = self.model.standardised(z, z.new_zeros(z.shape[0], self.model.num_patches), channel_keep)
         with torch.no_grad():
-            tokens = self.model.encode(self.model.patch_tokens(z.to(self.device), lead, channel_keep))  # [B, L, D]
+            tokens = self.model.encode(self.model.patch_tokens(z, lead, channel_keep))  # [B, L, D]
         return tokens.mean(dim=1) if pool == "mean" else tokens
 
     def for_channels(
