@@ -29,6 +29,7 @@ def test_torchrun_four_ranks_match_the_single_device_loss_curve(tmp_path):
     """tp=2 x dp_shard=2 under torchrun, 20 steps with gradient clipping engaged in every step: the same
     losses as one process, and a checkpoint in the single-device layout."""
     steps = ["train.steps=20", "train.log_every=1", "train.grad_clip=2e-4", "parallel.check_replicas_every=5"]
+    steps += ["train.log_grad_norms=true"]
     proc = run(
         [
             "-m",
@@ -65,6 +66,12 @@ def test_torchrun_four_ranks_match_the_single_device_loss_curve(tmp_path):
     single_norms = [r["grad_norm"] for r in read_metrics(tmp_path / "single/metrics.jsonl")]
     assert max(abs(a - b) / b for a, b in zip(dist_norms, single_norms)) <= 1e-4
     assert min(single_norms) > 2e-4  # the clipped (scaled) path ran in every step
+    # and the norm per part (train.log_grad_norms), before clipping
+    dist_parts = [r["grad_norms"] for r in read_metrics(tmp_path / "dist/metrics.jsonl")]
+    single_parts = [r["grad_norms"] for r in read_metrics(tmp_path / "single/metrics.jsonl")]
+    assert list(dist_parts[0]) == list(single_parts[0]) == ["tokenizer", "level1", "level2", "blocks", "head", "other"]
+    worst_part = max(abs(a[p] - b[p]) / b[p] for a, b in zip(dist_parts, single_parts) for p in b)
+    assert worst_part <= 1e-4, (dist_parts, single_parts)
 
     dist_weights = read_logical_weights(complete_checkpoints(tmp_path / "dist")[-1])
     model = build_model(cfg)

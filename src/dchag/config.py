@@ -167,6 +167,7 @@ class TrainConfig:
     mask_ratio: float = 0.75  # MAE
     mae_loss_on: str = "all"  # "all" pixels (the paper) or "masked" patches only
     log_every: int = 10
+    log_grad_norms: bool = False  # grad_norms {part: norm} before clipping in metrics.jsonl at log_every steps
     checkpoint_every: int = 0  # steps between sharded checkpoints (0: only at the end)
     eval_every: int = 0  # steps between validation losses (val_loss in metrics.jsonl; 0: never)
     eval_samples: int = 64  # held-out samples in that validation set

@@ -4,7 +4,9 @@ coincides with the baseline's.)
 Trains the same config with each hierarchy variant and several seeds (the seed sets the initial
 weights and dropout; the data stay the same), one process each, with one set of hyperparameters for every
 variant and a fixed thread count (CPU results depend on it: the reduction order changes), and records the
-final training loss and the validation loss on held-out data (`dchag.eval.validation`).
+final training loss and the validation loss on held-out data (`dchag.eval.validation`), and two
+diagnostics of why a hierarchy trails flat: each cross-attention level's attention entropy and each
+part's gradient norm before clipping (`train.log_grad_norms`: tokenizer, every level, blocks, head).
 
 The comparison is paired by seed: for each seed, variant / flat of the validation loss; the summary gives
 the geometric mean of those ratios with a 95% t-interval over seeds (computed on their logarithms). With
@@ -50,17 +52,20 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
     from dchag.eval.attention import run_attention_entropy
     from dchag.eval.validation import validation_loss
     from dchag.train.loop import train
+    from dchag.train.metrics import read_metrics
 
     torch.set_num_threads(size.threads)
     variant_seed = [f"model.hierarchy.preset={variant}", f"train.seed={seed}"]
     if size.steps:
         variant_seed.append(f"train.steps={size.steps}")
-    cfg = load_config(size.config, [*size.overrides, *variant_seed])
+    # the gradient norm per part: reads the gradients, changes no number of the run
+    cfg = load_config(size.config, ["train.log_grad_norms=true", *size.overrides, *variant_seed])
     with tempfile.TemporaryDirectory(prefix="dchag-accuracy-") as run:
         summary = train(cfg, run, progress=False)
         val = validation_loss(run, size.val_samples, split=size.split)
         val_initial = validation_loss(run, size.val_samples, initial=True, split=size.split)
         entropy = run_attention_entropy(run)
+        grad_norms = grad_norm_summary(read_metrics(Path(run) / "metrics.jsonl"))
     log(f"accuracy-cpu: {variant} seed {seed}: train {summary['final_loss']:.5f} val {val:.5f}")
     return {
         "config": size.config,
@@ -75,7 +80,21 @@ def _one_run(size: AccuracySize, variant: str, seed: int) -> dict:
         "initial_val_loss": val_initial,
         "train_time_s": summary["elapsed_s"],
         "attention_entropy": entropy,  # per cross-attention level: 1.0 = attention never left uniform
+        **({"grad_norms": grad_norms} if grad_norms else {}),  # per part: {mean, first, last} over logged steps
     }
+
+
+def grad_norm_summary(metrics: list[dict]) -> dict[str, dict[str, float]]:
+    """{part: {mean, first, last}} of the gradient norms (before clipping) that `train.log_grad_norms`
+    logged in `metrics` (a run's metrics.jsonl records): the mean over the logged steps, the first and
+    the last logged step's value. {} when none were logged."""
+    logged = [r["grad_norms"] for r in metrics if "grad_norms" in r]
+    parts = list(dict.fromkeys(p for norms in logged for p in norms))
+    out = {}
+    for part in parts:
+        values = [norms[part] for norms in logged if part in norms]
+        out[part] = {"mean": statistics.fmean(values), "first": values[0], "last": values[-1]}
+    return out
 
 
 def accuracy_cpu(size: AccuracySize) -> list[dict]:
@@ -177,4 +196,33 @@ def accuracy_table(records: list[dict]) -> str:
             f"{_fmt(s['ci_high'])}] | "
             f"{statistics.mean(r['val_loss'] / r['initial_val_loss'] for r in rs if 'initial_val_loss' in r):.3f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + diagnostics_table(by_variant))
+
+
+def diagnostics_table(by_variant: dict[tuple[str, str], list[dict]]) -> list[str]:
+    """The lines of a second table, when the records hold the diagnostics (older ones have none):
+    per dataset and variant, each part's gradient norm (before clipping, the mean over the logged steps,
+    then over seeds; level i+1 is the hierarchy's levels.i) and each cross-attention level's attention
+    entropy (the range over seeds; 1.000 = uniform)."""
+    parts = list(dict.fromkeys(p for rs in by_variant.values() for r in rs for p in r.get("grad_norms", {})))
+    if not parts:
+        return []
+    lines = [
+        "",
+        "| dataset | variant | " + " | ".join(f"grad norm {p}" for p in parts) + " | attention entropy per level |",
+        "|---|---|" + "---|" * (len(parts) + 1),
+    ]
+    for (dataset, variant), rs in by_variant.items():
+        cells = []
+        for part in parts:
+            means = [r["grad_norms"][part]["mean"] for r in rs if part in r.get("grad_norms", {})]
+            cells.append(f"{statistics.fmean(means):.3g}" if means else "-")
+        levels: dict[int, list[float]] = {}
+        for r in rs:
+            for row in r.get("attention_entropy", []):
+                levels.setdefault(row["level"], []).append(row["entropy"])
+        entropy = ", ".join(
+            f"{min(v):.3f}" if min(v) == max(v) else f"{min(v):.3f}-{max(v):.3f}" for _, v in sorted(levels.items())
+        )
+        lines.append(f"| {dataset} | {variant} | " + " | ".join(cells) + f" | {entropy or '-'} |")
+    return lines

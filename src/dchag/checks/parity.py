@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from dchag.compare import grad_errors, rel_err
+from dchag.compare import GRAD_FLOOR, grad_errors, rel_err
 from dchag.config import ConfigError
 from dchag.data import batch_indices, build_source
 from dchag.data.row_strip import cut_rows
 from dchag.model import build_model
+from dchag.model.parts import grad_norm_parts, part_square_sums
 from dchag.parallel.context_parallel import set_dropout_strips
 from dchag.parallel.mesh import ParallelDims, build_mesh, submesh
 from dchag.parallel.parallelize import parallelize
@@ -59,10 +60,13 @@ class ParityReport:
     output_rel: float
     grad_norm_rel: float  # the global gradient norm used for clipping
     grad_rel: dict[str, float] = field(default_factory=dict)
+    part_norm_rel: dict[str, float] = field(default_factory=dict)  # train.log_grad_norms' norm per part
 
     @property
     def worst(self) -> float:
-        return max([self.loss_rel, self.output_rel, self.grad_norm_rel, *self.grad_rel.values()])
+        return max(
+            [self.loss_rel, self.output_rel, self.grad_norm_rel, *self.grad_rel.values(), *self.part_norm_rel.values()]
+        )
 
     def worst_grads(self, n: int = 5) -> list[tuple[str, float]]:
         return sorted(self.grad_rel.items(), key=lambda kv: -kv[1])[:n]
@@ -292,11 +296,18 @@ def run_parity(cfg, fault: str = "none", seed: int = 0, reference_materializing:
         expected = expected[..., plan.strip.pixel_rows, :]
     grads = logical_grads(plan)
     ref_norm = torch.stack([g.double().square().sum() for g in ref_grads.values()]).sum().sqrt()
+    # the per-part norms (every rank calls part_grad_norms: it is collective) against the reference's,
+    # taken in float64: a float32 norm of a whole tensor is ~1e-6 off on the CPU, the parallel side's shards less
+    parts = grad_norm_parts(len(cfg.model.hierarchy.resolved_levels()))
+    exact = ((n, g.double(), 0) for n, g in ref_grads.items())
+    ref_parts = part_square_sums(exact, parts, 1, ref_norm.device)[:, 0].sqrt()
+    part_norms, floor = plan.part_grad_norms(parts), GRAD_FLOOR * float(ref_parts.max())
     report = ParityReport(
         loss_rel=rel_err(mean_loss, ref_loss),
         output_rel=rel_err(out.pred, expected),
         grad_norm_rel=rel_err(plan.grad_norm(), ref_norm),
         grad_rel=grad_errors(grads, ref_grads),
+        part_norm_rel={p: rel_err(a, b, floor) for p, a, b in zip(parts, part_norms, ref_parts)},
     )
     # the worst case over ranks, so every rank returns the same verdict
     worst = torch.tensor([report.output_rel], device=device)
@@ -353,6 +364,9 @@ def check_parity(cfg, nproc: int, tolerance: float | None = None, fault: str = "
         f"    loss       {report.loss_rel:.3e}",
         f"    outputs    {report.output_rel:.3e}",
         f"    grad norm  {report.grad_norm_rel:.3e}",
+        f"    part norms {max(report.part_norm_rel.values()):.3e}  (worst of {len(report.part_norm_rel)} parts: "
+        + ", ".join(report.part_norm_rel)
+        + ")",
         f"    gradients  {max(report.grad_rel.values()):.3e}  (worst of {len(report.grad_rel)} parameters)",
     ]
     lines += [f"      {name:<56} {err:.3e}" for name, err in report.worst_grads(5)]

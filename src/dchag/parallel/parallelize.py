@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import checkpoint
 
 from dchag.model.heads import ConditionedPixelOutput
-from dchag.model.parts import freeze_parts
+from dchag.model.parts import Parts, freeze_parts, part_square_sums
 from dchag.parallel.channel_parallel import ChannelPlacement, ParallelFrontEnd, ShardSpec, place_channels
 from dchag.parallel.collectives import copy_to_tp, reduce_from_tp
 from dchag.parallel.context_parallel import StripLayout, apply_context_parallel
@@ -203,10 +204,10 @@ class ParallelPlan:
             "or data, then resume from the last checkpoint"
         )
 
-    def _local_grads(self) -> dict[tuple[bool, bool], list[torch.Tensor]]:
-        """This rank's gradient tensors (local shards of DTensors), bucketed by (split over dp_shard?,
-        split over TP?): the buckets whose elements live on one rank only are summed across ranks."""
-        buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+    def _local_grad_entries(self) -> Iterator[tuple[str, torch.Tensor, bool, bool]]:
+        """(single-device name, this rank's gradient tensor (the local shard of a DTensor), split over
+        dp_shard?, split over TP?) of every parameter with a gradient: the elements of a split gradient
+        live on one rank only and are summed across ranks."""
         for name, param in self.model.named_parameters():
             if param.grad is None:
                 continue
@@ -221,7 +222,13 @@ class ParallelPlan:
             spec = self.specs.get(name)
             if spec is not None and spec.dim is not None and spec.tp_disjoint:
                 tp_split = True
-            buckets.setdefault((dp_split, tp_split), []).append(grad.detach())
+            yield (spec.logical_name if spec is not None else name), grad.detach(), dp_split, tp_split
+
+    def _local_grads(self) -> dict[tuple[bool, bool], list[torch.Tensor]]:
+        """This rank's gradient tensors bucketed by (split over dp_shard?, split over TP?), each once."""
+        buckets: dict[tuple[bool, bool], list[torch.Tensor]] = {}
+        for _, grad, dp_split, tp_split in self._local_grad_entries():
+            buckets.setdefault((dp_split, tp_split), []).append(grad)
         return buckets
 
     def dp_mean(self, value: torch.Tensor) -> torch.Tensor:
@@ -233,27 +240,33 @@ class ParallelPlan:
 
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of all gradients, each logical element counted once, as a 0-d float64 tensor on
-        the model's device (no host synchronisation).
+        the model's device (no host synchronisation)."""
+        return self.part_grad_norms({"all": ("",)})[0]
 
-        Each bucket's squared norm comes from one foreach kernel; every rank reduces the dp-split pair
-        over dp_shard, then the tp-split pair over TP, so the collectives match even where ranks hold
-        different parameters.
+    def part_grad_norms(self, parts: Parts) -> torch.Tensor:
+        """[P] float64 on the model's device: the L2 norm of the gradients of each part of `parts` (part
+        name -> prefixes of single-device parameter names, e.g. `model.parts.grad_norm_parts`), in its
+        order, each logical element counted once: what the single-device model's gradients of that part
+        give. A rank's parameter counts under its single-device name (`specs`), so the parts read the
+        same under TP's `ParallelFrontEnd`. No host synchronisation.
+
+        Each (part, split) bucket's squared norm comes from one foreach kernel; every rank reduces the
+        dp-split sums of all parts together over dp_shard, then the tp-split sums over TP, so the
+        collectives match even where ranks hold different parameters (two at most, whatever the parts).
         """
         device = next(self.model.parameters()).device
-        sums = torch.zeros(2, 2, dtype=torch.float64, device=device)  # [dp-split, tp-split]
-        for (dp_split, tp_split), grads in self._local_grads().items():
-            norms = torch._foreach_norm(grads)
-            sums[int(dp_split), int(tp_split)] = torch.stack(norms).to(device, torch.float64).square().sum()
+        entries = ((name, grad, 2 * dp + tp) for name, grad, dp, tp in self._local_grad_entries())
+        sums = part_square_sums(entries, parts, 4, device).view(-1, 2, 2)  # [P, dp-split, tp-split]
         shard = submesh(self.mesh, fsdp_shard_dim(self.mesh))  # FSDP2's shard dimension (x cp)
         if self.dims.fsdp and shard.size() > 1:
-            dp_pair = sums[1].clone()
-            dist.all_reduce(dp_pair, group=shard.get_group())
-            sums[1] = dp_pair
+            dp_split = sums[:, 1].clone()
+            dist.all_reduce(dp_split, group=shard.get_group())
+            sums[:, 1] = dp_split
         if self.tp > 1:
-            tp_pair = sums[:, 1].clone()
-            dist.all_reduce(tp_pair, group=self.tp_group)
-            sums[:, 1] = tp_pair
-        return sums.sum().sqrt()
+            tp_split = sums[:, :, 1].clone()
+            dist.all_reduce(tp_split, group=self.tp_group)
+            sums[:, :, 1] = tp_split
+        return sums.sum(dim=(1, 2)).sqrt()
 
     def clip_grad_norm_(self, max_norm: float, norm: torch.Tensor | None = None) -> torch.Tensor:
         """Scale all gradients so that their global norm is at most `max_norm` (0: no clipping); returns

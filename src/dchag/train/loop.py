@@ -24,7 +24,7 @@ from dchag.data.held_out import held_out_source
 from dchag.data.pipeline import step_batches
 from dchag.data.row_strip import RowStrip
 from dchag.model import build_model
-from dchag.model.parts import freeze_parts
+from dchag.model.parts import Parts, freeze_parts, grad_norm_parts, part_square_sums
 from dchag.tasks import compute_loss, mask_noise_for_step
 from dchag.tasks.channel_subset import channel_keep_for_step
 from dchag.tasks.held_out import held_out_loss
@@ -125,6 +125,15 @@ class Layout:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads, foreach=True)
 
+    def part_grad_norms(self, parts: Parts) -> torch.Tensor:
+        """[P] float64: the gradient norm of each part of `parts` (name -> parameter-name prefixes), in
+        its order, as the single-device model's gradients give it under any layout (no host sync)."""
+        if self.plan is not None:
+            return self.plan.part_grad_norms(parts)
+        device = next(self.model.parameters()).device
+        grads = ((n, p.grad, 0) for n, p in self.model.named_parameters() if p.grad is not None)
+        return part_square_sums(grads, parts, 1, device)[:, 0].sqrt()
+
     def clip(self, max_norm: float, norm: torch.Tensor) -> None:
         if max_norm <= 0:
             return
@@ -224,6 +233,7 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
     local_batch = t.batch_size // layout.dp_size
     lat_weights = source.lat_weights().to(device) if t.task == "forecast" else None
     rows = slice(layout.dp_rank * local_batch, (layout.dp_rank + 1) * local_batch)
+    parts = grad_norm_parts(len(cfg.model.hierarchy.resolved_levels())) if t.log_grad_norms else None
     batches = step_batches(source, cfg.data, local_batch, layout.dp_rank, layout.dp_size, run.begin, t.steps)
     waited = 0.0  # seconds spent waiting for batches since the last metrics record
     train_state = {"config": to_dict(cfg), "channels": cfg.channels, "world_size": layout.world_size}
@@ -244,7 +254,11 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
             if t.task == "mae"
             else None
         )
-        loss, grad_norm, skipped = train_step(layout, optimizer, batch, cfg, step, lat_weights, noise, source.channels)
+        regular_log = step % t.log_every == 0 or step == t.steps - 1
+        loss, grad_norm = loss_and_gradients(layout, optimizer, batch, cfg, lat_weights, noise)
+        # before clipping; every rank alike (the collectives), on the regular logging steps only
+        part_norms = layout.part_grad_norms(parts) if parts and regular_log else None
+        skipped = update(layout, optimizer, batch, cfg, step, loss, grad_norm, source.channels)
         if skipped:
             if layout.is_main:
                 tqdm.write(f"dchag: skipped {skipped}", file=sys.stderr)
@@ -253,7 +267,7 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
         if plan is not None and every and (step % every == 0 or step == t.steps - 1):
             plan.check_replicas(step)
         val_loss = validation.loss_if_due(step + 1)
-        if step % t.log_every == 0 or step == t.steps - 1 or skipped or val_loss is not None:
+        if regular_log or skipped or val_loss is not None:
             record = {
                 "step": step,
                 "loss": layout.mean_over_ranks(loss),
@@ -264,6 +278,7 @@ def _train(cfg: Config, out: Path | None, *, progress: bool, resume: str | None,
                 "skipped_steps": bad.count,
                 **({"skipped": True} if skipped else {}),
                 **({"val_loss": val_loss} if val_loss is not None else {}),
+                **({"grad_norms": dict(zip(parts, part_norms.tolist()))} if part_norms is not None else {}),
             }
             waited = 0.0
             history.append(record)
@@ -444,15 +459,22 @@ def train_step(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, l
     None or why the step was skipped), loss and norm as tensors: nothing here waits for the device
     except the failure decision."""
     loss, grad_norm = loss_and_gradients(layout, optimizer, batch, cfg, lat_weights, noise)
+    return loss, grad_norm, update(layout, optimizer, batch, cfg, step, loss, grad_norm, channels)
+
+
+def update(layout: Layout, optimizer, batch: dict, cfg: Config, step: int, loss, grad_norm, channels):
+    """The second half of `train_step`, on finished gradients: the failure decision shared by all ranks,
+    then clipping and the optimizer step (none when `optimizer` is None). Returns None, or why the step
+    was skipped (its gradients are then dropped). The loop reads its diagnostics between the halves."""
     skipped = decide(findings(batch, loss, grad_norm), step, channels, layout.model, distributed=layout.distributed)
     if skipped:
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, skipped
+        return skipped
     layout.clip(cfg.train.grad_clip, grad_norm)
     if optimizer is not None:
         optimizer.step()
-    return loss, grad_norm, None
+    return None
 
 
 def summary_line(summary: dict) -> str:

@@ -20,6 +20,7 @@ MAY_CHANGE = (
     "parallel.",  # the layout, timeouts, activation checkpointing, compile (not bf16_params: see below)
     "train.steps",
     "train.log_every",
+    "train.log_grad_norms",  # reads the gradients, never changes them
     "train.checkpoint_every",
     "train.checkpoint_every_minutes",
     "train.keep_checkpoints",
