@@ -115,6 +115,19 @@ def test_init_from_copies_rows_by_channel_name_and_keeps_fresh_rows_fresh(pretra
     assert torch.equal(new[wk], fresh[wk])
 
 
+def test_init_from_reports_a_change_of_input_units_between_the_runs(pretrained, capsys):
+    """A model pretrained on the data's units fine-tuned with model.visible_norm (per-sample units) loads,
+    and the report and a warning say that its weights learned other input units."""
+    from dchag.train.init_from import report_init
+
+    *_, report = _fine_tuned(pretrained, *SAME_FRONT_END, "train.task=mae", "model.visible_norm=true")
+    assert report.visible_norm_changed == [False, True]
+    report_init(report, None)
+    assert "model.visible_norm=false, this run has true" in capsys.readouterr().err
+    *_, same = _fine_tuned(pretrained, *SAME_FRONT_END, "train.task=mae")
+    assert same.visible_norm_changed is None
+
+
 def test_an_exported_file_initialises_as_its_run_does(pretrained, tmp_path):
     exported = export_weights(pretrained / "mae", tmp_path / "mae.safetensors")
     _, from_run, _ = _fine_tuned(pretrained)

@@ -17,6 +17,12 @@ from dchag.model.model import VISIBLE_VAR_FLOOR, build_model, visible_moments
 CHANNELS = 5
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws its inputs and masks from a fixed seed."""
+    torch.manual_seed(0)
+
+
 def _config(*overrides: str):
     return load_config(
         None,
@@ -82,14 +88,16 @@ def test_a_left_out_band_keeps_the_data_units_and_its_pixels_influence_nothing()
 
 
 def test_statistics_are_the_visible_pixels_mean_and_floored_deviation():
-    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
-    mask = (torch.rand(3, 4) < 0.5).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64, generator=g)
+    mask = (torch.rand(4, 4, generator=g) < 0.5).double()
+    mask[3] = 1.0  # a sample with every patch masked: shift 0, scale at the floor
     moments = visible_moments(x, mask, 4)
     seen = ~_pixel_mask(mask, 4, 2)
-    for b in range(3):
+    for b in range(4):
         values = x[b][:, seen[b]] if seen[b].any() else x[b].new_zeros(2, 1)
         mean = values.mean(1)
-        var = values.var(1, unbiased=False) if seen[b].any() else torch.zeros(2)
+        var = values.var(1, unbiased=False) if seen[b].any() else torch.zeros(2, dtype=torch.float64)
         assert torch.allclose(moments.shift[b, :, 0, 0].double(), mean, atol=1e-6)
         assert torch.allclose(moments.scale[b, :, 0, 0].double(), (var + VISIBLE_VAR_FLOOR).sqrt(), atol=1e-6)
 
@@ -99,6 +107,7 @@ def test_a_strip_s_statistics_are_the_whole_image_s_once_summed_over_the_strips(
     image's moments; a rank that forgot the sum would use its strip's own (the check can fail)."""
     x = torch.randn(2, 3, 16, 8, dtype=torch.float64)
     mask = (torch.rand(2, 8) < 0.5).double()  # grid 4 x 2
+    mask[:, 1], mask[:, 6] = 0.0, 0.0  # each strip of each sample has a visible patch
     whole = visible_moments(x, mask, 4)
     top, bottom = (x[:, :, :8], mask[:, :4]), (x[:, :, 8:], mask[:, 4:])
     captured = []
@@ -126,3 +135,16 @@ def test_visible_norm_outside_an_mae_on_complete_data_is_refused_in_one_line(ove
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
         _config(*overrides)
     assert "\n" not in str(err.value)
+
+
+def test_another_sensor_s_data_with_masked_nan_is_refused_for_a_visible_norm_run():
+    """`dchag eval --data-config` / `for_channels` rebuild a run for other data without the whole-config
+    validation: the same one-line refusal holds there."""
+    import dataclasses
+
+    from dchag.train.other_channels import config_for_channels
+
+    cfg = _config("model.tokenizer=wavelength", "data.kind=synthetic-hyperspectral")
+    data = dataclasses.replace(cfg.data, nan="mask")
+    with pytest.raises(ConfigError, match="model.visible_norm=true and the data config sets data.nan=mask"):
+        config_for_channels(cfg, list(cfg.channels), data=data)

@@ -79,6 +79,7 @@ class Layout:
     patch: int
     groups: list[list[tuple]]  # per level, per group: the group's key (see `group_keys`)
     kinds: list[str]  # per level: the aggregator kind
+    visible_norm: bool = False  # model.visible_norm: the encoder read per-sample standardised bands
 
     @classmethod
     def of(cls, cfg: Config, channels: list[str], out_channels: list[str]) -> "Layout":
@@ -94,6 +95,7 @@ class Layout:
             patch=cfg.model.patch_size,
             groups=group_keys(levels, channels),
             kinds=[level.kind for level in levels],
+            visible_norm=cfg.model.visible_norm,
         )
 
 
@@ -264,6 +266,8 @@ class Report:
     # position although their groups' channels differ: their slots hold other bands' weights
     dropped_channels: list[str] = field(default_factory=list)  # pretrained names this model does not use
     frozen_partial: list[str] = field(default_factory=list)  # train.freeze tensors with some fresh rows
+    # (pretrained, this run) model.visible_norm when they differ: the weights learned other input units
+    visible_norm_changed: list[bool] | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -387,6 +391,8 @@ def init_from(cfg: Config, model: torch.nn.Module, plan, path: str | Path) -> Re
     with torch.device("meta"):  # the single-device shapes, no memory
         shapes = {n: p.shape for n, p in build_model(cfg, init=False).named_parameters()}
     report, to_read = plan_loading(shapes, pretrained, now)
+    if pretrained.layout.visible_norm != now.visible_norm:
+        report.visible_norm_changed = [pretrained.layout.visible_norm, now.visible_norm]
     check_frozen(report, cfg.train.freeze, list(shapes), str(path))
     mine = logical_shards(model, plan, lambda p: p)
     shards = {}
@@ -418,6 +424,15 @@ def report_init(report: Report, out: Path | None) -> None:
         print(
             f"dchag: warning: train.freeze keeps the fresh rows (new channels or groups) of {report.frozen_partial} "
             "at their initial values",
+            file=sys.stderr,
+            flush=True,
+        )
+    if report.visible_norm_changed is not None:
+        before, after = report.visible_norm_changed
+        print(
+            f"dchag: warning: init_from: the pretrained model had model.visible_norm={str(before).lower()}, this run "
+            f"has {str(after).lower()}: its weights learned other input units (per-sample standardised bands or "
+            "the data's), so expect a worse start than from matching settings",
             file=sys.stderr,
             flush=True,
         )

@@ -144,6 +144,13 @@ def _normalisation(cfg, stats) -> str:
             "Each channel is fed to the model as (x - mean) / std with the statistics of the training split in "
             "the table above (`stats.json`, streamed over the training data). `dchag.load(...).normalise` and "
             "`.denormalise` apply them; forecasts and reconstructions come back in physical units."
+            + (
+                " Then (`model.visible_norm`) the model standardises each sample's bands again by the mean and "
+                "deviation of its visible pixels and scales its reconstruction back; `dchag.load` does this "
+                "inside the model."
+                if cfg.model.visible_norm
+                else ""
+            )
         )
     if cfg.data.kind == "synthetic-hyperspectral":
         from dchag.data.synthetic_hyperspectral import SyntheticHyperspectral

@@ -42,6 +42,11 @@ def config_for_channels(cfg: Config, channels: list[str], channel_specs: list | 
     out = cfg.out_channels if cfg.train.task == "forecast" else channels  # a forecast head is per target
     new = dataclasses.replace(cfg, model=model, data=data, resolved=ChannelLists(tuple(channels), tuple(out)))
     check_channels(new)
+    if new.model.visible_norm and new.data.nan == "mask":  # the check `dchag.config` makes on a whole config
+        raise ConfigError(
+            "this run has model.visible_norm=true and the data config sets data.nan=mask: the visible-pixel "
+            "statistics would count masked NaN pixels; use data.nan=error in the data config"
+        )
     return new
 
 
