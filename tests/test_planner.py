@@ -209,3 +209,18 @@ def test_the_paper_plan_sweep_sets_the_planner_beside_the_paper(tmp_path, capsys
     assert "| 2048 / 512 / 2 | dchag-L | 32.42 GB |" in wrong_table
     assert "D-CHAG-L is not predicted below the TP-only baseline" in paper_row_problems(swapped, wrong_table)
     assert any("table does not show" in p for p in paper_row_problems(records, wrong_table))
+
+
+def test_the_plan_of_rollout_training_counts_every_step_of_the_rollout():
+    """`train.rollout_steps: K` traces a step with K targets and the K - 1 intermediate inputs, as training
+    runs it (it used to trace one-step forecasts whatever K was): about K times the FLOPs of one step,
+    more memory (the rollout's activations back-propagated together), the real tensors' numbers."""
+    weather = str(ROOT / "configs/tiny-weather.yaml")
+    one = trace_rank(load_config(weather, ["model.depth=1"]), 2, 0, target="cpu")
+    cfg = load_config(weather, ["model.depth=1", "train.rollout_steps=3"])
+    three = trace_rank(cfg, 2, 0, target="cpu")
+    real = trace_rank(cfg, 2, 0, target="cpu", fake=False)
+    assert 2.5 * one.flops < three.flops < 3.5 * one.flops, (one.flops, three.flops)
+    assert three.peak_mem_bytes > one.peak_mem_bytes
+    assert three.flops == real.flops
+    assert abs(three.peak_mem_bytes - real.peak_mem_bytes) <= 0.02 * real.peak_mem_bytes, (three, real)

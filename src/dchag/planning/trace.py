@@ -68,13 +68,18 @@ def _rows(cfg, plan) -> int:
 
 def _batch_shapes(cfg, plan, local_batch: int) -> dict[str, tuple[int, ...]]:
     """The shapes of this rank's batch: its own input channels (and rows, under context parallelism)
-    and, for forecasting, its targets."""
+    and, for forecasting, its targets; rollout training (`train.rollout_steps` K > 1) has K targets
+    and the inputs at the K - 1 intermediate valid times, as the data sources give them."""
     h, w = _rows(cfg, plan), cfg.model.img_size[1]
-    shapes = {"x": (local_batch, len(plan.input_channels), h, w)}
+    inputs = len(plan.input_channels)
+    shapes = {"x": (local_batch, inputs, h, w)}
     if cfg.train.task == "forecast":
         shard = plan.channel_shard
         outputs = len(shard.out_index) if shard is not None and shard.out_index is not None else len(cfg.out_channels)
-        shapes["y"] = (local_batch, outputs, h, w)
+        steps = cfg.train.rollout_steps
+        shapes["y"] = (local_batch, outputs, h, w) if steps == 1 else (local_batch, steps, outputs, h, w)
+        if steps > 1:
+            shapes["forcings"] = (local_batch, steps - 1, inputs, h, w)
         shapes["lead_hours"] = (local_batch,)
     return shapes
 
@@ -137,7 +142,8 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
 
             tracker = memory_tracker()
             tracker.track_external(plan.model, optimizer)
-            with CommBytesMode() as comm, tracker:
+            rollout = _calls_in_one_step(tracker) if cfg.train.rollout_steps > 1 else contextlib.nullcontext()
+            with CommBytesMode() as comm, tracker, rollout:
                 flops = count_flops(step)
             peak = tracker_peak(tracker)
             front_end = plan.model.front_end
@@ -162,6 +168,23 @@ def trace_rank(cfg, local_batch: int, tp_rank: int = 0, target: str = "cuda", fa
                 int(dp_bytes),
                 int(cp_bytes),
             )
+
+
+@contextlib.contextmanager
+def _calls_in_one_step(tracker):
+    """Rollout training calls the model K times in one step. MemTracker takes a root module's second
+    forward for the next iteration and refuses it; a submodule called several times in one iteration it
+    tracks. Inside this context the model has a parent on the tracker's module stack (a name no module
+    has, which the peak bookkeeping skips), so its K calls are tracked as one step's."""
+    parents = tracker._mod_tracker.parents
+    parents.add(_ROLLOUT_PARENT)
+    try:
+        yield
+    finally:
+        parents.discard(_ROLLOUT_PARENT)
+
+
+_ROLLOUT_PARENT = "<rollout step>"
 
 
 def _mask_noise(cfg, plan, local_batch: int) -> torch.Tensor | None:
