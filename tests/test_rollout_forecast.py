@@ -105,6 +105,20 @@ def test_a_forecast_written_one_initialisation_at_a_time_keeps_its_times_and_val
     xr.testing.assert_identical(single.drop_attrs(), batched.drop_attrs())
 
 
+def test_an_export_folder_forecasts_exactly_as_the_run_it_was_exported_from(era5, tmp_path):
+    """`--run EXPORT`: the export's config names the training data file; `--data-path` (here a copy of
+    it) replaces it, as for a run folder, and the values equal the run's bit for bit (one CPU process)."""
+    export = tmp_path / "export"
+    assert quiet(["export", "--run", era5["run"], "--out", str(export)]) == 0
+    data = shutil.copy(era5["path"], tmp_path / "elsewhere.nc")
+    out = tmp_path / "from-export.zarr"
+    argv = ["forecast", "--run", str(export), "--lead-hours", "6", "--steps", "3", "--out", str(out)]
+    assert quiet([*argv, "--data-path", str(data), "--no-progress"]) == 0
+    exported, run = xr.open_zarr(out).load(), xr.open_zarr(era5["forecast"]).load()
+    assert exported.attrs["dchag_run"] == str(export) and exported.attrs["dchag_data"] == str(data)
+    xr.testing.assert_identical(exported.drop_attrs(), run.drop_attrs())
+
+
 def test_under_nan_masking_a_stored_forecast_scores_exactly_as_eval_run(era5, tmp_path):
     """data.nan=mask, t2m NaN in a box at two test times: a pixel with NaN truth is not scored, and one
     where only the initialisation is NaN is scored with persistence at the channel mean, as eval --run's

@@ -476,7 +476,9 @@ def _forecast_parser(sub) -> None:
         help="autoregressive rollout of a forecast run written as a WeatherBench 2 Zarr store (one process, or the "
         "model split over torchrun's ranks)",
     )
-    p.add_argument("--run", required=True, help="the run folder dchag train wrote")
+    p.add_argument(
+        "--run", required=True, help="the run folder dchag train wrote, or an export folder dchag export wrote"
+    )
     p.add_argument("--out", required=True, metavar="FILE.zarr", help="the Zarr store to write (replaced if it exists)")
     p.add_argument("--lead-hours", type=float, required=True, help="the lead of one step, hours")
     p.add_argument("--steps", type=int, default=1, help="autoregressive steps (leads H, 2H, ..., N x H; default 1)")

@@ -122,38 +122,73 @@ def export_folder(
     return out
 
 
-def load_export_folder(path: str | Path) -> RunWeights:
-    """The model of an export folder on the CPU, eval mode, with its statistics (single process)."""
+def is_export_folder(path: str | Path) -> bool:
+    """`path` is an export folder (model.safetensors, no complete checkpoint): a run folder that
+    `dchag export --out RUN/model.safetensors` wrote into is still read as a run (its checkpoints win)."""
     path = Path(path)
-    cfg, weights = load_exported(path / WEIGHTS_FILE, overrides=SINGLE_PROCESS)
+    return path.is_dir() and not complete_checkpoints(path) and (path / WEIGHTS_FILE).is_file()
+
+
+def load_export_folder(path: str | Path, *, data_path: str | None = None) -> RunWeights:
+    """The model of an export folder on the CPU, eval mode, with its statistics (single process).
+    `data_path` points the config at another file holding the same variables (the export names the
+    training machine's)."""
+    path = Path(path)
+    overrides = list(SINGLE_PROCESS) + ([f"data.path={data_path}"] if data_path is not None else [])
+    cfg, weights = load_exported(path / WEIGHTS_FILE, overrides=overrides)
     cfg = dataclasses.replace(cfg, parallel=ParallelConfig())
     model = build_model(cfg)
     model.load_state_dict(weights)
+    return RunWeights(cfg, model.eval(), export_stats(path, cfg), path / WEIGHTS_FILE, exported_step(path))
+
+
+def export_stats(path: str | Path, cfg: Config) -> dict | None:
+    """The export folder's normalisation statistics (None: synthetic data); refused when a file-backed
+    model lacks them."""
+    path = Path(path)
     stats = json.loads((path / STATS_FILE).read_text()) if (path / STATS_FILE).is_file() else None
     if stats is None and cfg.data.kind in FILE_BACKED:
         raise ConfigError(
             f"export folder {str(path)!r} has no {STATS_FILE}, the normalisation statistics its model was trained "
             "with; export it again with dchag export"
         )
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as handle:
-        step = int((handle.metadata() or {}).get("step", -1))
-    return RunWeights(cfg, model.eval(), stats, path / WEIGHTS_FILE, step)
+    return stats
 
 
-def load_exported(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
-    """(config, state_dict) of an exported file (config `overrides` applied); never unpickles anything."""
+def exported_step(path: str | Path) -> int:
+    """The training step of the export folder's weights (-1 when unrecorded)."""
+    with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as handle:
+        return int((handle.metadata() or {}).get("step", -1))
+
+
+def exported_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config in an exported file's header (`overrides` applied), without reading its tensors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ConfigError(
-            f"weights file {str(path)!r} is not a safetensors file ({str(err).splitlines()[0][:200]}); "
-            "export one with dchag export"
-        ) from None
+        raise _not_safetensors(path, err) from None
     if CONFIG_KEY not in metadata:
         raise ConfigError(f"weights file {str(path)!r} carries no dchag config; export it with dchag export")
-    return load_config_dict(json.loads(metadata[CONFIG_KEY]), overrides), weights
+    return load_config_dict(json.loads(metadata[CONFIG_KEY]), overrides)
+
+
+def _not_safetensors(path: Path, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"weights file {str(path)!r} is not a safetensors file ({str(err).splitlines()[0][:200]}); "
+        "export one with dchag export"
+    )
+
+
+def load_exported(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, dict[str, torch.Tensor]]:
+    """(config, state_dict) of an exported file (config `overrides` applied); never unpickles anything."""
+    path = Path(path)
+    cfg = exported_config(path, overrides)
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _not_safetensors(path, err) from None
+    return cfg, weights

@@ -67,13 +67,12 @@ def single_process(trained, where: str | None = None) -> RankModel:
 
 
 def single_process_run(run: str | Path, data_path: str | None = None) -> RankModel:
-    """The run's whole model in this process, on the CPU as `dchag eval --run` runs it (so that a
-    rollout's first step is bit-comparable with its scores); `data_path` replaces data.path before the
-    config is resolved."""
-    from dchag.train.run_weights import load_run_weights
+    """The whole model of a run folder or an export folder (`dchag.load`'s loader) in this process, on
+    the CPU as `dchag eval --run` runs it (so that a rollout's first step is bit-comparable with its
+    scores); `data_path` replaces data.path before the config is resolved."""
+    from dchag.use.trained import load_trained
 
-    loaded = load_run_weights(run, data_path=data_path, option="--run")
-    trained = _trained_model(loaded.config, loaded.model, loaded.stats, Path(run), loaded.step)
+    trained = load_trained(run, option="--run", data_path=data_path)
     return single_process(trained, f"--run {str(run)!r}")
 
 
@@ -93,13 +92,15 @@ def _trained_model(cfg, model, stats, source: Path, step: int):
 
 
 def sharded(run: str | Path, data_path: str | None = None) -> RankModel:
-    """This torchrun rank's part of the run's model, split over all ranks by channel (tp = world size);
-    each rank reads only the weight shards it holds."""
+    """This torchrun rank's part of the model of a run folder or an export folder, split over all ranks
+    by channel (tp = world size); each rank reads only the weight shards it holds (an export's through
+    safetensors slices, as `train.init_from` reads them)."""
     from dchag.parallel.mesh import init_distributed
+    from dchag.train.export import is_export_folder
     from dchag.train.run_weights import pick_checkpoint
 
     run = Path(run)
-    checkpoint = pick_checkpoint(run)
+    checkpoint = None if is_export_folder(run) else pick_checkpoint(run)
     owns_group = not dist.is_initialized()
     init_distributed()
     try:
@@ -110,11 +111,13 @@ def sharded(run: str | Path, data_path: str | None = None) -> RankModel:
         raise
 
 
-def _sharded_model(run: Path, checkpoint: Path, data_path: str | None, owns_group: bool) -> RankModel:
+def _sharded_model(run: Path, checkpoint: Path | None, data_path: str | None, owns_group: bool) -> RankModel:
+    """`checkpoint` None: `run` is an export folder."""
     from dchag.configure import load_config
     from dchag.parallel import ParallelDims, build_mesh
     from dchag.parallel.construct import build_parallel_model
     from dchag.train.checkpoint import load_checkpoint, read_train_state
+    from dchag.train.export import WEIGHTS_FILE, export_stats, exported_config, exported_step
     from dchag.train.loop import pick_device
     from dchag.train.run_weights import SINGLE_PROCESS, read_run_stats
 
@@ -122,17 +125,39 @@ def _sharded_model(run: Path, checkpoint: Path, data_path: str | None, owns_grou
     overrides = [o for o in SINGLE_PROCESS if not o.startswith("parallel.tp=")] + [f"parallel.tp={world}"]
     if data_path is not None:
         overrides.append(f"data.path={data_path}")
-    cfg = load_config(run / "config.yaml", overrides)
+    if checkpoint is None:
+        cfg = exported_config(run / WEIGHTS_FILE, overrides)
+    else:
+        cfg = load_config(run / "config.yaml", overrides)
     _check_forecast_task(cfg, f"--run {str(run)!r}")
     device = pick_device(cfg.train.device)
     plan = build_parallel_model(cfg, build_mesh(ParallelDims.from_config(cfg.parallel), device.type), device)
-    load_checkpoint(checkpoint, plan.model, plan, None)  # each rank reads only its chunks
-    stats = read_run_stats(run, checkpoint, cfg)
+    if checkpoint is None:
+        _read_export_shards(run, cfg, plan)
+        stats, step = export_stats(run, cfg), exported_step(run)
+    else:
+        load_checkpoint(checkpoint, plan.model, plan, None)  # each rank reads only its chunks
+        stats, step = read_run_stats(run, checkpoint, cfg), int(read_train_state(checkpoint)["step"])
     shard = plan.channel_shard
     outputs = [cfg.out_channels[k] for k in shard.out_index] if shard is not None else list(cfg.out_channels)
-    trained = _trained_model(cfg, plan.model, stats, run, int(read_train_state(checkpoint)["step"]))
+    trained = _trained_model(cfg, plan.model, stats, run, step)
     index = input_positions(cfg.channels, cfg.out_channels, shard)
     return RankModel(trained, list(plan.input_channels), outputs, index, distributed=True, owns_group=owns_group)
+
+
+def _read_export_shards(folder: Path, cfg, plan) -> None:
+    """Fill this rank's part of `plan.model` from the export folder's model.safetensors (only the slices
+    it holds), with `train.init_from`'s reader; the export's own config built the model, so every weight
+    must load whole: one that would stay fresh means the file does not match its config."""
+    from dchag.train.init_from import init_from
+
+    report = init_from(cfg, plan.model, plan, folder)
+    fresh = [*report.new, *report.partial, *report.shape_mismatch]
+    if fresh:
+        raise ConfigError(
+            f"--run {str(folder)!r}: its model.safetensors lacks or mis-shapes {fresh[:4]} of the model its own "
+            "config builds; export the run again with dchag export"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

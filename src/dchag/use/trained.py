@@ -20,8 +20,7 @@ from dchag.config import Config, ConfigError
 from dchag.data.channels import BAND_RE, band_wavelength
 from dchag.data.errors import DataError
 from dchag.tasks.channel_subset import keep_of_names
-from dchag.train.checkpoint import complete_checkpoints
-from dchag.train.export import WEIGHTS_FILE, load_export_folder
+from dchag.train.export import is_export_folder, load_export_folder
 from dchag.train.run_weights import load_run_weights
 
 SPECTRAL_KINDS = ("spectral_cube", "synthetic-hyperspectral")  # channels named by wavelength (b664.6)
@@ -249,19 +248,20 @@ def load(path, checkpoint=None, device="cpu") -> TrainedModel:
     return load_trained(path, checkpoint, device)
 
 
-def load_trained(path, checkpoint=None, device="cpu", *, option: str = "path") -> TrainedModel:
-    """`load`, with errors naming the value as `option` (the command-line option that gave it)."""
+def load_trained(path, checkpoint=None, device="cpu", *, option: str = "path", data_path=None) -> TrainedModel:
+    """`load`, with errors naming the value as `option` (the command-line option that gave it);
+    `data_path` points the config at another file holding the same variables."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(
             f"{option} {str(path)!r} does not exist; give a run folder (dchag train --out) or an export folder"
         )
-    if path.is_dir() and not complete_checkpoints(path) and (path / WEIGHTS_FILE).is_file():
+    if is_export_folder(path):
         if checkpoint is not None:
             raise ConfigError(f"{option} {str(path)!r} is an export folder (one set of weights); leave checkpoint out")
-        loaded = load_export_folder(path)
+        loaded = load_export_folder(path, data_path=data_path)
     else:
-        loaded = load_run_weights(path, checkpoint, option=option)
+        loaded = load_run_weights(path, checkpoint, data_path=data_path, option=option)
     cfg = loaded.config
     out_channels = cfg.out_channels if cfg.train.task == "forecast" else []
     return TrainedModel(
