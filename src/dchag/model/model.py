@@ -130,13 +130,16 @@ class ChannelViT(nn.Module):
         return z
 
     def standardised(
-        self, x: torch.Tensor, mask: torch.Tensor, channel_keep: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None, channel_keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, "Moments | None"]:
         """An MAE's input x [B, C, H, W] as its encoder reads it, and the moments to scale the output back
         with: with `model.visible_norm`, each sample's bands standardised by the pixels of the patches
-        that `mask` [B, L] (1 = masked; all zero for embeddings) leaves visible; otherwise x as given."""
+        that `mask` [B, L] (1 = masked; None: every patch, as for embeddings) leaves visible; otherwise
+        (and for forecast models) x as given."""
         if not self.visible_norm:
             return x, None
+        if mask is None:
+            mask = x.new_zeros(x.shape[0], self.grid[0] * self.grid[1])
         keep = None if channel_keep is None else self.front_end.input_keep(channel_keep)
         moments = visible_moments(x, mask, self.head.patch, keep, self.sum_over_strips)
         return ((x - moments.shift) / moments.scale).to(x.dtype), moments  # [B, C, H, W]: the sample's units

@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from dchag.config import ChannelLists, Config, ConfigError
+from dchag.config import ChannelLists, Config, ConfigError, validate
 from dchag.configure import check_channels
 from dchag.model import build_model
 from dchag.model.channel_spec import named_rows, vocabulary_specs
@@ -41,12 +41,8 @@ def config_for_channels(cfg: Config, channels: list[str], channel_specs: list | 
     data = data if data is not None else dataclasses.replace(cfg.data, channels=channels)
     out = cfg.out_channels if cfg.train.task == "forecast" else channels  # a forecast head is per target
     new = dataclasses.replace(cfg, model=model, data=data, resolved=ChannelLists(tuple(channels), tuple(out)))
+    validate(new)  # the run's model with the other data section: every cross-section check, once
     check_channels(new)
-    if new.model.visible_norm and new.data.nan == "mask":  # the check `dchag.config` makes on a whole config
-        raise ConfigError(
-            "this run has model.visible_norm=true and the data config sets data.nan=mask: the visible-pixel "
-            "statistics would count masked NaN pixels; use data.nan=error in the data config"
-        )
     return new
 
 

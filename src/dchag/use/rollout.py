@@ -76,21 +76,6 @@ def single_process_run(run: str | Path, data_path: str | None = None) -> RankMod
     return single_process(trained, f"--run {str(run)!r}")
 
 
-def _trained_model(cfg, model, stats, source: Path, step: int):
-    from dchag.use.trained import TrainedModel, wavelengths_of
-
-    return TrainedModel(
-        config=cfg,
-        model=model.eval(),
-        stats=stats,
-        channels=cfg.channels,
-        out_channels=cfg.out_channels,
-        wavelengths_nm=wavelengths_of(cfg, cfg.channels),
-        source=source,
-        step=step,
-    )
-
-
 def sharded(run: str | Path, data_path: str | None = None) -> RankModel:
     """This torchrun rank's part of the model of a run folder or an export folder, split over all ranks
     by channel (tp = world size); each rank reads only the weight shards it holds (an export's through
@@ -120,6 +105,7 @@ def _sharded_model(run: Path, checkpoint: Path | None, data_path: str | None, ow
     from dchag.train.export import WEIGHTS_FILE, export_stats, exported_config, exported_step
     from dchag.train.loop import pick_device
     from dchag.train.run_weights import SINGLE_PROCESS, read_run_stats
+    from dchag.use.trained import TrainedModel
 
     world = dist.get_world_size()
     overrides = [o for o in SINGLE_PROCESS if not o.startswith("parallel.tp=")] + [f"parallel.tp={world}"]
@@ -140,7 +126,7 @@ def _sharded_model(run: Path, checkpoint: Path | None, data_path: str | None, ow
         stats, step = read_run_stats(run, checkpoint, cfg), int(read_train_state(checkpoint)["step"])
     shard = plan.channel_shard
     outputs = [cfg.out_channels[k] for k in shard.out_index] if shard is not None else list(cfg.out_channels)
-    trained = _trained_model(cfg, plan.model, stats, run, step)
+    trained = TrainedModel.of(cfg, plan.model, stats, run, step)
     index = input_positions(cfg.channels, cfg.out_channels, shard)
     return RankModel(trained, list(plan.input_channels), outputs, index, distributed=True, owns_group=owns_group)
 

@@ -9,7 +9,6 @@ checked up front (channels, image size, NaN) with one-line errors naming the val
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +47,14 @@ class TrainedModel:
     wavelengths_nm: list[float] | None
     source: Path  # the run folder or export folder it came from
     step: int  # training step of the weights
+
+    @classmethod
+    def of(cls, cfg: Config, model: torch.nn.Module, stats: dict | None, source: Path, step: int) -> "TrainedModel":
+        """The trained model `model` (put in eval mode) of config `cfg`, its channel lists and wavelengths
+        read from the config."""
+        out_channels = cfg.out_channels if cfg.train.task == "forecast" else []
+        wavelengths = wavelengths_of(cfg, cfg.channels)
+        return cls(cfg, model.eval(), stats, cfg.channels, out_channels, wavelengths, source, step)
 
     @property
     def device(self) -> torch.device:
@@ -193,9 +200,7 @@ class TrainedModel:
         if self.task == "forecast":
             hours = self.default_lead_hours() if lead_hours is None else float(lead_hours)
             lead = torch.full((z.shape[0],), hours, device=self.device)
-        z = z.to(self.device)
-        if self.task == "mae":  # model.visible_norm: each sample standardised by all its pixels (none masked)
-            z, _ = self.model.standardised(z, z.new_zeros(z.shape[0], self.model.num_patches), channel_keep)
+        z, _ = self.model.standardised(z.to(self.device), None, channel_keep)  # model.visible_norm: all pixels
         with torch.no_grad():
             tokens = self.model.encode(self.model.patch_tokens(z, lead, channel_keep))  # [B, L, D]
         return tokens.mean(dim=1) if pool == "mean" else tokens
@@ -219,15 +224,7 @@ class TrainedModel:
                     f"no normalisation statistics for channels {missing[:5]}; pass stats={{'channels': "
                     "{name: {'mean': ..., 'std': ...}}} for the new channels (e.g. from their training data)"
                 )
-        return dataclasses.replace(
-            self,
-            config=cfg,
-            model=model.eval(),
-            stats=stats,
-            channels=channels,
-            out_channels=list(cfg.out_channels) if self.task == "forecast" else [],
-            wavelengths_nm=wavelengths_of(cfg, channels),
-        )
+        return TrainedModel.of(cfg, model, stats, self.source, self.step)  # cfg.channels: `channels`
 
 
 def _short_list(names: list[str]) -> str:
@@ -262,15 +259,4 @@ def load_trained(path, checkpoint=None, device="cpu", *, option: str = "path", d
         loaded = load_export_folder(path, data_path=data_path)
     else:
         loaded = load_run_weights(path, checkpoint, data_path=data_path, option=option)
-    cfg = loaded.config
-    out_channels = cfg.out_channels if cfg.train.task == "forecast" else []
-    return TrainedModel(
-        config=cfg,
-        model=loaded.model.to(device).eval(),
-        stats=loaded.stats,
-        channels=cfg.channels,
-        out_channels=out_channels,
-        wavelengths_nm=wavelengths_of(cfg, cfg.channels),
-        source=path,
-        step=loaded.step,
-    )
+    return TrainedModel.of(loaded.config, loaded.model.to(device), loaded.stats, path, loaded.step)
